@@ -1,3 +1,23 @@
 """metasam: sharpness-aware meta-learning (SAM, ASAM, Agnostic-SAM; MAML and Sharp-MAML) in PyTorch."""
 
+from metasam.core import agnostic_perturbation, cosine_similarity, global_norm, momentum_update, sam_perturbation
+from metasam.errors import CheckpointError, ConfigError, DatasetError, MetaSAMError, NonFiniteError
+from metasam.optim import SAM, AgnosticSAM, preserve_bn_stats
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "SAM",
+    "AgnosticSAM",
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "MetaSAMError",
+    "NonFiniteError",
+    "agnostic_perturbation",
+    "cosine_similarity",
+    "global_norm",
+    "momentum_update",
+    "preserve_bn_stats",
+    "sam_perturbation",
+]

@@ -1,0 +1,23 @@
+"""Pure functions of the sharpness optimizer core (one place for the math of ALGORITHMS.md §1)."""
+
+from metasam.core.perturbation import (
+    EPS,
+    add,
+    agnostic_perturbation,
+    cosine_similarity,
+    dot,
+    global_norm,
+    momentum_update,
+    sam_perturbation,
+)
+
+__all__ = [
+    "EPS",
+    "add",
+    "agnostic_perturbation",
+    "cosine_similarity",
+    "dot",
+    "global_norm",
+    "momentum_update",
+    "sam_perturbation",
+]
