@@ -1,0 +1,5 @@
+import sys
+
+from metasam.cli.main import main
+
+sys.exit(main())

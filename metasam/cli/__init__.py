@@ -1,0 +1,1 @@
+"""The ``metasam`` command line (the top layer: it imports the rest, nothing imports it)."""

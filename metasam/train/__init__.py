@@ -1,0 +1,1 @@
+"""Training loops, checkpoints and logging (above the optimizers and the meta-learner)."""

@@ -1,0 +1,223 @@
+"""Supervised training with SGD, SAM, ASAM, Agnostic-SAM or Agnostic-ASAM, with optional label noise.
+
+This is the seed paper's label-noise experiment: symmetric noise on the training labels only, a clean
+test set, and for Agnostic-SAM a validation batch B_V drawn from the same (noisy) training set
+(S_V = S: no data is held out for it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from metasam.data.label_noise import symmetric_label_noise
+from metasam.data.supervised import SupervisedSplits, load_cifar_splits, load_digits_splits
+from metasam.errors import ConfigError
+from metasam.models import DigitsCNN, resnet18_cifar
+from metasam.optim import SAM, AgnosticSAM
+
+OPTIMIZERS = ("sgd", "sam", "asam", "agnostic-sam", "agnostic-asam")
+DATASETS = ("digits", "cifar10", "cifar100")
+DEFAULT_RHO1 = {"sgd": 0.0, "sam": 0.05, "asam": 0.5, "agnostic-sam": 0.05, "agnostic-asam": 0.5}
+
+
+@dataclass
+class SupervisedConfig:
+    """Everything that defines a supervised run; saved as config.json beside its results.
+
+    ``rho1`` is ρ of SAM/ASAM and ρ1 of Agnostic-SAM/ASAM (None: 0.05, or 0.5 for the adaptive
+    variants); ``rho2`` is Agnostic-SAM's ρ2 (None: ρ1 / 2). ``val_batch_size`` is the size of B_V.
+    """
+
+    dataset: str = "digits"
+    optimizer: str = "sgd"
+    label_noise: float = 0.0
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 64
+    val_batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rho1: float | None = None
+    rho2: float | None = None
+    beta: float = 0.9
+    eta: float = 0.01
+    data_root: str = "data"
+    download: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if not 0.0 <= self.label_noise <= 0.8 + 1e-12:
+            raise ConfigError(f"--label-noise must lie in [0, 0.8], got {self.label_noise}")
+        for name in ("epochs", "batch_size", "val_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.rho1 is None:
+            self.rho1 = DEFAULT_RHO1[self.optimizer]
+        if self.rho2 is None:
+            self.rho2 = self.rho1 / 2
+
+
+def make_optimizer(cfg: SupervisedConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` names, over SGD with momentum and weight decay."""
+    base = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    adaptive = cfg.optimizer.endswith("asam")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), **base)
+    if cfg.optimizer in ("sam", "asam"):
+        return SAM(model.parameters(), torch.optim.SGD, rho=cfg.rho1, adaptive=adaptive, eta=cfg.eta, model=model, **base)
+    return AgnosticSAM(
+        model.parameters(), torch.optim.SGD, rho1=cfg.rho1, rho2=cfg.rho2, beta=cfg.beta,
+        adaptive=adaptive, eta=cfg.eta, model=model, **base,
+    )
+
+
+def load_splits(cfg: SupervisedConfig) -> SupervisedSplits:
+    if cfg.dataset == "digits":
+        return load_digits_splits(seed=cfg.seed)
+    return load_cifar_splits(cfg.data_root, num_classes=int(cfg.dataset[5:]), download=cfg.download, seed=cfg.seed)
+
+
+def make_model(cfg: SupervisedConfig, num_classes: int) -> nn.Module:
+    return DigitsCNN(num_classes) if cfg.dataset == "digits" else resnet18_cifar(num_classes)
+
+
+def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[Tensor]:
+    """Endless shuffled index batches (a new permutation each pass); the last short batch is dropped
+    when a full one exists, so BatchNorm never sees a batch of one."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        stop = n - n % size if n >= size else n
+        for start in range(0, stop, size):
+            yield perm[start : start + size]
+
+
+def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
+    """CIFAR's standard augmentation: reflect-pad 4, random 32×32 crop, random horizontal flip."""
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    dy, dx = torch.randint(0, 9, (2,), generator=gen).tolist()
+    out = padded[:, :, dy : dy + h, dx : dx + w]
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in evaluation mode (BatchNorm running statistics)."""
+    model.eval()
+    correct = sum(
+        (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item() for i in range(0, len(x), batch_size)
+    )
+    model.train()
+    return correct / len(x)
+
+
+def train_supervised(
+    cfg: SupervisedConfig,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    splits: SupervisedSplits | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg``'s model and return the result (test accuracy on clean labels, history, timings).
+
+    With ``out_dir``: writes config.json, metrics.jsonl (one line per epoch) and result.json.
+    ``splits`` lets a caller (a benchmark) reuse loaded data across runs.
+    """
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        if (out / "result.json").exists() or (out / "metrics.jsonl").exists():
+            raise ConfigError(f"{out} already holds a run (result.json / metrics.jsonl); choose another --out folder")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    splits = splits or load_splits(cfg)
+    (x, y_clean), (xv, yv_clean), (xt, yt) = splits.train, splits.val, splits.test
+    y = symmetric_label_noise(y_clean, cfg.label_noise, splits.num_classes, seed=cfg.seed + 1)
+    yv = symmetric_label_noise(yv_clean, cfg.label_noise, splits.num_classes, seed=cfg.seed + 2)
+    x, y, xv, yv, xt, yt = (t.to(device) for t in (x, y, xv, yv, xt, yt))
+    model = make_model(cfg, splits.num_classes).to(device)
+    opt = make_optimizer(cfg, model)
+    steps_per_epoch = max(1, len(x) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_batches = _batches(len(x), cfg.batch_size, gen)
+    val_batches = _batches(len(x), cfg.val_batch_size, torch.Generator().manual_seed(cfg.seed + 3))
+    augment = cfg.dataset != "digits"
+
+    def closure_on(idx: Tensor) -> Callable[[], Tensor]:
+        inputs = _augment(x[idx], gen) if augment else x[idx]
+
+        def closure() -> Tensor:
+            loss = nn.functional.cross_entropy(model(inputs), y[idx])
+            loss.backward()
+            return loss
+
+        return closure
+
+    history, step_seconds = [], 0.0
+    bar = tqdm(range(cfg.epochs), desc=f"{cfg.optimizer} noise={cfg.label_noise}", disable=not progress, unit="epoch")
+    for epoch in bar:
+        losses, cosines = [], []
+        for _ in range(steps_per_epoch):
+            closure = closure_on(next(train_batches))
+            start = time.perf_counter()
+            if isinstance(opt, AgnosticSAM):
+                loss = opt.step(closure, closure_on(next(val_batches)))
+                cosines.append(opt.last_stats["cos_train_val"].item())
+            elif isinstance(opt, SAM):
+                loss = opt.step(closure)
+            else:
+                opt.zero_grad()
+                loss = closure()
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"epoch {epoch}: the loss is not finite; lower --lr")
+                opt.step()
+            sched.step()
+            step_seconds += time.perf_counter() - start
+            losses.append(loss.item())
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": sum(losses) / len(losses),
+            "val_acc": accuracy(model, xv, yv),
+            "test_acc": accuracy(model, xt, yt),
+        }
+        if cosines:
+            record["cos_train_val"] = sum(cosines) / len(cosines)
+        history.append(record)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", test=f"{record['test_acc']:.3f}")
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+    steps = cfg.epochs * steps_per_epoch
+    result = {
+        "config": asdict(cfg),
+        "test_acc": history[-1]["test_acc"],
+        "val_acc": history[-1]["val_acc"],
+        "train_loss": history[-1]["train_loss"],
+        "seconds_per_step": step_seconds / steps,
+        "steps": steps,
+        "history": history,
+    }
+    if not math.isfinite(result["train_loss"]):
+        raise ConfigError("training ended with a non-finite loss; lower --lr or the radius")
+    if out is not None:
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,74 @@
+"""Label noise, the digits splits, and the supervised training command."""
+
+import json
+
+import pytest
+import torch
+
+from metasam import ConfigError
+from metasam.cli.main import main
+from metasam.data.label_noise import symmetric_label_noise
+from metasam.data.supervised import load_digits_splits
+from metasam.train.supervised import SupervisedConfig, train_supervised
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.8])
+def test_symmetric_noise_flips_exactly_the_rate_to_other_classes(rate):
+    labels = torch.arange(1000) % 10
+    noisy = symmetric_label_noise(labels, rate, 10, seed=0)
+    assert (noisy != labels).sum().item() == round(rate * 1000)
+    assert noisy.min() >= 0 and noisy.max() <= 9
+    assert torch.equal(labels, torch.arange(1000) % 10)  # input untouched
+    assert torch.equal(noisy, symmetric_label_noise(labels, rate, 10, seed=0))
+
+
+def test_symmetric_noise_spreads_flips_over_all_other_classes():
+    labels = torch.zeros(9000, dtype=torch.int64)
+    noisy = symmetric_label_noise(labels, 1.0, 10, seed=1)
+    counts = torch.bincount(noisy, minlength=10)
+    assert counts[0] == 0
+    assert counts[1:].min() > 850 and counts[1:].max() < 1150  # ~1000 each
+
+
+def test_digits_splits_are_disjoint_stratified_and_cover_the_set():
+    s = load_digits_splits(seed=0)
+    sizes = [len(s.train[0]), len(s.val[0]), len(s.test[0])]
+    assert sum(sizes) == 1797
+    assert 340 <= sizes[2] <= 380  # 20 % test
+    rows = {tuple(r.flatten().tolist()) for part in (s.train, s.val, s.test) for r in part[0]}
+    assert len(rows) >= 1790  # disjoint up to the few duplicate images digits itself holds
+    for _, y in (s.train, s.val, s.test):
+        assert torch.bincount(y, minlength=10).min() > 0
+    assert s.train[0].max() <= 1.0 and s.train[0].min() >= 0.0
+
+
+def test_sharpness_optimizers_learn_digits_without_noise():
+    splits = load_digits_splits(seed=0)
+    for name in ("sam", "agnostic-asam"):
+        result = train_supervised(SupervisedConfig(optimizer=name, epochs=3), progress=False, splits=splits)
+        assert result["test_acc"] > 0.85, name  # chance is 0.10
+        assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"] + 1e-9
+
+
+def test_cli_writes_result_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["supervised", "--optimizer", "agnostic-sam", "--epochs", "1", "--label-noise", "0.4", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "result.json").read_text())
+    assert printed["test_acc"] == saved["test_acc"]
+    assert saved["config"]["rho2"] == pytest.approx(0.025)
+    assert "cos_train_val" in saved["history"][0]
+    before = (out / "result.json").read_text()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "result.json").read_text() == before
+
+
+def test_bad_config_values_raise_config_error():
+    with pytest.raises(ConfigError, match="label-noise"):
+        SupervisedConfig(label_noise=0.9)
+    with pytest.raises(ConfigError, match="optimizer"):
+        SupervisedConfig(optimizer="adam")
+    with pytest.raises(ConfigError, match="batch_size"):
+        SupervisedConfig(batch_size=0)
