@@ -1,0 +1,1 @@
+"""Datasets: few-shot (episodes) and supervised."""
