@@ -1,0 +1,314 @@
+"""The bilevel learner: MAML, Sharp-MAML and Agnostic-SAM as one loop over an inner and an outer rule.
+
+Parameters are a dict (name → tensor) and the model runs through ``torch.func.functional_call``; the
+inner loop uses ``torch.func.grad``, so a second-order meta-gradient is the plain ``torch.func.grad``
+of the post-adaptation query loss (ALGORITHMS.md §2):
+
+    φ_0 = θ;  φ_k = φ_{k−1} − α · d_k  (d_k from the inner rule on the support loss L_s)
+    L_meta(θ) = (1/T) Σ_τ L_q^τ(φ_K^τ(θ));  the outer rule turns ∇L_meta into the outer optimizer's input.
+
+Two paths over the tasks of a meta-batch: ``loop`` (one task at a time: least memory, fastest on CPU)
+and ``vmap`` (all tasks at once). They compute the same meta-gradient for models whose operations
+have exact batching rules; the vmap path refuses torch.nn BatchNorm layers, whose batched backward
+is wrong in second order (use :class:`metasam.models.BatchNorm`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from metasam.errors import ConfigError, NonFiniteError
+from metasam.meta.presets import PRESETS, RULE_PARAMS
+from metasam.meta.rules import Rule, make_rule
+
+ValView = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class TaskBatch(NamedTuple):
+    """A meta-batch: support_x [T, N·K, C, H, W], support_y [T, N·K], query_x [T, N·Q, ...], query_y [T, N·Q]."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+
+def as_task_batch(batch: Sequence[Tensor]) -> TaskBatch:
+    """Accept a TaskBatch, any named tuple with those fields, or a plain 4-tuple in that order."""
+    if len(batch) != 4:
+        raise ConfigError(f"a task batch has 4 tensors (support_x, support_y, query_x, query_y), got {len(batch)}")
+    batch = TaskBatch(*batch)
+    if batch.support_x.dim() < 2 or batch.support_y.dim() != 2:
+        raise ConfigError(
+            "task batch tensors need a leading task dimension: support_x [T, N*K, ...], support_y [T, N*K]; "
+            f"got {tuple(batch.support_x.shape)} and {tuple(batch.support_y.shape)} (wrap one task with x.unsqueeze(0))"
+        )
+    return batch
+
+
+def _has_torch_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class MetaLearner:
+    """Meta-learn an initialisation θ of ``model`` with a preset (see ``PRESETS``) or custom rules.
+
+    Args:
+        model: any ``nn.Module`` mapping inputs to logits; its parameters are θ.
+        algo: maml, fomaml, sharp-maml-low, sharp-maml-up, sharp-maml-both, agnostic-sam,
+            agnostic-sam-up, agnostic-sam-both.
+        inner_lr: α. inner_steps: K at meta-training; test_inner_steps: K at meta-test (default K).
+        first_order: detach inner gradients (default: the preset's; True only for fomaml).
+        outer_lr: the outer optimizer's learning rate (Adam unless ``outer_optimizer`` names another class).
+        inner_rule / outer_rule: a :class:`~metasam.meta.rules.Rule` replacing the preset's.
+        test_rule: "same" (the meta-training inner rule, the seed paper's and Sharp-MAML's choice) or "gd".
+        val_view: the agnostic inner rule's validation view of the support set, (x, y) → (x', y');
+            None duplicates the support set (the seed paper). Never the query set.
+        path: "loop", "vmap" or "auto" (loop on CPU; vmap on CUDA when the model allows it — not yet
+            measured on a GPU, so pass "loop" or "vmap" to choose by your own measurement).
+        **rule_params: hyperparameters of the rules prefixed by level: inner_rho, inner_rho1,
+            inner_rho2, inner_beta, inner_adaptive, inner_eta, inner_detach_perturbation, and the
+            same with ``outer_``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        algo: str = "maml",
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        test_inner_steps: int | None = None,
+        first_order: bool | None = None,
+        outer_lr: float = 1e-3,
+        outer_optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+        inner_rule: Rule | None = None,
+        outer_rule: Rule | None = None,
+        test_rule: str = "same",
+        val_view: ValView | None = None,
+        path: str = "auto",
+        **rule_params: Any,
+    ) -> None:
+        if algo not in PRESETS:
+            raise ConfigError(f"unknown algo {algo!r}; choose one of {', '.join(PRESETS)}")
+        if not inner_lr > 0 or inner_steps < 1:
+            raise ConfigError(f"inner_lr must be > 0 and inner_steps >= 1, got {inner_lr} and {inner_steps}")
+        if test_rule not in ("same", "gd"):
+            raise ConfigError(f"test_rule must be 'same' or 'gd', got {test_rule!r}")
+        if path not in ("auto", "loop", "vmap"):
+            raise ConfigError(f"path must be 'auto', 'loop' or 'vmap', got {path!r}")
+        preset = PRESETS[algo]
+        self.model = model
+        self.algo = algo
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.test_inner_steps = test_inner_steps or inner_steps
+        self.first_order = preset.first_order if first_order is None else first_order
+        self.test_rule = test_rule
+        self.val_view = val_view
+        self.rule_params = dict(rule_params)
+        self.inner_rule = inner_rule or self._rule_from_params(preset.inner, "inner", rule_params)
+        self.outer_rule = outer_rule or self._rule_from_params(preset.outer, "outer", rule_params)
+        unused = {k for k in rule_params if not any(k == f"{lvl}_{p}" for lvl, kind in (("inner", preset.inner), ("outer", preset.outer)) for p in RULE_PARAMS[kind])}
+        if unused:
+            raise ConfigError(
+                f"{algo} does not use {sorted(unused)}: its inner rule is {preset.inner!r} "
+                f"(takes {list(RULE_PARAMS[preset.inner]) or 'nothing'}), its outer rule {preset.outer!r} "
+                f"(takes {list(RULE_PARAMS[preset.outer]) or 'nothing'}); prefix each with inner_ or outer_"
+            )
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.outer_optimizer = outer_optimizer(list(self.params.values()), lr=outer_lr)
+        self.outer_lr = outer_lr
+        self.outer_momentum: list[Tensor] | None = None
+        self.iteration = 0
+        device = next(iter(self.params.values())).device
+        if path == "auto":
+            path = "vmap" if device.type == "cuda" and not _has_torch_batchnorm(model) else "loop"
+        if path == "vmap" and _has_torch_batchnorm(model):
+            raise ConfigError(
+                "path='vmap' with torch.nn BatchNorm layers gives a wrong second-order meta-gradient (PyTorch's "
+                "batching rule for the batch-norm backward); use metasam.models.BatchNorm in the model or path='loop'"
+            )
+        self.path = path
+
+    @staticmethod
+    def _rule_from_params(kind: str, level: str, rule_params: dict[str, Any]) -> Rule:
+        prefix = f"{level}_"
+        own = {k[len(prefix):]: v for k, v in rule_params.items() if k.startswith(prefix) and k[len(prefix):] in RULE_PARAMS[kind]}
+        return make_rule(kind, **own)
+
+    # -- functional model ---------------------------------------------------------------------
+    def _loss(self, values: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(self._logits(values, x), y)
+
+    def _logits(self, values: Sequence[Tensor], x: Tensor) -> Tensor:
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}  # adaptation never writes the model's buffers
+        return functional_call(self.model, ({**dict(zip(self.names, values)), **buffers}), (x,))
+
+    def _adapt_values(
+        self, theta: Sequence[Tensor], sx: Tensor, sy: Tensor, steps: int, rule: Rule, first_order: bool
+    ) -> list[Tensor]:
+        """φ_K from φ_0 = θ by K steps φ ← φ − α·d of ``rule`` on the support loss."""
+        grad_s = grad(lambda v: self._loss(v, sx, sy))
+        grad_v = None
+        if self.val_view is not None and rule.name == "agnostic":
+            vx, vy = self.val_view(sx, sy)
+            grad_v = grad(lambda v: self._loss(v, vx, vy))
+        phi, state = list(theta), None
+        for _ in range(steps):
+            base = [p.detach() for p in phi] if first_order else phi
+            d, state, _ = rule.direction(grad_s, base, state, grad_v)
+            phi = [p - self.inner_lr * g for p, g in zip(phi, d)]
+        return phi
+
+    def _task_loss(self, theta, sx, sy, qx, qy):
+        phi = self._adapt_values(theta, sx, sy, self.inner_steps, self.inner_rule, self.first_order)
+        logits = self._logits(phi, qx)
+        loss = nn.functional.cross_entropy(logits, qy)
+        return loss, (loss.detach(), (logits.argmax(-1) == qy).float().mean().detach())
+
+    def _meta_grad(self, theta: Sequence[Tensor], batch: TaskBatch) -> tuple[list[Tensor], Tensor, Tensor]:
+        """∇_θ L_meta and the mean post-adaptation query loss and accuracy of ``batch``."""
+        theta = tuple(theta)
+        tasks = batch.support_x.shape[0]
+        if self.path == "vmap":
+            def mean_loss(th):
+                losses, aux = vmap(self._task_loss, in_dims=(None, 0, 0, 0, 0))(th, *batch)
+                return losses.mean(), aux
+
+            grads, (losses, accs) = grad(mean_loss, has_aux=True)(theta)
+            return list(grads), losses.mean(), accs.mean()
+        total, losses, accs = None, [], []
+        task_grad = grad(self._task_loss, has_aux=True)
+        for t in range(tasks):
+            g, (loss, acc) = task_grad(theta, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t])
+            total = list(g) if total is None else [a + b for a, b in zip(total, g)]
+            losses.append(loss)
+            accs.append(acc)
+        return [g / tasks for g in total], torch.stack(losses).mean(), torch.stack(accs).mean()
+
+    # -- public API -----------------------------------------------------------------------------
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, steps: int | None = None, params: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Fast weights φ_K for one task (support_x [N·K, ...]); usable with ``functional_call`` or
+        :meth:`predict`. Uses the test-time rule and step count; differentiable w.r.t. θ unless the
+        learner is first order."""
+        theta = [(params or self.params)[n] for n in self.names]
+        return dict(zip(self.names, self._adapt_for_test(theta, support_x, support_y, steps, self.first_order)))
+
+    def _adapt_for_test(self, theta, sx, sy, steps: int | None, first_order: bool) -> list[Tensor]:
+        rule = self.inner_rule if self.test_rule == "same" else make_rule("gd")
+        return self._adapt_values(theta, sx, sy, steps or self.test_inner_steps, rule, first_order)
+
+    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Logits of ``x`` under fast weights ``params`` (BatchNorm: statistics of the batch ``x``)."""
+        return self._logits([params[n] for n in self.names], x)
+
+    def meta_gradient(self, batch: Sequence[Tensor], val_batch: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
+        """The direction the outer rule feeds to the outer optimizer, keyed like ``named_parameters``.
+
+        For the plain outer rule this is ∇L_meta(θ). No step is taken; the outer rule's momentum
+        (agnostic outer) is not advanced either.
+        """
+        direction, _, _ = self._outer_direction(as_task_batch(batch), val_batch)
+        return {n: g.detach() for n, g in zip(self.names, direction)}
+
+    def _outer_direction(self, batch: TaskBatch, val_batch: Sequence[Tensor] | None):
+        theta = [self.params[n].detach() for n in self.names]
+        metrics: dict[str, Tensor] = {}
+
+        def meta_grad(values):
+            grads, loss, acc = self._meta_grad(values, batch)
+            metrics.setdefault("query_loss", loss)  # the first call is at θ
+            metrics.setdefault("query_acc", acc)
+            return grads
+
+        val_fn = None
+        if self.outer_rule.name == "agnostic":
+            if val_batch is None:
+                raise ConfigError(
+                    f"{self.algo}'s agnostic outer rule needs a validation meta-batch (val_batch=) of tasks drawn "
+                    "from the meta-training classes, separate from the training meta-batch"
+                )
+            vb = as_task_batch(val_batch)
+            val_fn = lambda values: self._meta_grad(values, vb)[0]  # noqa: E731
+        direction, state, stats = self.outer_rule.direction(meta_grad, theta, self.outer_momentum, val_fn)
+        return direction, state, {**metrics, **{f"outer_{k}": v for k, v in stats.items()}}
+
+    def meta_step(self, batch: Sequence[Tensor], val_batch: Sequence[Tensor] | None = None) -> dict[str, float]:
+        """One outer step on ``batch``; returns metrics (query loss / accuracy before and after
+        adaptation, meta-gradient norm, cos(g_S, g_V) where the agnostic outer rule runs)."""
+        batch = as_task_batch(batch)
+        direction, state, metrics = self._outer_direction(batch, val_batch)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in direction]))
+        if not torch.isfinite(norm):
+            raise NonFiniteError(
+                f"iteration {self.iteration}: the meta-gradient is not finite; θ was left unchanged. "
+                "Lower inner_lr, the radii (rho, rho1) or the outer learning rate"
+            )
+        with torch.no_grad():
+            before = self._pre_adaptation(batch)
+        for n, g in zip(self.names, direction):
+            self.params[n].grad = g.detach()
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        self.outer_momentum = None if state is None else [m.detach() for m in state]
+        self.iteration += 1
+        out = {k: float(v) for k, v in metrics.items()}
+        out.update(before)
+        out["meta_grad_norm"] = float(norm)
+        return out
+
+    def _pre_adaptation(self, batch: TaskBatch) -> dict[str, float]:
+        theta = [self.params[n].detach() for n in self.names]
+        losses, accs = [], []
+        for t in range(batch.query_x.shape[0]):
+            logits = self._logits(theta, batch.query_x[t])
+            losses.append(nn.functional.cross_entropy(logits, batch.query_y[t]))
+            accs.append((logits.argmax(-1) == batch.query_y[t]).float().mean())
+        return {"query_loss_before": float(torch.stack(losses).mean()), "query_acc_before": float(torch.stack(accs).mean())}
+
+    def evaluate(self, tasks, steps: int | None = None, progress: bool = False) -> tuple[float, float]:
+        """Mean query accuracy over ``tasks`` (an iterable of tasks or task batches) after adaptation,
+        and its 95 % confidence half-width 1.96·sd/√n. Adaptation uses the test rule and steps."""
+        from tqdm.auto import tqdm
+
+        theta = [self.params[n].detach() for n in self.names]
+        accs: list[float] = []
+        for task in tqdm(tasks, desc="evaluate", disable=not progress, leave=False):
+            sx, sy, qx, qy = task
+            if sy.dim() == 1:
+                sx, sy, qx, qy = sx.unsqueeze(0), sy.unsqueeze(0), qx.unsqueeze(0), qy.unsqueeze(0)
+            for t in range(sx.shape[0]):
+                # first order gives the same fast weights; no meta-gradient is needed here
+                with torch.no_grad():
+                    phi = self._adapt_for_test(theta, sx[t], sy[t], steps, first_order=True)
+                    accs.append(float((self._logits(phi, qx[t]).argmax(-1) == qy[t]).float().mean()))
+        if not accs:
+            raise ConfigError("evaluate() got no tasks")
+        mean = sum(accs) / len(accs)
+        sd = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+        return mean, 1.96 * sd / math.sqrt(len(accs))
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, outer optimizer, the agnostic outer momentum and the iteration: enough to resume exactly."""
+        return {
+            "model": self.model.state_dict(),
+            "outer_optimizer": self.outer_optimizer.state_dict(),
+            "outer_momentum": self.outer_momentum,
+            "iteration": self.iteration,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self.outer_momentum = state["outer_momentum"]
+        self.iteration = int(state["iteration"])

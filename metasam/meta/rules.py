@@ -1,0 +1,135 @@
+"""Update rules shared by both levels of the bilevel loop (ALGORITHMS.md §2).
+
+A rule turns a gradient function into an update direction d:
+
+    gd / plain:  d = ∇L(φ)
+    sam:         d = ∇L(φ + ε),  ε = sam_perturbation(φ, ∇L(φ), ρ)
+    agnostic:    d = ∇L(φ + ε),  ε = agnostic_perturbation(φ, ∇L(φ), m, ρ1, ρ2),  m ← β m + (1 − β) ∇L_v(φ)
+
+At the inner level L is a task's support loss, L_v the loss of its validation view, and the learner
+steps φ ← φ − α d. At the outer level L is the meta-loss of a meta-batch, L_v the meta-loss of a
+separate validation meta-batch, and d goes to the outer optimizer. The perturbations come from
+:mod:`metasam.core`: the same functions as the torch.optim wrappers, written once.
+
+Rules are frozen dataclasses (configuration only); the momentum m is state the caller threads through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from metasam.core import add, agnostic_perturbation, cosine_similarity, global_norm, momentum_update, sam_perturbation
+from metasam.errors import ConfigError
+
+GradFn = Callable[[Sequence[Tensor]], Sequence[Tensor]]
+"""Maps parameter values (a list of tensors) to the gradient of a loss at them."""
+
+Stats = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Plain gradient: d = ∇L(φ). The inner rule of MAML (``gd``) and the outer rule ``plain``."""
+
+    name = "gd"
+
+    def direction(
+        self, grad_fn: GradFn, params: Sequence[Tensor], state: Any = None, val_grad_fn: GradFn | None = None
+    ) -> tuple[list[Tensor], Any, Stats]:
+        """Return (d, new state, statistics) for parameter values ``params``."""
+        grads = list(grad_fn(params))
+        return grads, state, {"grad_norm": global_norm(grads).detach()}
+
+    def params(self) -> dict[str, Any]:
+        """The rule's hyperparameters, for configs and checkpoints."""
+        return {}
+
+
+@dataclass(frozen=True)
+class SAMRule(Rule):
+    """d = ∇L(φ + ε), ε = ρ · unit(∇L(φ)) (adaptive: ρ T²g/‖Tg‖). Sharp-MAML's rule at either level.
+
+    ``detach_perturbation``: ε is computed from a detached gradient, so a second-order meta-gradient
+    flows through ∇L(φ + ε) but not through ε (a cheaper approximation; off by default, as in the
+    Sharp-MAML reference code, which differentiates through the perturbation).
+    """
+
+    rho: float = 0.05
+    adaptive: bool = False
+    eta: float = 0.0
+    detach_perturbation: bool = False
+    name = "sam"
+
+    def __post_init__(self) -> None:
+        if not self.rho >= 0:
+            raise ConfigError(f"sam rule: rho must be >= 0, got {self.rho}")
+
+    def direction(self, grad_fn, params, state=None, val_grad_fn=None):
+        grads = list(grad_fn(params))
+        source = [g.detach() for g in grads] if self.detach_perturbation else grads
+        eps = sam_perturbation(params, source, self.rho, self.adaptive, self.eta)
+        return list(grad_fn(add(params, eps))), state, {"grad_norm": global_norm(grads).detach()}
+
+    def params(self) -> dict[str, Any]:
+        return {"rho": self.rho, "adaptive": self.adaptive, "eta": self.eta, "detach_perturbation": self.detach_perturbation}
+
+
+@dataclass(frozen=True)
+class AgnosticRule(Rule):
+    """d = ∇L(φ + ε), ε = ρ1 · unit(∇L(φ)) − ρ2 · unit(m), m ← β m + (1 − β) ∇L_v(φ).
+
+    ``state`` is m (None before the first step). Without ``val_grad_fn`` the validation view is the
+    training data itself, ∇L_v = ∇L (the seed paper duplicates the support set at the inner level):
+    the first step then equals :class:`SAMRule` with radius ρ1 − ρ2, later steps differ through m.
+    """
+
+    rho1: float = 0.05
+    rho2: float = 0.025
+    beta: float = 0.9
+    adaptive: bool = False
+    eta: float = 0.0
+    detach_perturbation: bool = False
+    name = "agnostic"
+
+    def __post_init__(self) -> None:
+        for key in ("rho1", "rho2"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"agnostic rule: {key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ConfigError(f"agnostic rule: beta must lie in [0, 1), got {self.beta}")
+
+    def direction(self, grad_fn, params, state=None, val_grad_fn=None):
+        grads = list(grad_fn(params))
+        val_grads = grads if val_grad_fn is None else list(val_grad_fn(params))
+        momentum = momentum_update(state, val_grads, self.beta)
+        g_s, m = (grads, momentum) if not self.detach_perturbation else ([g.detach() for g in grads], [x.detach() for x in momentum])
+        eps = agnostic_perturbation(params, g_s, m, self.rho1, self.rho2, self.adaptive, self.eta)
+        stats = {
+            "grad_norm": global_norm(grads).detach(),
+            "val_grad_norm": global_norm(val_grads).detach(),
+            "cos_train_val": cosine_similarity(grads, val_grads).detach(),
+        }
+        return list(grad_fn(add(params, eps))), momentum, stats
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "rho1": self.rho1, "rho2": self.rho2, "beta": self.beta, "adaptive": self.adaptive,
+            "eta": self.eta, "detach_perturbation": self.detach_perturbation,
+        }
+
+
+RULES: dict[str, type[Rule]] = {"gd": Rule, "plain": Rule, "sam": SAMRule, "agnostic": AgnosticRule}
+
+
+def make_rule(kind: str, **params: Any) -> Rule:
+    """The rule named ``kind`` (gd/plain, sam, agnostic) with its hyperparameters."""
+    if kind not in RULES:
+        raise ConfigError(f"unknown rule {kind!r}; choose one of {', '.join(RULES)}")
+    try:
+        return RULES[kind](**params)
+    except TypeError as exc:
+        raise ConfigError(f"rule {kind!r} does not take {sorted(params)}: {exc}") from exc
