@@ -26,7 +26,7 @@ def open_image(source: bytes | str | os.PathLike, name: str) -> Image.Image:
         ) from exc
 
 
-def to_array(img: Image.Image, mode: str, size: int | None, resample: Image.Resampling, name: str) -> np.ndarray:
+def to_array(img: Image.Image, mode: str, size: int | None, resample: Image.Resampling) -> np.ndarray:
     """Convert to ``mode`` ("L" or "RGB"), resize to size×size (antialiased), return uint8 [C, H, W].
 
     With ``size=None`` the image keeps its size. Pillow's resize filters other than NEAREST widen their

@@ -83,6 +83,11 @@ class FewShotDataset(Dataset):
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
+    @property
+    def alphabets(self) -> list[str]:
+        """The first path component of the class names (Omniglot's alphabets, Glyphs' scripts)."""
+        return sorted({c.split("/")[0] for c in self.source_classes})
+
     def class_sizes(self) -> list[int]:
         return [len(ix) for ix in self._per_class]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.request
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -15,7 +14,8 @@ import torch
 from PIL import Image, ImageOps
 
 from metasam.data._cache import load_or_build
-from metasam.data._decode import is_image_name, open_image, to_array
+from metasam.data._decode import is_image_name, to_array
+from metasam.data._files import Item, decode_items
 from metasam.data._rng import StableRandom
 from metasam.data._roots import find_root
 from metasam.data.base import FewShotDataset
@@ -87,7 +87,7 @@ class Omniglot(FewShotDataset):
             lambda: _decode(sources, image_size), cache_dir,
         )
         name = "omniglot:" + "+".join(subsets)
-        self._set_data(images, meta["targets"], meta["characters"], meta["file_ids"], name=name)
+        self._set_data(images, meta["targets"], meta["classes"], meta["file_ids"], name=name)
         if alphabets is not None:
             self._keep_alphabets(list(alphabets))
         if split is not None:
@@ -95,10 +95,6 @@ class Omniglot(FewShotDataset):
             self.name += f":{split}"
         if rotations:
             self._expand_rotations()
-
-    @property
-    def alphabets(self) -> list[str]:
-        return sorted({c.split("/")[0] for c in self.source_classes})
 
     def _keep_alphabets(self, alphabets: list[str]) -> None:
         missing = sorted(set(alphabets) - set(self.alphabets))
@@ -186,6 +182,18 @@ def _download(folder: Path, subset: str) -> None:
     os.replace(tmp, dest)
 
 
+def _items(sources: list[Path]) -> list[Item]:
+    """Every drawing of the subsets, each character once (from the first subset that has it)."""
+    owner: dict[tuple[str, str], str] = {}
+    items = []
+    for source in sources:
+        for alpha, char, fname, data in _entries(source):
+            if owner.setdefault((alpha, char), source.name) != source.name:
+                continue  # the same character from an earlier subset (Greek and Latin are in both small ones)
+            items.append(Item(f"{alpha}/{char}", f"{alpha}/{char}/{fname}", data, f"{source}/{alpha}/{char}/{fname}"))
+    return items
+
+
 def _entries(source: Path) -> Iterator[tuple[str, str, str, object]]:
     """(alphabet, character, drawing file name, bytes or path) for every drawing of one subset.
 
@@ -195,7 +203,7 @@ def _entries(source: Path) -> Iterator[tuple[str, str, str, object]]:
         for alpha in sorted(p for p in source.iterdir() if p.is_dir()):
             for char in sorted(p for p in alpha.iterdir() if p.is_dir()):
                 files = sorted(f for f in char.iterdir() if not f.name.startswith("."))
-                yield from _check_char(source.name, alpha.name, char.name, [(f.name, f) for f in files], str(char))
+                yield from _check_char(alpha.name, char.name, [(f.name, f) for f in files], str(char))
         return
     try:
         archive = zipfile.ZipFile(source)
@@ -213,10 +221,10 @@ def _entries(source: Path) -> Iterator[tuple[str, str, str, object]]:
                 chars.setdefault((parts[0], parts[1]), []).append((parts[2], info))
         for (alpha, char), files in sorted(chars.items()):
             files = [(n, archive.read(i)) for n, i in sorted(files, key=lambda t: t[0])]
-            yield from _check_char(source.stem, alpha, char, files, f"{source}:{alpha}/{char}")
+            yield from _check_char(alpha, char, files, f"{source}:{alpha}/{char}")
 
 
-def _check_char(subset, alpha, char, files, where):
+def _check_char(alpha, char, files, where):
     if not files:
         raise DatasetError(f"Omniglot: character folder {where} is empty; restore its drawings or delete it")
     for name, data in files:
@@ -226,31 +234,9 @@ def _check_char(subset, alpha, char, files, where):
 
 
 def _decode(sources: list[Path], image_size: int) -> tuple[torch.Tensor, dict]:
-    seen: dict[tuple[str, str], str] = {}
-    arrays, targets, file_ids, characters = [], [], [], []
-    for source in sources:
-        for alpha, char, fname, data in _entries(source):
-            key = (alpha, char)
-            if key in seen and seen[key] != source.name:
-                continue  # the same character from an earlier subset (Greek and Latin in both small ones)
-            if key not in seen:
-                seen[key] = source.name
-                characters.append(f"{alpha}/{char}")
-            img = open_image(data, f"{source}/{alpha}/{char}/{fname}")
-            arrays.append(decode_drawing(img, image_size))
-            targets.append(len(characters) - 1)
-            file_ids.append(f"{alpha}/{char}/{fname}")
-    if not arrays:
-        raise DatasetError(f"Omniglot: no drawings found in {[str(s) for s in sources]}")
-    order = sorted(range(len(characters)), key=lambda i: characters[i])
-    rank = {old: new for new, old in enumerate(order)}
-    return torch.from_numpy(np.stack(arrays)), {
-        "characters": [characters[i] for i in order],
-        "targets": [rank[t] for t in targets],
-        "file_ids": file_ids,
-    }
+    return decode_items(_items(sources), lambda img: decode_drawing(img, image_size), "Omniglot")
 
 
 def decode_drawing(img: Image.Image, image_size: int) -> np.ndarray:
     """One drawing → uint8 [1, S, S]: grayscale, inverted (strokes 255), LANCZOS resize to S×S."""
-    return to_array(ImageOps.invert(img.convert("L")), "L", image_size, Image.Resampling.LANCZOS, "")
+    return to_array(ImageOps.invert(img.convert("L")), "L", image_size, Image.Resampling.LANCZOS)
