@@ -3,6 +3,7 @@
 from metasam.data.base import FewShotDataset, check_disjoint
 from metasam.data.episodes import EpisodeSampler, Task, TaskBatch, TaskSpec, collate_tasks
 from metasam.data.folder import ImageFolderClasses
+from metasam.data.glyphs import Glyphs
 from metasam.data.miniimagenet import MiniImageNet
 from metasam.data.omniglot import Omniglot, character_split
 from metasam.data.taskset import TaskSet
@@ -10,6 +11,7 @@ from metasam.data.taskset import TaskSet
 __all__ = [
     "EpisodeSampler",
     "FewShotDataset",
+    "Glyphs",
     "ImageFolderClasses",
     "MiniImageNet",
     "Omniglot",
