@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch.utils.data import DataLoader
 
 from conftest import tiny_dataset
 from metasam.data import EpisodeSampler, TaskBatch, collate_tasks
+from metasam.data._rng import StableRandom
 from metasam.errors import ConfigError, DatasetError
 
 
@@ -119,3 +121,26 @@ def test_sampler_rejects_overlapping_splits():
 def test_negative_task_index():
     with pytest.raises(IndexError):
         EpisodeSampler(tiny_dataset(4, 4), 2, 1, 1)[-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 200), data=st.data(), words=st.lists(st.integers(0, 2**63), min_size=1, max_size=4))
+def test_stable_random_sample_is_distinct_and_in_range(n, data, words):
+    k = data.draw(st.integers(0, n))
+    a = StableRandom(*words).sample(n, k)
+    assert len(a) == k and len(set(a)) == k and all(0 <= x < n for x in a)
+    assert a == StableRandom(*words).sample(n, k)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(2, 9), min_size=2, max_size=12), seed=st.integers(0, 2**32), i=st.integers(0, 10**6), data=st.data())
+def test_any_valid_shape_gives_a_well_formed_task(sizes, seed, i, data):
+    ds = tiny_dataset(sizes=sizes, shape=(1, 2, 2))
+    ways = data.draw(st.integers(1, len(sizes)))
+    shots = data.draw(st.integers(1, min(sizes) - 1))
+    queries = data.draw(st.integers(0, min(sizes) - shots))
+    spec = EpisodeSampler(ds, ways, shots, queries, seed).spec(i)
+    assert len(set(spec.classes)) == ways
+    for c, sup, qry in zip(spec.classes, spec.support, spec.query):
+        assert len(sup) == shots and len(qry) == queries and len(set(sup + qry)) == shots + queries
+        assert {int(ds.targets[j]) for j in sup + qry} <= {c}
