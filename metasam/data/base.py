@@ -93,13 +93,14 @@ class FewShotDataset(Dataset):
 
     # --- selections ---------------------------------------------------------------------------
     def subset(self, class_names: Sequence[str]) -> "FewShotDataset":
-        """A copy restricted to ``class_names`` (in the dataset's class order); pixels are shared."""
+        """A copy restricted to ``class_names`` (kept in the dataset's class order; the selected pixels are copied)."""
         wanted = set(class_names)
         unknown = sorted(wanted - set(self.classes))
         if unknown:
             raise DatasetError(f"{self.name}: unknown classes {unknown[:5]}{' …' if len(unknown) > 5 else ''}")
         out = copy.copy(self)
         out._restrict([c in wanted for c in self.classes])
+        out.name = f"{self.name}[{len(out.classes)} classes]"
         return out
 
     def _restrict(self, keep: Sequence[bool]) -> None:
