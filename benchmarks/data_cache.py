@@ -1,0 +1,58 @@
+"""First load (decode + write the cache) versus cached load (memory-mapped tensor file) of each dataset.
+
+    PYTHONPATH=. python benchmarks/data_cache.py [--omniglot FOLDER] [--repeats 3]
+
+Uses a fresh temporary cache folder, so it never touches ~/.cache/metasam. Omniglot is skipped when its
+files are not found (default: $METASAM_DATA or <repo>/../shared/data/omniglot, the two small subsets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from metasam.data import Glyphs, Omniglot
+from metasam.errors import DatasetError
+
+SMALL = ["images_background_small1", "images_background_small2"]
+
+
+def timed(make, repeats: int) -> tuple[float, float, str]:
+    with tempfile.TemporaryDirectory() as cache:
+        t = time.perf_counter()
+        ds = make(cache)
+        first = time.perf_counter() - t
+        cached = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            make(cache)
+            cached.append(time.perf_counter() - t)
+    return first, statistics.median(cached), repr(ds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default = Path(os.environ["METASAM_DATA"]) if "METASAM_DATA" in os.environ else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    parser.add_argument("--omniglot", type=Path, default=default)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cases = {
+        "Glyphs()": lambda cache: Glyphs(cache_dir=cache),
+        "Omniglot(small1+small2)": lambda cache: Omniglot(args.omniglot, subset=SMALL, cache_dir=cache),
+    }
+    print(f"{'dataset':28s} {'first load':>11s} {'cached load':>12s} {'ratio':>8s}")
+    for name, make in cases.items():
+        try:
+            first, cached, desc = timed(make, args.repeats)
+        except DatasetError as exc:
+            print(f"{name:28s} skipped: {exc}")
+            continue
+        print(f"{name:28s} {first:10.3f}s {cached:11.3f}s {first / cached:7.0f}x   {desc}")
+
+
+if __name__ == "__main__":
+    main()

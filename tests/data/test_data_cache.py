@@ -1,0 +1,64 @@
+"""The decoded-image cache: reused, invalidated by source changes, written atomically, self-healing."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from conftest import fake_omniglot, write_drawing
+from metasam.data import Omniglot
+
+
+def cache_files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_second_load_uses_the_cache(tmp_path, monkeypatch):
+    fake_omniglot(tmp_path / "data", chars=4, drawings=5)
+    cache = tmp_path / "cache"
+    first = Omniglot(tmp_path / "data", cache_dir=cache)
+    files = cache_files(cache)
+    assert len(files) == 1 and files[0].endswith(".pt")  # no temporary file left behind
+    import metasam.data.omniglot as om
+
+    monkeypatch.setattr(om, "_decode", lambda *a: pytest.fail("decoded again despite a cache"))
+    t = time.perf_counter()
+    second = Omniglot(tmp_path / "data", cache_dir=cache)
+    assert time.perf_counter() - t < 1.0
+    assert torch.equal(first.images, second.images) and first.classes == second.classes
+
+
+def test_changed_source_invalidates_the_cache(tmp_path):
+    fake_omniglot(tmp_path / "data")
+    cache = tmp_path / "cache"
+    before = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
+    drawing = tmp_path / "data" / "images_background" / "Alpha" / "character01" / "0001_01.png"
+    write_drawing(drawing, seed=999)
+    os.utime(drawing, ns=(time.time_ns(), time.time_ns() + 10**9))
+    after = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
+    assert len(cache_files(cache)) == 2
+    assert not torch.equal(before.images[0], after.images[0])
+    # a different image size is a different cache entry too
+    Omniglot(tmp_path / "data", image_size=20, cache_dir=cache)
+    assert len(cache_files(cache)) == 3
+
+
+def test_default_cache_dir_comes_from_environment(tmp_path, monkeypatch):
+    fake_omniglot(tmp_path / "data")
+    monkeypatch.setenv("METASAM_CACHE", str(tmp_path / "envcache"))
+    Omniglot(tmp_path / "data")
+    assert len(cache_files(tmp_path / "envcache")) == 1
+
+
+def test_corrupt_cache_file_is_rebuilt(tmp_path):
+    fake_omniglot(tmp_path / "data")
+    cache = tmp_path / "cache"
+    good = Omniglot(tmp_path / "data", cache_dir=cache)
+    (path,) = cache.iterdir()
+    path.write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="unreadable cache"):
+        again = Omniglot(tmp_path / "data", cache_dir=cache)
+    assert torch.equal(good.images, again.images)
