@@ -1,6 +1,7 @@
 """The bilevel (meta-learning) loops: inner and outer rules over the optimizer core, and presets."""
 
-from metasam.meta.learner import MetaLearner, TaskBatch, as_task_batch
+from metasam.data.episodes import TaskBatch
+from metasam.meta.learner import MetaLearner, as_task_batch
 from metasam.meta.presets import PRESETS, Preset
 from metasam.meta.rules import AgnosticRule, Rule, SAMRule, make_rule
 

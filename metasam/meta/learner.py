@@ -17,26 +17,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metasam.errors import ConfigError, NonFiniteError
+from metasam.checkpoint import load_checkpoint
+from metasam.data.episodes import TaskBatch
+from metasam.errors import CheckpointError, ConfigError, NonFiniteError
 from metasam.meta.presets import PRESETS, RULE_PARAMS
 from metasam.meta.rules import Rule, make_rule
+from metasam.models import MODELS
 
 ValView = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-class TaskBatch(NamedTuple):
-    """A meta-batch: support_x [T, N·K, C, H, W], support_y [T, N·K], query_x [T, N·Q, ...], query_y [T, N·Q]."""
-
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
 
 
 def as_task_batch(batch: Sequence[Tensor]) -> TaskBatch:
@@ -103,6 +98,10 @@ class MetaLearner:
         if path not in ("auto", "loop", "vmap"):
             raise ConfigError(f"path must be 'auto', 'loop' or 'vmap', got {path!r}")
         preset = PRESETS[algo]
+        self.hparams = {
+            "algo": algo, "inner_lr": inner_lr, "inner_steps": inner_steps, "test_inner_steps": test_inner_steps,
+            "first_order": first_order, "outer_lr": outer_lr, "test_rule": test_rule, **rule_params,
+        }
         self.model = model
         self.algo = algo
         self.inner_lr = inner_lr
@@ -307,8 +306,30 @@ class MetaLearner:
             "iteration": self.iteration,
         }
 
+    @classmethod
+    def load(cls, run_dir_or_checkpoint: str | Path, which: str = "best", **overrides: Any) -> "MetaLearner":
+        """Rebuild a learner (model, preset, hyperparameters, weights) from what ``metasam train`` wrote.
+
+        ``run_dir_or_checkpoint``: a run folder (its ``best.pt``, or ``last.pt`` with ``which="last"``)
+        or a checkpoint file. ``overrides`` replace saved constructor arguments (e.g. ``path="vmap"``).
+        """
+        path = Path(run_dir_or_checkpoint)
+        if path.is_dir():
+            path = path / f"{which}.pt"
+        ckpt = load_checkpoint(path)
+        try:
+            model_name, model_kwargs = ckpt["model"]["name"], ckpt["model"]["kwargs"]
+            learner = cls(MODELS[model_name](**model_kwargs), **{**ckpt["hparams"], **overrides})
+        except KeyError as exc:
+            raise CheckpointError(f"{path} is not a metasam meta-learning checkpoint (missing {exc})") from exc
+        learner.load_state_dict(ckpt["learner"])
+        return learner
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"the checkpoint was written for another model: {exc}") from exc
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         self.outer_momentum = state["outer_momentum"]
         self.iteration = int(state["iteration"])

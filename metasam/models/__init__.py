@@ -3,4 +3,7 @@
 from metasam.models.conv4 import BatchNorm, Conv4
 from metasam.models.supervised import DigitsCNN, resnet18_cifar
 
-__all__ = ["BatchNorm", "Conv4", "DigitsCNN", "resnet18_cifar"]
+MODELS = {"Conv4": Conv4}
+"""Few-shot backbones by name, for rebuilding a model from a checkpoint."""
+
+__all__ = ["BatchNorm", "Conv4", "DigitsCNN", "MODELS", "resnet18_cifar"]

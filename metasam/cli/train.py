@@ -1,0 +1,77 @@
+"""``metasam train``: meta-train MAML / Sharp-MAML / Agnostic-SAM on a few-shot dataset (or resume a run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from metasam.meta import PRESETS
+from metasam.train.meta import RULE_KEYS, MetaTrainConfig, MetaTrainer, datasets_summary
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="meta-train on Omniglot, MiniImageNet or the synthetic glyph set",
+                       description="Meta-train a Conv4. Unset hyperparameters take the standard setting of the "
+                       "dataset and ways (Finn et al. 2017). Checkpoints on a fixed validation task set.")
+    p.add_argument("--dataset", choices=("omniglot", "miniimagenet", "glyphs"), default="glyphs",
+                   help="glyphs is synthetic and offline (rendered from fonts)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset (default: $METASAM_DATA)")
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--queries", type=int, default=15, help="query images per class")
+    p.add_argument("--algo", choices=tuple(PRESETS), default="maml")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--meta-batch", type=int, default=None, help="tasks per outer step")
+    p.add_argument("--inner-lr", type=float, default=None, help="alpha")
+    p.add_argument("--inner-steps", type=int, default=None)
+    p.add_argument("--test-inner-steps", type=int, default=None)
+    p.add_argument("--first-order", action="store_true", default=None)
+    p.add_argument("--outer-lr", type=float, default=1e-3)
+    p.add_argument("--test-rule", choices=("same", "gd"), default="same", help="inner rule at meta-test time")
+    for key in RULE_KEYS:
+        kind = bool if key.endswith(("adaptive", "detach_perturbation")) else float
+        if kind is bool:
+            p.add_argument(f"--{key.replace('_', '-')}", dest=key, action="store_true", default=None)
+        else:
+            p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, default=None)
+    p.add_argument("--train-split", default=None)
+    p.add_argument("--val-split", default=None, help="default: a seeded tenth of the training classes")
+    p.add_argument("--test-split", default=None)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--val-tasks", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--path", choices=("auto", "loop", "vmap"), default="auto", help="how tasks of a meta-batch are run")
+    p.add_argument("--out", help="run folder (config, metrics.jsonl, last.pt, best.pt)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume:
+        cfg = MetaTrainConfig.load(args.resume)
+        trainer = MetaTrainer(cfg, args.resume)
+        trainer.resume()
+    else:
+        if not args.out:
+            raise SystemExit("metasam train: error: --out RUN_DIR is required (or --resume RUN_DIR)")
+        rule = {k: getattr(args, k) for k in RULE_KEYS if getattr(args, k) is not None}
+        cfg = MetaTrainConfig(
+            dataset=args.dataset, data_root=args.data_root, ways=args.ways, shots=args.shots, queries=args.queries,
+            algo=args.algo, iterations=args.iterations, meta_batch=args.meta_batch, inner_lr=args.inner_lr,
+            inner_steps=args.inner_steps, test_inner_steps=args.test_inner_steps, first_order=args.first_order,
+            outer_lr=args.outer_lr, test_rule=args.test_rule, train_split=args.train_split, val_split=args.val_split,
+            test_split=args.test_split, val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed,
+            device=args.device, path=args.path, rule=rule,
+        )
+        trainer = MetaTrainer(cfg, args.out)
+        trainer.start()
+    print(f"metasam train: {datasets_summary(trainer.train_ds, trainer.val_ds, trainer.test_ds)}", file=sys.stderr)
+    try:
+        summary = trainer.train(progress=not args.no_progress)
+    except KeyboardInterrupt as exc:
+        print(f"metasam train: {exc}", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0

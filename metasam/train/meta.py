@@ -1,0 +1,247 @@
+"""Meta-training runs: configuration, the outer loop with validation, checkpoints, resume, evaluation.
+
+A run folder holds ``config.json`` (a :class:`MetaTrainConfig`, reloadable), ``metrics.jsonl`` (one line
+per iteration, plus validation lines), ``last.pt`` and ``best.pt`` (best mean accuracy on the fixed
+validation TaskSet; never chosen on test tasks) and ``val_tasks.json``. Meta-batch ``it`` is tasks
+``it·T … it·T + T − 1`` of a seeded :class:`~metasam.data.EpisodeSampler`, so a resumed run sees exactly
+the tasks an uninterrupted run would, and reaches the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from metasam.checkpoint import load_checkpoint, save_atomic
+from metasam.data import EpisodeSampler, FewShotDataset, TaskSet
+from metasam.errors import CheckpointError, ConfigError
+from metasam.meta import PRESETS, MetaLearner
+from metasam.meta.presets import RULE_PARAMS
+from metasam.models import Conv4
+from metasam.train.splits import load_splits
+
+# ALGORITHMS.md §2, standard settings: (inner_lr, inner_steps, test_inner_steps, meta_batch)
+STANDARD = {
+    ("omniglot", 5): (0.4, 1, 3, 32),
+    ("omniglot", 20): (0.1, 5, 5, 16),
+    ("miniimagenet", 5): (0.01, 5, 10, 4),
+}
+DEFAULT_SPLITS = {
+    "omniglot": ("background", None, "evaluation"),
+    "miniimagenet": ("train", "val", "test"),
+    "glyphs": ("train", "val", "test"),
+}
+RULE_KEYS = sorted({f"{lvl}_{p}" for lvl in ("inner", "outer") for ps in RULE_PARAMS.values() for p in ps})
+
+
+@dataclass
+class MetaTrainConfig:
+    """Everything that defines a meta-training run. None fields take the standard setting of the
+    dataset and ways (ALGORITHMS.md §2); ``rule`` holds inner_/outer_ rule hyperparameters."""
+
+    dataset: str = "glyphs"
+    data_root: str | None = None
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    algo: str = "maml"
+    iterations: int = 1000
+    meta_batch: int | None = None
+    inner_lr: float | None = None
+    inner_steps: int | None = None
+    test_inner_steps: int | None = None
+    first_order: bool | None = None
+    outer_lr: float = 1e-3
+    test_rule: str = "same"
+    train_split: str | None = None
+    val_split: str | None = None
+    test_split: str | None = None
+    val_every: int = 100
+    val_tasks: int = 100
+    image_size: int | None = None
+    hidden: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    path: str = "auto"
+    rule: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DEFAULT_SPLITS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DEFAULT_SPLITS)}")
+        if self.algo not in PRESETS:
+            raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(PRESETS)}")
+        for name in ("ways", "shots", "queries", "iterations", "val_every", "val_tasks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.ways < 2:
+            raise ConfigError(f"--ways must be >= 2, got {self.ways}")
+        self.rule = dict(self.rule or {})
+        unknown = sorted(set(self.rule) - set(RULE_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown rule parameters {unknown}; valid: {RULE_KEYS}")
+        family = "omniglot" if self.dataset == "glyphs" else self.dataset
+        lr, steps, test_steps, batch = STANDARD.get((family, self.ways), STANDARD[(family, 20 if self.ways > 5 else 5)] if family == "omniglot" else STANDARD[("miniimagenet", 5)])
+        if family == "miniimagenet" and self.shots >= 5:
+            batch = 2
+        self.inner_lr = lr if self.inner_lr is None else self.inner_lr
+        self.inner_steps = steps if self.inner_steps is None else self.inner_steps
+        self.test_inner_steps = test_steps if self.test_inner_steps is None else self.test_inner_steps
+        self.meta_batch = batch if self.meta_batch is None else self.meta_batch
+        self.image_size = (84 if family == "miniimagenet" else 28) if self.image_size is None else self.image_size
+        self.hidden = (32 if family == "miniimagenet" else 64) if self.hidden is None else self.hidden
+        train, val, test = DEFAULT_SPLITS[self.dataset]
+        self.train_split = self.train_split or train
+        self.val_split = self.val_split if self.val_split is not None else val
+        self.test_split = self.test_split if self.test_split is not None else test
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MetaTrainConfig":
+        """Read a run's config.json (or a run folder) back."""
+        path = Path(path)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist: not a metasam run folder")
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
+    model_kwargs = {"ways": cfg.ways, "in_channels": channels, "hidden": cfg.hidden, "image_size": cfg.image_size}
+    torch.manual_seed(cfg.seed)
+    model = Conv4(**model_kwargs).to(cfg.device)
+    learner = MetaLearner(
+        model, cfg.algo, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, test_inner_steps=cfg.test_inner_steps,
+        first_order=cfg.first_order, outer_lr=cfg.outer_lr, test_rule=cfg.test_rule, path=cfg.path, **cfg.rule,
+    )
+    learner.model_spec = {"name": "Conv4", "kwargs": model_kwargs}
+    return learner
+
+
+def _to(batch, device):
+    return type(batch)(*(t.to(device) for t in batch))
+
+
+class MetaTrainer:
+    """Owns a run folder: trains, validates, checkpoints, resumes."""
+
+    def __init__(self, cfg: MetaTrainConfig, out_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.train_ds, self.val_ds, self.test_ds = load_splits(
+            cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, cfg.test_split, cfg.image_size
+        )
+        total = cfg.iterations * cfg.meta_batch
+        self.sampler = EpisodeSampler(self.train_ds, cfg.ways, cfg.shots, cfg.queries, cfg.seed, num_tasks=total)
+        # the agnostic outer rule's validation meta-batches: other tasks from the meta-training classes
+        self.outer_val_sampler = EpisodeSampler(self.train_ds, cfg.ways, cfg.shots, cfg.queries, cfg.seed + 1, num_tasks=total)
+        self.val_set = TaskSet.sample(self.val_ds, cfg.val_tasks, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 2)
+        self.learner = build_learner(cfg, self.train_ds.image_shape[0])
+        self.best_val, self.best_iteration = -1.0, 0
+
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": "metasam.checkpoint", "version": 1,
+            "config": asdict(self.cfg), "hparams": self.learner.hparams, "model": self.learner.model_spec,
+            "learner": self.learner.state_dict(), "best_val": self.best_val, "best_iteration": self.best_iteration,
+        }
+
+    def start(self) -> None:
+        if (self.out / "last.pt").exists() or (self.out / "metrics.jsonl").exists():
+            raise ConfigError(f"{self.out} already holds a run; continue it with --resume {self.out} or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        self.val_set.save(self.out / "val_tasks.json")
+
+    def resume(self) -> None:
+        ckpt = load_checkpoint(self.out / "last.pt")
+        if ckpt.get("config") != asdict(self.cfg):
+            raise CheckpointError(f"{self.out / 'last.pt'} was written by another configuration than {self.out / 'config.json'}")
+        self.learner.load_state_dict(ckpt["learner"])
+        self.best_val, self.best_iteration = ckpt["best_val"], ckpt["best_iteration"]
+        # drop metric lines written after the checkpoint, so the log matches the resumed weights
+        log = self.out / "metrics.jsonl"
+        if log.exists():
+            keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= self.learner.iteration]
+            log.write_text("".join(ln + "\n" for ln in keep))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def validate(self) -> float:
+        acc, ci = self.learner.evaluate(self.val_set)
+        it = self.learner.iteration
+        self._log({"iteration": it, "val_acc": acc, "val_ci95": ci})
+        if acc > self.best_val:
+            self.best_val, self.best_iteration = acc, it
+            save_atomic(self._checkpoint(), self.out / "best.pt")
+        save_atomic(self._checkpoint(), self.out / "last.pt")
+        return acc
+
+    def train(self, progress: bool = True) -> dict[str, Any]:
+        cfg, learner = self.cfg, self.learner
+        stop = {"signal": None}
+
+        def on_signal(signum, frame):  # finish the current iteration, then save and leave
+            stop["signal"] = signum
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=cfg.iterations, initial=learner.iteration, disable=not progress, unit="it", desc=cfg.algo)
+        try:
+            while learner.iteration < cfg.iterations and stop["signal"] is None:
+                it = learner.iteration
+                tasks = range(it * cfg.meta_batch, (it + 1) * cfg.meta_batch)
+                batch = _to(self.sampler.batch(tasks), cfg.device)
+                val_batch = _to(self.outer_val_sampler.batch(tasks), cfg.device) if learner.outer_rule.name == "agnostic" else None
+                start = time.perf_counter()
+                metrics = learner.meta_step(batch, val_batch)
+                metrics["tasks_per_s"] = cfg.meta_batch / (time.perf_counter() - start)
+                self._log({"iteration": learner.iteration, **metrics})
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['query_loss']:.3f}", acc=f"{metrics['query_acc']:.3f}",
+                                tasks_s=f"{metrics['tasks_per_s']:.1f}", best_val=f"{max(self.best_val, 0):.3f}")
+                if learner.iteration % cfg.val_every == 0 or learner.iteration == cfg.iterations:
+                    self.validate()
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if stop["signal"] is not None:
+            save_atomic(self._checkpoint(), self.out / "last.pt")
+            raise KeyboardInterrupt(
+                f"stopped by signal {stop['signal']} at iteration {learner.iteration}; checkpoint saved. "
+                f"Continue with: metasam train --resume {self.out}"
+            )
+        summary = {"iterations": learner.iteration, "best_val_acc": self.best_val, "best_iteration": self.best_iteration}
+        (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, which: str = "best",
+                 test_split: str | None = None, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Mean accuracy ± 95 % CI of a run's ``which`` checkpoint on a fixed seeded TaskSet of the test split."""
+    run_dir = Path(run_dir)
+    cfg = MetaTrainConfig.load(run_dir)
+    split = test_split or cfg.test_split
+    if not split:
+        raise ConfigError("the run has no test split; pass --test-split")
+    _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
+    tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
+    learner = MetaLearner.load(run_dir, which=which)
+    mean, ci = learner.evaluate(tasks, steps=steps, progress=progress)
+    result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
+              "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": steps or cfg.test_inner_steps,
+              "accuracy": mean, "ci95": ci}
+    return result
+
+
+def datasets_summary(*datasets: FewShotDataset | None) -> str:
+    return "; ".join(repr(d) for d in datasets if d is not None)

@@ -1,0 +1,109 @@
+"""Meta-training runs on the synthetic glyph set: resume exactness, checkpoint choice, CLI, evaluation."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from metasam import CheckpointError, ConfigError
+from metasam.cli.main import main
+from metasam.meta import MetaLearner
+from metasam.train.meta import MetaTrainConfig, MetaTrainer
+
+TINY = dict(dataset="glyphs", ways=3, shots=1, queries=2, meta_batch=2, hidden=8, val_every=2, val_tasks=4)
+
+
+def weights(learner):
+    return {k: v.clone() for k, v in learner.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("algo", ["maml", "agnostic-sam-both"])
+def test_interrupted_and_resumed_run_reaches_the_weights_of_an_uninterrupted_one(tmp_path, algo):
+    cfg = MetaTrainConfig(algo=algo, iterations=5, **TINY)
+    full = MetaTrainer(cfg, tmp_path / "full")
+    full.start()
+    full.train(progress=False)
+
+    cut = MetaTrainer(cfg, tmp_path / "cut")
+    cut.start()
+    step = cut.learner.meta_step
+
+    def step_then_interrupt(*args, **kwargs):
+        out = step(*args, **kwargs)
+        if cut.learner.iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # handled: finish the iteration, save, stop
+        return out
+
+    cut.learner.meta_step = step_then_interrupt
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
+        cut.train(progress=False)
+
+    resumed = MetaTrainer(MetaTrainConfig.load(tmp_path / "cut"), tmp_path / "cut")
+    resumed.resume()
+    assert resumed.learner.iteration == 3
+    resumed.train(progress=False)
+    for (name, a), b in zip(weights(full.learner).items(), weights(resumed.learner).values()):
+        assert torch.equal(a, b), name
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines if "query_loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_best_checkpoint_is_the_best_validation_score_and_loads_back(tmp_path):
+    cfg = MetaTrainConfig(algo="sharp-maml-low", iterations=6, rule={"inner_rho": 0.05}, **TINY)
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    trainer.start()
+    summary = trainer.train(progress=False)
+    vals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in vals if "val_acc" in r]
+    assert [r["iteration"] for r in vals] == [2, 4, 6]
+    best = max(vals, key=lambda r: r["val_acc"])  # first maximum wins, as in the trainer
+    assert summary["best_iteration"] == best["iteration"]
+    loaded = MetaLearner.load(tmp_path / "run")
+    assert loaded.algo == "sharp-maml-low" and loaded.inner_rule.rho == 0.05
+    assert loaded.iteration == best["iteration"]
+    # the reloaded learner scores what the trainer measured on the same validation tasks
+    assert loaded.evaluate(trainer.val_set)[0] == pytest.approx(best["val_acc"], abs=1e-9)
+
+
+def test_cli_train_then_evaluate_and_refuse_to_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "glyphs", "--ways", "3", "--queries", "2", "--meta-batch", "2",
+            "--iterations", "2", "--val-every", "1", "--val-tasks", "3", "--algo", "agnostic-sam",
+            "--inner-rho1", "0.1", "--inner-rho2", "0.05", "--out", str(run), "--no-progress"]
+    assert main(args) == 0
+    assert json.loads((run / "config.json").read_text())["rule"] == {"inner_rho1": 0.1, "inner_rho2": 0.05}
+    assert {"best.pt", "last.pt", "val_tasks.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--episodes", "5", "--no-progress"]) == 0
+    result = json.loads((run / "eval_best_5_seed1234.json").read_text())
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["episodes"] == 5
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_config_errors_are_specific():
+    with pytest.raises(ConfigError, match="--algo"):
+        MetaTrainConfig(algo="reptile")
+    with pytest.raises(ConfigError, match="unknown rule parameters"):
+        MetaTrainConfig(rule={"inner_rhoo": 0.1})
+    with pytest.raises(ConfigError, match="does not use"):
+        MetaTrainer(MetaTrainConfig(algo="maml", rule={"inner_rho": 0.1}, **TINY), "unused")
+
+
+def test_standard_settings_fill_unset_hyperparameters():
+    omni20 = MetaTrainConfig(dataset="omniglot", ways=20)
+    assert (omni20.inner_lr, omni20.inner_steps, omni20.test_inner_steps, omni20.meta_batch) == (0.1, 5, 5, 16)
+    mini5 = MetaTrainConfig(dataset="miniimagenet", ways=5, shots=5)
+    assert (mini5.inner_lr, mini5.inner_steps, mini5.test_inner_steps, mini5.meta_batch, mini5.hidden) == (0.01, 5, 10, 2, 32)
+
+
+def test_loading_a_checkpoint_of_another_model_names_the_mismatch(tmp_path):
+    cfg = MetaTrainConfig(algo="maml", iterations=2, **TINY)
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    trainer.start()
+    trainer.train(progress=False)
+    other = MetaTrainer(MetaTrainConfig(algo="maml", iterations=2, **{**TINY, "hidden": 16}), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="another"):
+        other.resume()
