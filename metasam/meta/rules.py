@@ -33,7 +33,10 @@ Stats = dict[str, Tensor]
 
 @dataclass(frozen=True)
 class Rule:
-    """Plain gradient: d = ∇L(φ). The inner rule of MAML (``gd``) and the outer rule ``plain``."""
+    """Plain gradient: d = ∇L(φ). The inner rule of MAML (``gd``) and the outer rule ``plain``.
+
+    Subclasses define :meth:`perturbation`; :meth:`direction` then returns ∇L(φ + ε).
+    """
 
     name = "gd"
 
@@ -42,11 +45,15 @@ class Rule:
     ) -> tuple[list[Tensor], Any, Stats]:
         """Return (d, new state, statistics) for parameter values ``params``."""
         grads = list(grad_fn(params))
-        return grads, state, {"grad_norm": global_norm(grads).detach()}
+        eps, state, stats = self.perturbation(params, grads, state, val_grad_fn)
+        stats["grad_norm"] = global_norm(grads).detach()
+        return (grads if eps is None else list(grad_fn(add(params, eps)))), state, stats
 
-    def params(self) -> dict[str, Any]:
-        """The rule's hyperparameters, for configs and checkpoints."""
-        return {}
+    def perturbation(
+        self, params: Sequence[Tensor], grads: list[Tensor], state: Any, val_grad_fn: GradFn | None
+    ) -> tuple[list[Tensor] | None, Any, Stats]:
+        """(ε or None for no perturbation, new state, extra statistics) given g = ∇L(φ)."""
+        return None, state, {}
 
 
 @dataclass(frozen=True)
@@ -68,14 +75,9 @@ class SAMRule(Rule):
         if not self.rho >= 0:
             raise ConfigError(f"sam rule: rho must be >= 0, got {self.rho}")
 
-    def direction(self, grad_fn, params, state=None, val_grad_fn=None):
-        grads = list(grad_fn(params))
+    def perturbation(self, params, grads, state, val_grad_fn):
         source = [g.detach() for g in grads] if self.detach_perturbation else grads
-        eps = sam_perturbation(params, source, self.rho, self.adaptive, self.eta)
-        return list(grad_fn(add(params, eps))), state, {"grad_norm": global_norm(grads).detach()}
-
-    def params(self) -> dict[str, Any]:
-        return {"rho": self.rho, "adaptive": self.adaptive, "eta": self.eta, "detach_perturbation": self.detach_perturbation}
+        return sam_perturbation(params, source, self.rho, self.adaptive, self.eta), state, {}
 
 
 @dataclass(frozen=True)
@@ -102,24 +104,18 @@ class AgnosticRule(Rule):
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"agnostic rule: beta must lie in [0, 1), got {self.beta}")
 
-    def direction(self, grad_fn, params, state=None, val_grad_fn=None):
-        grads = list(grad_fn(params))
+    def perturbation(self, params, grads, state, val_grad_fn):
         val_grads = grads if val_grad_fn is None else list(val_grad_fn(params))
         momentum = momentum_update(state, val_grads, self.beta)
-        g_s, m = (grads, momentum) if not self.detach_perturbation else ([g.detach() for g in grads], [x.detach() for x in momentum])
+        g_s, m = (grads, momentum)
+        if self.detach_perturbation:
+            g_s, m = [g.detach() for g in g_s], [x.detach() for x in m]
         eps = agnostic_perturbation(params, g_s, m, self.rho1, self.rho2, self.adaptive, self.eta)
         stats = {
-            "grad_norm": global_norm(grads).detach(),
             "val_grad_norm": global_norm(val_grads).detach(),
             "cos_train_val": cosine_similarity(grads, val_grads).detach(),
         }
-        return list(grad_fn(add(params, eps))), momentum, stats
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "rho1": self.rho1, "rho2": self.rho2, "beta": self.beta, "adaptive": self.adaptive,
-            "eta": self.eta, "detach_perturbation": self.detach_perturbation,
-        }
+        return eps, momentum, stats
 
 
 RULES: dict[str, type[Rule]] = {"gd": Rule, "plain": Rule, "sam": SAMRule, "agnostic": AgnosticRule}

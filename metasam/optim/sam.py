@@ -113,8 +113,8 @@ class _SharpnessOptimizer(Optimizer):
     def _require_closure(self, closure: Closure | None, name: str) -> Closure:
         if closure is None:
             raise ConfigError(
-                f"{type(self).__name__}.step() needs {name}: a function that zeroes nothing, runs the "
-                "forward pass and loss.backward() on its batch, and returns the loss (the optimizer "
+                f"{type(self).__name__}.step() needs {name}: a function that runs the forward pass and "
+                "loss.backward() on its batch and returns the loss (the optimizer zeroes gradients and "
                 "calls it once per pass)"
             )
         return torch.enable_grad()(closure)

@@ -87,7 +87,8 @@ class MetaTrainConfig:
         if unknown:
             raise ConfigError(f"unknown rule parameters {unknown}; valid: {RULE_KEYS}")
         family = "omniglot" if self.dataset == "glyphs" else self.dataset
-        lr, steps, test_steps, batch = STANDARD.get((family, self.ways), STANDARD[(family, 20 if self.ways > 5 else 5)] if family == "omniglot" else STANDARD[("miniimagenet", 5)])
+        # the nearest standard setting: Omniglot's 20-way one above 5 ways, MiniImageNet's 5-way one
+        lr, steps, test_steps, batch = STANDARD[(family, 20 if family == "omniglot" and self.ways > 5 else 5)]
         if family == "miniimagenet" and self.shots >= 5:
             batch = 2
         self.inner_lr = lr if self.inner_lr is None else self.inner_lr
