@@ -40,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-split", default=None)
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--val-tasks", type=int, default=100)
+    p.add_argument("--model", choices=("conv4", "resnet12"), default="conv4", help="resnet12 is meant for GPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--path", choices=("auto", "loop", "vmap"), default="auto", help="how tasks of a meta-batch are run")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             inner_steps=args.inner_steps, test_inner_steps=args.test_inner_steps, first_order=args.first_order,
             outer_lr=args.outer_lr, test_rule=args.test_rule, train_split=args.train_split, val_split=args.val_split,
             test_split=args.test_split, val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed,
-            device=args.device, path=args.path, rule=rule,
+            device=args.device, path=args.path, rule=rule, model=args.model,
         )
         trainer = MetaTrainer(cfg, args.out)
         trainer.start()

@@ -24,7 +24,7 @@ from metasam.data import EpisodeSampler, FewShotDataset, TaskSet
 from metasam.errors import CheckpointError, ConfigError
 from metasam.meta import PRESETS, MetaLearner
 from metasam.meta.presets import RULE_PARAMS
-from metasam.models import Conv4
+from metasam.models import MODELS
 from metasam.train.splits import load_splits
 
 # ALGORITHMS.md §2, standard settings: (inner_lr, inner_steps, test_inner_steps, meta_batch)
@@ -67,6 +67,7 @@ class MetaTrainConfig:
     val_tasks: int = 100
     image_size: int | None = None
     hidden: int | None = None
+    model: str = "conv4"
     seed: int = 0
     device: str = "cpu"
     path: str = "auto"
@@ -80,6 +81,8 @@ class MetaTrainConfig:
         for name in ("ways", "shots", "queries", "iterations", "val_every", "val_tasks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.model not in ("conv4", "resnet12"):
+            raise ConfigError(f"unknown --model {self.model!r}; choose conv4 or resnet12")
         if self.ways < 2:
             raise ConfigError(f"--ways must be >= 2, got {self.ways}")
         self.rule = dict(self.rule or {})
@@ -115,14 +118,18 @@ class MetaTrainConfig:
 
 
 def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
-    model_kwargs = {"ways": cfg.ways, "in_channels": channels, "hidden": cfg.hidden, "image_size": cfg.image_size}
+    """Conv4 (``hidden`` filters, ``image_size`` input) or ResNet-12, seeded, wrapped in a MetaLearner."""
+    if cfg.model == "conv4":
+        name, model_kwargs = "Conv4", {"ways": cfg.ways, "in_channels": channels, "hidden": cfg.hidden, "image_size": cfg.image_size}
+    else:
+        name, model_kwargs = "ResNet12", {"ways": cfg.ways, "in_channels": channels}
     torch.manual_seed(cfg.seed)
-    model = Conv4(**model_kwargs).to(cfg.device)
+    model = MODELS[name](**model_kwargs).to(cfg.device)
     learner = MetaLearner(
         model, cfg.algo, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, test_inner_steps=cfg.test_inner_steps,
         first_order=cfg.first_order, outer_lr=cfg.outer_lr, test_rule=cfg.test_rule, path=cfg.path, **cfg.rule,
     )
-    learner.model_spec = {"name": "Conv4", "kwargs": model_kwargs}
+    learner.model_spec = {"name": name, "kwargs": model_kwargs}
     return learner
 
 

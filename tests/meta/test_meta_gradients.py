@@ -206,3 +206,18 @@ def test_bad_learner_arguments():
         MetaLearner(mlp(), "maml", inner_rho=0.1)
     with pytest.raises(ConfigError, match="leading task dimension"):
         MetaLearner(mlp(), "maml").meta_gradient((torch.zeros(6, 4), torch.zeros(6), torch.zeros(9, 4), torch.zeros(9)))
+
+
+def test_resnet12_shapes_and_vmap_loop_agreement():
+    from metasam.models import ResNet12
+
+    torch.manual_seed(0)
+    model = ResNet12(ways=3, in_channels=3, widths=(4, 6, 8, 8)).double()
+    assert model(torch.randn(2, 3, 20, 20, dtype=D)).shape == (2, 3)
+    gen = torch.Generator().manual_seed(0)
+    batch = TaskBatch(torch.randn(2, 3, 3, 16, 16, generator=gen, dtype=D), torch.arange(3).repeat(2, 1),
+                      torch.randn(2, 6, 3, 16, 16, generator=gen, dtype=D), torch.arange(3).repeat_interleave(2).repeat(2, 1))
+    loop = MetaLearner(model, "maml", inner_lr=0.1, path="loop").meta_gradient(batch)
+    vmapped = MetaLearner(model, "maml", inner_lr=0.1, path="vmap").meta_gradient(batch)
+    for n in loop:
+        assert torch.allclose(loop[n], vmapped[n], rtol=1e-8, atol=1e-11), n
