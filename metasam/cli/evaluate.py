@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from metasam.train.meta import evaluate_run
 
@@ -23,8 +22,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run_dir, args.episodes, args.seed, args.checkpoint, args.test_split, args.steps,
                           progress=not args.no_progress)
-    out = Path(args.run_dir) / f"eval_{args.checkpoint}_{args.episodes}_seed{args.seed}.json"
-    out.write_text(json.dumps(result, indent=2))
     print(f"{result['algo']}: {100 * result['accuracy']:.2f} % ± {100 * result['ci95']:.2f} "
           f"({result['episodes']} tasks of {result['test_split']}, {result['ways']}-way {result['shots']}-shot)")
     print(json.dumps(result, indent=2))

@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from metasam.cli import evaluate, supervised, train
+from metasam.cli import bench, evaluate, supervised, train
 from metasam.errors import MetaSAMError
 
-COMMANDS = {"train": train, "evaluate": evaluate, "supervised": supervised}
+COMMANDS = {"train": train, "evaluate": evaluate, "bench": bench, "supervised": supervised}
 
 
 def build_parser() -> argparse.ArgumentParser:

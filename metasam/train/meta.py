@@ -235,7 +235,8 @@ class MetaTrainer:
 
 def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, which: str = "best",
                  test_split: str | None = None, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Mean accuracy ± 95 % CI of a run's ``which`` checkpoint on a fixed seeded TaskSet of the test split."""
+    """Mean accuracy ± 95 % CI of a run's ``which`` checkpoint on a fixed seeded TaskSet of the test split;
+    also written to ``RUN_DIR/eval_<which>_<episodes>_seed<seed>.json``."""
     run_dir = Path(run_dir)
     cfg = MetaTrainConfig.load(run_dir)
     split = test_split or cfg.test_split
@@ -248,6 +249,7 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
               "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": steps or cfg.test_inner_steps,
               "accuracy": mean, "ci95": ci}
+    (run_dir / f"eval_{which}_{episodes}_seed{seed}.json").write_text(json.dumps(result, indent=2))
     return result
 
 
