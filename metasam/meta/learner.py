@@ -30,6 +30,7 @@ from metasam.errors import CheckpointError, ConfigError, NonFiniteError
 from metasam.meta.presets import PRESETS, RULE_PARAMS
 from metasam.meta.rules import Rule, make_rule
 from metasam.models import MODELS
+from metasam.models.conv4 import primitive_batchnorm
 
 ValView = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -181,7 +182,8 @@ class MetaLearner:
                 losses, aux = vmap(self._task_loss, in_dims=(None, 0, 0, 0, 0))(th, *batch)
                 return losses.mean(), aux
 
-            grads, (losses, accs) = grad(mean_loss, has_aux=True)(theta)
+            with primitive_batchnorm():
+                grads, (losses, accs) = grad(mean_loss, has_aux=True)(theta)
             return list(grads), losses.mean(), accs.mean()
         total, losses, accs = None, [], []
         task_grad = grad(self._task_loss, has_aux=True)

@@ -221,3 +221,28 @@ def test_resnet12_shapes_and_vmap_loop_agreement():
     vmapped = MetaLearner(model, "maml", inner_lr=0.1, path="vmap").meta_gradient(batch)
     for n in loop:
         assert torch.allclose(loop[n], vmapped[n], rtol=1e-8, atol=1e-11), n
+
+
+def test_fused_and_primitive_batchnorm_agree_in_value_and_second_order_gradient():
+    from metasam.models.conv4 import primitive_batchnorm
+
+    torch.manual_seed(0)
+    bn = BatchNorm(3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 3, 5, 5, dtype=D, requires_grad=True)
+
+    def hessian_vector(primitive):
+        ctx = primitive_batchnorm() if primitive else torch.enable_grad()
+        with ctx:
+            y = bn(x)
+            (g,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+            (hv,) = torch.autograd.grad((g * torch.ones_like(g)).sum(), bn.weight)
+        return y, hv
+
+    (y_fused, hv_fused), (y_prim, hv_prim) = hessian_vector(False), hessian_vector(True)
+    assert torch.allclose(y_fused, y_prim, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(hv_fused, hv_prim, rtol=1e-9, atol=1e-11)
+    mean = y_prim.mean(dim=(0, 2, 3))
+    assert torch.allclose(mean, bn.bias, atol=1e-10)  # batch statistics: normalised mean is β
