@@ -6,10 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from metasam.cli import bench, evaluate, supervised, train
+from metasam.cli import analyze, bench, evaluate, plot, supervised, train
 from metasam.errors import MetaSAMError
 
-COMMANDS = {"train": train, "evaluate": evaluate, "bench": bench, "supervised": supervised}
+COMMANDS = {"train": train, "evaluate": evaluate, "bench": bench, "supervised": supervised,
+            "analyze": analyze, "plot": plot}
 
 
 def build_parser() -> argparse.ArgumentParser:

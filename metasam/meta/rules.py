@@ -16,6 +16,7 @@ Rules are frozen dataclasses (configuration only); the momentum m is state the c
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,12 @@ class AgnosticRule(Rule):
                 raise ConfigError(f"agnostic rule: {key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"agnostic rule: beta must lie in [0, 1), got {self.beta}")
+        if self.rho2 > self.rho1:
+            warnings.warn(
+                f"agnostic rule: rho2={self.rho2} > rho1={self.rho1}; the paper finds rho1 > rho2 works best "
+                "(typically rho2 = rho1 / 2)",
+                stacklevel=3,
+            )
 
     def perturbation(self, params, grads, state, val_grad_fn):
         val_grads = grads if val_grad_fn is None else list(val_grad_fn(params))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from metasam.checkpoint import save_atomic
 from metasam.data.label_noise import symmetric_label_noise
 from metasam.data.supervised import SupervisedSplits, load_cifar_splits, load_digits_splits
 from metasam.errors import ConfigError
@@ -137,7 +138,8 @@ def train_supervised(
 ) -> dict[str, Any]:
     """Train ``cfg``'s model and return the result (test accuracy on clean labels, history, timings).
 
-    With ``out_dir``: writes config.json, metrics.jsonl (one line per epoch) and result.json.
+    With ``out_dir``: writes config.json, metrics.jsonl (one line per epoch), model.pt (final weights)
+    and result.json.
     ``splits`` lets a caller (a benchmark) reuse loaded data across runs.
     """
     out = Path(out_dir) if out_dir is not None else None
@@ -219,5 +221,6 @@ def train_supervised(
     if not math.isfinite(result["train_loss"]):
         raise ConfigError("training ended with a non-finite loss; lower --lr or the radius")
     if out is not None:
+        save_atomic(model.state_dict(), out / "model.pt")
         (out / "result.json").write_text(json.dumps(result, indent=2))
     return result

@@ -204,6 +204,8 @@ def test_bad_learner_arguments():
         MetaLearner(mlp(), "reptile")
     with pytest.raises(ConfigError, match="does not use"):
         MetaLearner(mlp(), "maml", inner_rho=0.1)
+    with pytest.warns(UserWarning, match="rho1 > rho2"):
+        MetaLearner(mlp(), "agnostic-sam", inner_rho1=0.01, inner_rho2=0.02)
     with pytest.raises(ConfigError, match="leading task dimension"):
         MetaLearner(mlp(), "maml").meta_gradient((torch.zeros(6, 4), torch.zeros(6), torch.zeros(9, 4), torch.zeros(9)))
 

@@ -1,0 +1,35 @@
+"""``metasam analyze`` and ``metasam plot``: sharpness diagnostics and training curves of runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from metasam.train.analyze import analyze_run
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="top Hessian eigenvalues and a 2-D loss landscape of a run",
+                       description="Writes analysis.json and landscape_{contour,surface}.png into the run folder. "
+                       "Meta runs: the best checkpoint's loss over validation tasks; supervised runs: the final "
+                       "model's training loss.")
+    p.add_argument("run_dir")
+    p.add_argument("--hessian", action="store_true", help="top-k eigenvalues (Lanczos on Hessian-vector products)")
+    p.add_argument("--landscape", action="store_true", help="loss on a grid along two filter-normalised directions")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--tasks", type=int, default=20, help="meta runs: validation tasks the loss averages over")
+    p.add_argument("--loss", choices=("query", "support"), default="query",
+                   help="meta runs: post-adaptation query loss, or the support loss at θ")
+    p.add_argument("--steps", type=int, default=11, help="landscape grid points per axis")
+    p.add_argument("--span", type=float, default=1.0, help="landscape grid covers [-span, span]²")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = analyze_run(args.run_dir, args.hessian, args.landscape, k=args.k, tasks=args.tasks, kind=args.loss,
+                         steps=args.steps, span=args.span, seed=args.seed)
+    summary = {k: v for k, v in result.items() if k != "landscape"}
+    if "landscape" in result:
+        summary["landscape_plots"] = result["landscape"]["plots"]
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,20 @@
+"""``metasam plot``: training curves (and gradient alignment) of one or several runs on one PNG."""
+
+from __future__ import annotations
+
+import argparse
+
+from metasam.analysis import plot_alignment, plot_runs
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="training curves of one or several runs on one PNG")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="curves.png")
+    p.add_argument("--alignment", action="store_true", help="plot cos(g_S, g_V) instead (Agnostic-SAM runs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = (plot_alignment if args.alignment else plot_runs)(args.run_dirs, args.out)
+    print(path)
+    return 0
