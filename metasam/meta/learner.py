@@ -111,20 +111,19 @@ class MetaLearner:
         self.first_order = preset.first_order if first_order is None else first_order
         self.test_rule = test_rule
         self.val_view = val_view
-        self.rule_params = dict(rule_params)
         self.inner_rule = inner_rule or self._rule_from_params(preset.inner, "inner", rule_params)
         self.outer_rule = outer_rule or self._rule_from_params(preset.outer, "outer", rule_params)
-        unused = {k for k in rule_params if not any(k == f"{lvl}_{p}" for lvl, kind in (("inner", preset.inner), ("outer", preset.outer)) for p in RULE_PARAMS[kind])}
+        accepted = {f"{lvl}_{p}" for lvl, kind in (("inner", preset.inner), ("outer", preset.outer)) for p in RULE_PARAMS[kind]}
+        unused = set(rule_params) - accepted
         if unused:
             raise ConfigError(
                 f"{algo} does not use {sorted(unused)}: its inner rule is {preset.inner!r} "
                 f"(takes {list(RULE_PARAMS[preset.inner]) or 'nothing'}), its outer rule {preset.outer!r} "
                 f"(takes {list(RULE_PARAMS[preset.outer]) or 'nothing'}); prefix each with inner_ or outer_"
             )
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.names = list(self.params)
         self.outer_optimizer = outer_optimizer(list(self.params.values()), lr=outer_lr)
-        self.outer_lr = outer_lr
         self.outer_momentum: list[Tensor] | None = None
         self.iteration = 0
         device = next(iter(self.params.values())).device
