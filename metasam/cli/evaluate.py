@@ -24,5 +24,5 @@ def run(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     print(f"{result['algo']}: {100 * result['accuracy']:.2f} % ± {100 * result['ci95']:.2f} "
           f"({result['episodes']} tasks of {result['test_split']}, {result['ways']}-way {result['shots']}-shot)")
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "task_accuracies"}, indent=2))
     return 0

@@ -48,6 +48,14 @@ def as_task_batch(batch: Sequence[Tensor]) -> TaskBatch:
     return batch
 
 
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, 1.96 · sd / √n) with the sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, 1.96 * sd / math.sqrt(n)
+
+
 def _has_torch_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -275,9 +283,9 @@ class MetaLearner:
             accs.append((logits.argmax(-1) == batch.query_y[t]).float().mean())
         return {"query_loss_before": float(torch.stack(losses).mean()), "query_acc_before": float(torch.stack(accs).mean())}
 
-    def evaluate(self, tasks, steps: int | None = None, progress: bool = False) -> tuple[float, float]:
-        """Mean query accuracy over ``tasks`` (an iterable of tasks or task batches) after adaptation,
-        and its 95 % confidence half-width 1.96·sd/√n. Adaptation uses the test rule and steps."""
+    def task_accuracies(self, tasks, steps: int | None = None, progress: bool = False) -> list[float]:
+        """Query accuracy of each task of ``tasks`` (an iterable of tasks or task batches) after
+        adaptation with the test rule and steps, in order (for paired comparisons of methods)."""
         from tqdm.auto import tqdm
 
         theta = [self.params[n].detach() for n in self.names]
@@ -293,9 +301,12 @@ class MetaLearner:
                     accs.append(float((self._logits(phi, qx[t]).argmax(-1) == qy[t]).float().mean()))
         if not accs:
             raise ConfigError("evaluate() got no tasks")
-        mean = sum(accs) / len(accs)
-        sd = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
-        return mean, 1.96 * sd / math.sqrt(len(accs))
+        return accs
+
+    def evaluate(self, tasks, steps: int | None = None, progress: bool = False) -> tuple[float, float]:
+        """Mean query accuracy over ``tasks`` after adaptation and its 95 % confidence half-width
+        1.96·sd/√n (see :meth:`task_accuracies`)."""
+        return mean_ci95(self.task_accuracies(tasks, steps, progress))
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

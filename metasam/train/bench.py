@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from metasam.errors import ConfigError
+from metasam.meta.learner import mean_ci95
 from metasam.train.meta import MetaTrainConfig, MetaTrainer, evaluate_run
 
 SETTING = re.compile(r"^(\d+)w(\d+)s$")
@@ -62,11 +63,30 @@ def run_grid(
 
 
 def render_table(results: list[dict[str, Any]], algos: list[str], settings: list[tuple[int, int]]) -> str:
-    """Rows: algorithms; columns: settings; cells: accuracy % ± 95 % CI."""
-    cell = {(r["algo"], r["ways"], r["shots"]): f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}" for r in results}
-    head = "| method | " + " | ".join(f"{w}-way {s}-shot" for w, s in settings) + " |"
-    lines = [head, "| --- |" + " --- |" * len(settings)]
+    """Rows: algorithms; columns: settings; cells: accuracy % ± 95 % CI. A second table gives each
+    algorithm's paired difference to the first one on the same test tasks, mean ± 95 % CI of the
+    per-task differences (tighter than comparing the two intervals, since the tasks are shared)."""
+    by_key = {(r["algo"], r["ways"], r["shots"]): r for r in results}
+    cols = " | ".join(f"{w}-way {s}-shot" for w, s in settings)
+    lines = [f"| method | {cols} |", "| --- |" + " --- |" * len(settings)]
     for algo in algos:
-        lines.append(f"| {algo} | " + " | ".join(cell.get((algo, w, s), "–") for w, s in settings) + " |")
+        cells = []
+        for w, s in settings:
+            r = by_key.get((algo, w, s))
+            cells.append(f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}" if r else "–")
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    base = algos[0]
+    if len(algos) > 1:
+        lines += ["", f"Paired difference to {base} (percentage points, same test tasks):", "",
+                  f"| method | {cols} |", "| --- |" + " --- |" * len(settings)]
+        for algo in algos[1:]:
+            cells = []
+            for w, s in settings:
+                a, b = by_key.get((algo, w, s)), by_key.get((base, w, s))
+                if a and b and len(a["task_accuracies"]) == len(b["task_accuracies"]):
+                    diff, ci = mean_ci95([x - y for x, y in zip(a["task_accuracies"], b["task_accuracies"])])
+                    cells.append(f"{100 * diff:+.2f} ± {100 * ci:.2f}")
+                else:
+                    cells.append("–")
+            lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-

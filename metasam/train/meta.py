@@ -23,6 +23,7 @@ from metasam.checkpoint import load_checkpoint, save_atomic
 from metasam.data import EpisodeSampler, FewShotDataset, TaskSet
 from metasam.errors import CheckpointError, ConfigError
 from metasam.meta import PRESETS, MetaLearner
+from metasam.meta.learner import mean_ci95
 from metasam.meta.presets import RULE_PARAMS
 from metasam.models import MODELS
 from metasam.train.splits import load_splits
@@ -113,8 +114,10 @@ class MetaTrainConfig:
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist: not a metasam run folder")
         data = json.loads(path.read_text())
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CheckpointError(f"{path} has settings this metasam does not know: {unknown}; was it written by a newer version?")
+        return cls(**data)
 
 
 def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
@@ -245,10 +248,11 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
     tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
     learner = MetaLearner.load(run_dir, which=which)
-    mean, ci = learner.evaluate(tasks, steps=steps, progress=progress)
+    accuracies = learner.task_accuracies(tasks, steps=steps, progress=progress)
+    mean, ci = mean_ci95(accuracies)
     result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
               "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": steps or cfg.test_inner_steps,
-              "accuracy": mean, "ci95": ci}
+              "accuracy": mean, "ci95": ci, "task_accuracies": accuracies}
     (run_dir / f"eval_{which}_{episodes}_seed{seed}.json").write_text(json.dumps(result, indent=2))
     return result
 

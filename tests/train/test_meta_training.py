@@ -122,6 +122,9 @@ def test_bench_grid_writes_a_table_whose_cells_equal_each_runs_evaluation(tmp_pa
         assert f"| {r['algo']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |" in table
         separate = json.loads((out / "3w1s" / r["algo"] / "eval_best_4_seed1234.json").read_text())
         assert separate["accuracy"] == r["accuracy"]
+    paired = [a - b for a, b in zip(results[1]["task_accuracies"], results[0]["task_accuracies"])]
+    diff = sum(paired) / len(paired)
+    assert f"| fomaml | {100 * diff:+.2f} ± " in table
     # a second call finds the finished runs and only re-evaluates: same numbers
     assert main(args) == 0
     assert json.loads((out / "results.json").read_text()) == results
@@ -129,3 +132,12 @@ def test_bench_grid_writes_a_table_whose_cells_equal_each_runs_evaluation(tmp_pa
         from metasam.train.bench import parse_settings
 
         parse_settings("5way1shot")
+
+
+def test_mean_ci95_by_hand():
+    from metasam.meta.learner import mean_ci95
+
+    mean, ci = mean_ci95([0.5, 1.0, 0.75])
+    assert mean == pytest.approx(0.75)
+    assert ci == pytest.approx(1.96 * 0.25 / 3**0.5)
+    assert mean_ci95([0.3]) == (0.3, 0.0)
