@@ -59,8 +59,7 @@ def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = Tru
         result["hessian_top_eigenvalues"] = hessian_eigenvalues(loss_fn, params, k=k, seed=seed).tolist()
     if landscape:
         alphas, betas, losses = loss_landscape(loss_fn, params, steps=steps, span=span, seed=seed)
-        title = f"{run_dir.name}: {what}"
-        paths = plot_landscape(alphas, betas, losses, run_dir / "landscape", title=title[:80])
+        paths = plot_landscape(alphas, betas, losses, run_dir / "landscape", title=run_dir.name)
         result["landscape"] = {"alphas": alphas.tolist(), "betas": betas.tolist(), "losses": losses.tolist(),
                                "plots": [str(p) for p in paths], "seed": seed, "span": span}
     (run_dir / "analysis.json").write_text(json.dumps(result, indent=2))
