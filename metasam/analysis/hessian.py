@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
+from tqdm.auto import tqdm
 
 from metasam.errors import ConfigError
 
@@ -25,7 +26,8 @@ def hessian_vector_product(loss_fn: LossFn, params: dict[str, Tensor], vector: d
 
 
 def hessian_eigenvalues(
-    loss_fn: LossFn, params: dict[str, Tensor], k: int = 5, tol: float = 1e-4, maxiter: int | None = None, seed: int = 0
+    loss_fn: LossFn, params: dict[str, Tensor], k: int = 5, tol: float = 1e-4, maxiter: int | None = None, seed: int = 0,
+    progress: bool = False,
 ) -> Tensor:
     """The k largest (algebraic) eigenvalues of ∇²L(θ), descending, as a float64 tensor [k].
 
@@ -43,8 +45,10 @@ def hessian_eigenvalues(
     if not 1 <= k < dim:
         raise ConfigError(f"k must lie in [1, {dim - 1}] for {dim} parameters, got {k}")
     ref = theta[names[0]]
+    bar = tqdm(desc="Hessian-vector products", unit="hvp", disable=not progress, leave=False)
 
     def matvec(v: np.ndarray) -> np.ndarray:
+        bar.update(1)
         flat = torch.as_tensor(np.ascontiguousarray(v).ravel(), dtype=ref.dtype, device=ref.device)
         parts = torch.split(flat, sizes)
         vector = {n: p.view(s) for n, p, s in zip(names, parts, shapes)}
@@ -53,7 +57,10 @@ def hessian_eigenvalues(
 
     op = LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
     v0 = np.random.default_rng(seed).standard_normal(dim)
-    values = eigsh(op, k=k, which="LA", tol=tol, maxiter=maxiter, v0=v0, return_eigenvectors=False)
+    try:
+        values = eigsh(op, k=k, which="LA", tol=tol, maxiter=maxiter, v0=v0, return_eigenvectors=False)
+    finally:
+        bar.close()
     return torch.from_numpy(np.sort(values)[::-1].copy())
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from metasam.analysis.hessian import LossFn
 from metasam.errors import ConfigError
@@ -32,7 +33,8 @@ def filter_normalized_direction(params: dict[str, Tensor], seed: int) -> dict[st
 
 @torch.no_grad()
 def loss_landscape(
-    loss_fn: LossFn, params: dict[str, Tensor], steps: int = 21, span: float = 1.0, seed: int = 0
+    loss_fn: LossFn, params: dict[str, Tensor], steps: int = 21, span: float = 1.0, seed: int = 0,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(alphas [steps], betas [steps], losses [steps, steps]) with
     losses[i, j] = L(θ + alphas[i]·d1 + betas[j]·d2), alphas = betas = linspace(−span, span, steps),
@@ -43,10 +45,13 @@ def loss_landscape(
     d1, d2 = filter_normalized_direction(theta, seed), filter_normalized_direction(theta, seed + 1)
     alphas = np.linspace(-span, span, steps)
     losses = np.empty((steps, steps))
+    bar = tqdm(total=steps * steps, desc="landscape", disable=not progress, leave=False)
     for i, a in enumerate(alphas):
         for j, b in enumerate(alphas):
             point = {n: theta[n] + float(a) * d1[n] + float(b) * d2[n] for n in theta}
             losses[i, j] = float(loss_fn(point))
+            bar.update(1)
+    bar.close()
     return alphas, alphas.copy(), losses
 
 

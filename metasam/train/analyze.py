@@ -43,7 +43,8 @@ def _supervised_loss(run_dir: Path):
 
 
 def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = True, k: int = 5, tasks: int = 20,
-                kind: str = "query", steps: int = 21, span: float = 1.0, seed: int = 0) -> dict[str, Any]:
+                kind: str = "query", steps: int = 21, span: float = 1.0, seed: int = 0,
+                progress: bool = True) -> dict[str, Any]:
     """Top-k Hessian eigenvalues and/or a 2-D landscape of a run's loss; writes ``analysis.json`` and
     ``landscape_contour.png`` / ``landscape_surface.png`` into the run folder."""
     run_dir = Path(run_dir)
@@ -56,9 +57,9 @@ def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = Tru
     loss_fn, params, what = _meta_loss(run_dir, tasks, kind) if is_meta else _supervised_loss(run_dir)
     result: dict[str, Any] = {"run": str(run_dir), "loss": what, "loss_at_theta": float(loss_fn(params))}
     if hessian:
-        result["hessian_top_eigenvalues"] = hessian_eigenvalues(loss_fn, params, k=k, seed=seed).tolist()
+        result["hessian_top_eigenvalues"] = hessian_eigenvalues(loss_fn, params, k=k, seed=seed, progress=progress).tolist()
     if landscape:
-        alphas, betas, losses = loss_landscape(loss_fn, params, steps=steps, span=span, seed=seed)
+        alphas, betas, losses = loss_landscape(loss_fn, params, steps=steps, span=span, seed=seed, progress=progress)
         paths = plot_landscape(alphas, betas, losses, run_dir / "landscape", title=run_dir.name)
         result["landscape"] = {"alphas": alphas.tolist(), "betas": betas.tolist(), "losses": losses.tolist(),
                                "plots": [str(p) for p in paths], "seed": seed, "span": span}
