@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "The seed paper's label-noise experiment (symmetric noise on the training labels, clean test labels) at",
         "CPU scale: scikit-learn's 8×8 digits (1,797 images; 1,222 train / 216 validation / 359 test, stratified),",
-        f"`DigitsCNN` (2 conv + BN layers, 2 linear), SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4, batch 64,",
+        "`DigitsCNN` (2 conv + BN layers, 2 linear), SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4, batch 64,",
         f"{args.epochs} epochs; Agnostic-SAM's validation batch B_V: 16 images drawn from the training set (S_V = S), β = 0.9.",
         "Test accuracy (%) after the last epoch, mean ± sd over seeds " + ", ".join(map(str, args.seeds)) + ".",
         "",
