@@ -1,7 +1,8 @@
 """Meta-training runs: configuration, the outer loop with validation, checkpoints, resume, evaluation.
 
 A run folder holds ``config.json`` (a :class:`MetaTrainConfig`, reloadable), ``metrics.jsonl`` (one line
-per iteration, plus validation lines), ``last.pt`` and ``best.pt`` (best mean accuracy on the fixed
+per iteration, plus validation lines; the query metrics before adaptation every ``PRE_ADAPTATION_EVERY``
+iterations, as they cost an extra forward pass), ``last.pt`` and ``best.pt`` (best mean accuracy on the fixed
 validation TaskSet; never chosen on test tasks) and ``val_tasks.json``. Meta-batch ``it`` is tasks
 ``it·T … it·T + T − 1`` of a seeded :class:`~metasam.data.EpisodeSampler`, so a resumed run sees exactly
 the tasks an uninterrupted run would, and reaches the same weights.
@@ -39,6 +40,8 @@ DEFAULT_SPLITS = {
     "miniimagenet": ("train", "val", "test"),
     "glyphs": ("train", "val", "test"),
 }
+PRE_ADAPTATION_EVERY = 10
+"""Iterations between the (extra forward pass) query loss / accuracy before adaptation in metrics.jsonl."""
 RULE_KEYS = sorted({f"{lvl}_{p}" for lvl in ("inner", "outer") for ps in RULE_PARAMS.values() for p in ps})
 
 
@@ -213,7 +216,7 @@ class MetaTrainer:
                 batch = _to(self.sampler.batch(tasks), cfg.device)
                 val_batch = _to(self.outer_val_sampler.batch(tasks), cfg.device) if learner.outer_rule.name == "agnostic" else None
                 start = time.perf_counter()
-                metrics = learner.meta_step(batch, val_batch)
+                metrics = learner.meta_step(batch, val_batch, pre_adaptation=it % PRE_ADAPTATION_EVERY == 0)
                 metrics["tasks_per_s"] = cfg.meta_batch / (time.perf_counter() - start)
                 self._log({"iteration": learner.iteration, **metrics})
                 bar.update(1)

@@ -43,8 +43,8 @@ def test_task_structure():
             # the pixels at this label's rows are the images of this class
             assert torch.equal(task.support_x[label * 3:(label + 1) * 3], ds.stack(spec.support[label]))
             assert torch.equal(task.query_x[label * 4:(label + 1) * 4], ds.stack(spec.query[label]))
-        assert task.support_y.tolist() == [l for l in range(5) for _ in range(3)]
-        assert task.query_y.tolist() == [l for l in range(5) for _ in range(4)]
+        assert task.support_y.tolist() == [label for label in range(5) for _ in range(3)]
+        assert task.query_y.tolist() == [label for label in range(5) for _ in range(4)]
         assert task.support_y.dtype == torch.int64
 
 

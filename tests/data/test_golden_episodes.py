@@ -60,8 +60,8 @@ def test_pinned_task_properties_and_pixels(golden_sampler, omniglot_dir, i):
     # counts and shapes
     assert task.support_x.shape == (ways * shots, 1, 28, 28) and task.query_x.shape == (ways * queries, 1, 28, 28)
     # label remapping: label l is class want["classes"][l]; each label appears shots / queries times
-    assert task.support_y.tolist() == [l for l in range(ways) for _ in range(shots)]
-    assert task.query_y.tolist() == [l for l in range(ways) for _ in range(queries)]
+    assert task.support_y.tolist() == [label for label in range(ways) for _ in range(shots)]
+    assert task.query_y.tolist() == [label for label in range(ways) for _ in range(queries)]
     for label, cls in enumerate(want["classes"]):
         files = want["support"][label] + want["query"][label]
         assert len(set(files)) == shots + queries, "images within a class must be distinct"

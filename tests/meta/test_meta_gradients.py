@@ -248,3 +248,17 @@ def test_fused_and_primitive_batchnorm_agree_in_value_and_second_order_gradient(
     assert torch.allclose(hv_fused, hv_prim, rtol=1e-9, atol=1e-11)
     mean = y_prim.mean(dim=(0, 2, 3))
     assert torch.allclose(mean, bn.bias, atol=1e-10)  # batch statistics: normalised mean is β
+
+
+def test_pre_adaptation_metrics_are_optional_and_do_not_change_the_step():
+    batch = tasks(seed=5)
+    a, b = MetaLearner(mlp(), "maml", inner_lr=0.3), MetaLearner(mlp(), "maml", inner_lr=0.3)
+    with_before = a.meta_step(batch)
+    without = b.meta_step(batch, pre_adaptation=False)
+    assert "query_loss_before" not in without and "query_acc_before" not in without
+    # the query loss at θ, computed by hand with the model before the step
+    model = mlp()
+    expected = sum(float(nn.functional.cross_entropy(model(batch.query_x[t]), batch.query_y[t])) for t in range(2)) / 2
+    assert with_before["query_loss_before"] == pytest.approx(expected, rel=1e-12)
+    for x, y in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(x, y)

@@ -1,0 +1,436 @@
+"""Meta-training throughput: metasam against the libraries researchers use, in the same process.
+
+Every implementation trains the same Conv4 (same initial weights) on the same pre-loaded episodes of
+the shared Omniglot data (``images_background_small1``; ``--dataset glyphs`` runs offline anywhere):
+
+* metasam: maml, fomaml, sharp-maml-low, agnostic-sam, sharp-maml-up, agnostic-sam-both
+  (``MetaLearner.meta_step``, without the optional pre-adaptation metrics);
+* baselines, second-order MAML: ``higher.innerloop_ctx``; learn2learn's ``MAML.clone().adapt()`` where it
+  imports (its release on the package index does not build on Python 3.11: it is then skipped, and the
+  table says so); a hand-written per-task ``torch.autograd.grad(create_graph=True)`` loop, the style of
+  the papers' own scripts.
+
+Before timing, each baseline's meta-gradient is compared with metasam's maml on the same task batch
+from the same weights (the max absolute and relative differences are printed and written). Timing
+interleaves the implementations (rotating their order every repeat) and reports the median tasks/s;
+peak memory is measured in a fresh subprocess per implementation (peak RSS above the process's
+baseline on CPU, ``torch.cuda.max_memory_allocated`` on a GPU). FLOPs are counted with
+``torch.utils.flop_counter`` on the hand-written loop (every correct second-order implementation does
+the same arithmetic) and reported as achieved GFLOP/s against the best float32 matrix-multiply rate
+measured on this machine in the same process.
+
+    PYTHONPATH=. python benchmarks/throughput.py                  # writes docs/results/throughput.md
+    PYTHONPATH=. python benchmarks/throughput.py --quick --out /tmp/t.md
+    PYTHONPATH=. python benchmarks/throughput.py --device cuda     # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from metasam.data import EpisodeSampler, TaskBatch, collate_tasks
+from metasam.meta import MetaLearner
+from metasam.models import Conv4
+from metasam.train.splits import load_split
+
+PRESETS = ["maml", "fomaml", "sharp-maml-low", "agnostic-sam", "sharp-maml-up", "agnostic-sam-both"]
+RULES = {  # the radii of the Omniglot runs (docs/results/omniglot_small.md); cost does not depend on them
+    "sharp-maml-low": {"inner_rho": 0.05},
+    "agnostic-sam": {"inner_rho1": 0.05, "inner_rho2": 0.025},
+    "sharp-maml-up": {"outer_rho": 0.05},
+    "agnostic-sam-both": {"inner_rho1": 0.05, "inner_rho2": 0.025, "outer_rho1": 0.05, "outer_rho2": 0.025},
+}
+INNER_LR = {5: 0.4, 20: 0.1}  # ALGORITHMS.md §2 standard settings
+
+
+# -- implementations ---------------------------------------------------------------------------------
+class Impl:
+    """One way of running an outer step: ``meta_grad(batch)`` (no step) and ``step(batch, val_batch)``."""
+
+    name = ""
+    second_order = True
+
+    def meta_grad(self, batch: TaskBatch) -> list[Tensor]:
+        raise NotImplementedError
+
+    def step(self, batch: TaskBatch, val_batch: TaskBatch) -> None:
+        raise NotImplementedError
+
+
+class Metasam(Impl):
+    def __init__(self, model: nn.Module, algo: str, inner_lr: float, path: str) -> None:
+        self.second_order = algo != "fomaml"
+        self.learner = MetaLearner(model, algo, inner_lr=inner_lr, inner_steps=1, path=path, **RULES.get(algo, {}))
+        self.name = f"metasam {algo} ({self.learner.path})"
+
+    def meta_grad(self, batch):
+        return list(self.learner.meta_gradient(batch).values())
+
+    def step(self, batch, val_batch):
+        self.learner.meta_step(batch, val_batch, pre_adaptation=False)
+
+
+class TorchBaseline(Impl):
+    """Second-order MAML written by hand with torch.autograd, one task at a time (the papers' style)."""
+
+    name = "torch.autograd loop (hand-written)"
+
+    def __init__(self, model: nn.Module, inner_lr: float) -> None:
+        self.model, self.inner_lr = model, inner_lr
+        self.params = dict(model.named_parameters())
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(functional_call(self.model, params, (x,)), y)
+
+    def meta_grad(self, batch):
+        tasks = batch.support_x.shape[0]
+        total = [torch.zeros_like(p) for p in self.params.values()]
+        for t in range(tasks):
+            grads = torch.autograd.grad(self._loss(self.params, batch.support_x[t], batch.support_y[t]),
+                                        list(self.params.values()), create_graph=True)
+            fast = {n: p - self.inner_lr * g for (n, p), g in zip(self.params.items(), grads)}
+            query = self._loss(fast, batch.query_x[t], batch.query_y[t]) / tasks
+            for acc, g in zip(total, torch.autograd.grad(query, list(self.params.values()))):
+                acc += g
+        return total
+
+    def step(self, batch, val_batch):
+        for p, g in zip(self.params.values(), self.meta_grad(batch)):
+            p.grad = g
+        self.opt.step()
+
+
+class HigherBaseline(Impl):
+    """Second-order MAML with ``higher.innerloop_ctx`` (its documented MAML example)."""
+
+    name = "higher innerloop_ctx"
+
+    def __init__(self, model: nn.Module, inner_lr: float) -> None:
+        import higher
+
+        self.higher, self.model = higher, model
+        self.inner_opt = torch.optim.SGD(model.parameters(), lr=inner_lr)
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def _accumulate(self, batch: TaskBatch) -> None:
+        tasks = batch.support_x.shape[0]
+        for t in range(tasks):
+            with self.higher.innerloop_ctx(self.model, self.inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+                diffopt.step(nn.functional.cross_entropy(fmodel(batch.support_x[t]), batch.support_y[t]))
+                (nn.functional.cross_entropy(fmodel(batch.query_x[t]), batch.query_y[t]) / tasks).backward()
+
+    def meta_grad(self, batch):
+        self.model.zero_grad(set_to_none=True)
+        self._accumulate(batch)
+        return [p.grad.clone() for p in self.model.parameters()]
+
+    def step(self, batch, val_batch):
+        self.opt.zero_grad(set_to_none=True)
+        self._accumulate(batch)
+        self.opt.step()
+
+
+class Learn2LearnBaseline(Impl):
+    """Second-order MAML with learn2learn's ``MAML(model, lr).clone().adapt(loss)``."""
+
+    name = "learn2learn MAML"
+
+    def __init__(self, model: nn.Module, inner_lr: float) -> None:
+        import learn2learn
+
+        self.maml = learn2learn.algorithms.MAML(model, lr=inner_lr, first_order=False)
+        self.opt = torch.optim.Adam(self.maml.parameters(), lr=1e-3)
+
+    def _accumulate(self, batch: TaskBatch) -> None:
+        tasks = batch.support_x.shape[0]
+        for t in range(tasks):
+            learner = self.maml.clone()
+            learner.adapt(nn.functional.cross_entropy(learner(batch.support_x[t]), batch.support_y[t]))
+            (nn.functional.cross_entropy(learner(batch.query_x[t]), batch.query_y[t]) / tasks).backward()
+
+    def meta_grad(self, batch):
+        self.maml.zero_grad(set_to_none=True)
+        self._accumulate(batch)
+        return [p.grad.clone() for p in self.maml.parameters()]
+
+    def step(self, batch, val_batch):
+        self.opt.zero_grad(set_to_none=True)
+        self._accumulate(batch)
+        self.opt.step()
+
+
+BASELINES: dict[str, Callable[[nn.Module, float], Impl]] = {
+    "higher": HigherBaseline, "learn2learn": Learn2LearnBaseline, "torch": TorchBaseline,
+}
+
+
+def build(key: str, ways: int, device: str, path: str) -> Impl:
+    """A fresh implementation ``key`` ("metasam:<preset>" or a BASELINES key) on the seeded Conv4."""
+    torch.manual_seed(0)
+    model = Conv4(ways).to(device)
+    if key.startswith("metasam:"):
+        return Metasam(model, key.split(":", 1)[1], INNER_LR[ways], path)
+    return BASELINES[key](model, INNER_LR[ways])
+
+
+def available_baselines() -> tuple[list[str], dict[str, str]]:
+    """Baselines that import here, and why the others were skipped."""
+    ok, skipped = [], {}
+    for key, module in (("higher", "higher"), ("learn2learn", "learn2learn")):
+        try:
+            __import__(module)
+            ok.append(key)
+        except Exception as exc:  # learn2learn's PyPI release fails to build/import on Python 3.11
+            skipped[key] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return ok + ["torch"], skipped
+
+
+# -- measurements ------------------------------------------------------------------------------------
+def episodes(dataset: str, root: str | None, ways: int, tasks: int, count: int, queries: int, device: str):
+    """``count`` (meta-batch, validation meta-batch) pairs of ``tasks`` tasks each, pre-loaded on ``device``."""
+    ds = load_split(dataset, root, "images_background_small1" if dataset == "omniglot" else "train", 28)
+    sampler = EpisodeSampler(ds, ways, 1, queries, seed=0)
+    val = EpisodeSampler(ds, ways, 1, queries, seed=1)
+    to = lambda b: TaskBatch(*(t.to(device) for t in b))  # noqa: E731
+    return ds, [(to(sampler.batch(range(i * tasks, (i + 1) * tasks))), to(val.batch(range(i * tasks, (i + 1) * tasks))))
+                for i in range(count)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(impl: Impl, batches, device: str) -> float:
+    """Tasks per second over one pass of ``batches``."""
+    sync(device)
+    start = time.perf_counter()
+    for batch, val in batches:
+        impl.step(batch, val)
+    sync(device)
+    return sum(b.support_x.shape[0] for b, _ in batches) / (time.perf_counter() - start)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, queue) -> None:
+    torch.set_num_threads(int(os.environ.get("METASAM_BENCH_THREADS", torch.get_num_threads())))
+    impl = build(key, ways, device, path)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for batch, val in batches:
+            impl.step(batch, val)
+        queue.put(torch.cuda.max_memory_allocated() - base)
+        return
+    base = rss_bytes()
+    for batch, val in batches:
+        impl.step(batch, val)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+
+
+def peak_memory(key: str, ways: int, device: str, path: str, batches) -> int:
+    """Peak memory of two outer steps above the baseline of a fresh process (spawned, so nothing leaks
+    in from the measurements before it)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    cpu = [(TaskBatch(*(t.cpu() for t in b)), TaskBatch(*(t.cpu() for t in v))) for b, v in batches[:2]]
+    if device.startswith("cuda"):
+        cpu = [(TaskBatch(*(t.to(device) for t in b)), TaskBatch(*(t.to(device) for t in v))) for b, v in cpu]
+    os.environ["METASAM_BENCH_THREADS"] = str(torch.get_num_threads())
+    proc = ctx.Process(target=_peak_memory_child, args=(key, ways, device, path, cpu, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def count_flops(ways: int, device: str, batch: TaskBatch) -> tuple[float, float]:
+    """(FLOPs of one second-order MAML outer step per task, FLOPs of its query forward+backward per task)."""
+    impl = build("torch", ways, device, "loop")
+    with FlopCounterMode(display=False) as counter:
+        impl.meta_grad(batch)
+    total = counter.get_total_flops()
+    model = impl.model
+    with FlopCounterMode(display=False) as counter:
+        for t in range(batch.query_x.shape[0]):
+            nn.functional.cross_entropy(model(batch.query_x[t]), batch.query_y[t]).backward()
+    tasks = batch.support_x.shape[0]
+    return total / tasks, counter.get_total_flops() / tasks
+
+
+def matmul_peak(device: str, size: int = 2048, repeats: int = 5) -> float:
+    """Best float32 matrix-multiply rate (GFLOP/s) measured here: the machine's practical peak."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def max_difference(a: list[Tensor], b: list[Tensor]) -> tuple[float, float]:
+    """(max |a − b|, max over tensors of ‖a − b‖ / ‖b‖)."""
+    absolute = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    relative = max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a, b))
+    return absolute, relative
+
+
+def data_rate(ds, ways: int, queries: int, tasks: int, workers: int, batches: int = 20) -> float:
+    """Episodes per second a DataLoader over the cached dataset delivers with ``workers`` workers."""
+    loader = DataLoader(EpisodeSampler(ds, ways, 1, queries, seed=5, num_tasks=tasks * batches),
+                        batch_size=tasks, collate_fn=collate_tasks, num_workers=workers)
+    start = time.perf_counter()
+    n = sum(b.support_x.shape[0] for b in loader)
+    return n / (time.perf_counter() - start)
+
+
+# -- one setting -------------------------------------------------------------------------------------
+def run_setting(args, ways: int, tasks: int, baselines: list[str]) -> dict:
+    print(f"\n== {ways}-way 1-shot, meta-batch {tasks}, {args.queries} queries/class, device {args.device} ==", flush=True)
+    ds, batches = episodes(args.dataset, args.data_root, ways, tasks, args.batches, args.queries, args.device)
+    keys = [f"metasam:{p}" for p in args.presets] + baselines
+    impls = {k: build(k, ways, args.device, args.path) for k in keys}
+
+    reference = impls["metasam:maml"].meta_grad(batches[0][0])
+    agreement = {}
+    for k in baselines:
+        agreement[k] = max_difference(impls[k].meta_grad(batches[0][0]), reference)
+        print(f"meta-gradient of {impls[k].name} vs metasam maml: max abs {agreement[k][0]:.2e}, "
+              f"max rel {agreement[k][1]:.2e}", flush=True)
+
+    for impl in impls.values():  # warm-up: allocator, kernels, lazy imports
+        impl.step(*batches[0])
+    rates: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(args.repeats):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        for k in order:
+            rates[k].append(time_steps(impls[k], batches, args.device))
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k.split(':')[-1]} {rates[k][-1]:.2f}" for k in keys), flush=True)
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    memory = {k: peak_memory(k, ways, args.device, args.path, batches) for k in keys} if args.memory else {}
+    flops_task, flops_query = count_flops(ways, args.device, batches[0][0])
+    data = {w: data_rate(ds, ways, args.queries, tasks, w) for w in (0, 2)} if args.device == "cpu" else {}
+    return {"ways": ways, "tasks": tasks, "names": {k: impls[k].name for k in keys}, "rates": rates, "median": median,
+            "memory": memory, "agreement": agreement, "flops_task": flops_task, "flops_query": flops_query,
+            "data": data, "second_order": {k: impls[k].second_order for k in keys}}
+
+
+# -- report ------------------------------------------------------------------------------------------
+def render(results: list[dict], args, peak: float, skipped: dict[str, str], command: str) -> str:
+    lines = ["# Meta-training throughput: metasam against higher and learn2learn", ""]
+    lines += [f"Measured {datetime.date.today().isoformat()} on {machine(args.device)}; torch {torch.__version__}, "
+              f"Python {platform.python_version()}, {torch.get_num_threads()} threads, device {args.device}. "
+              f"Best float32 matmul measured here: {peak:.1f} GFLOP/s (the practical peak the GFLOP/s column is "
+              f"compared with).", ""]
+    lines += [f"Command: `{command}`", ""]
+    lines += [("Conv4 (64 filters, batch-statistics BatchNorm), Omniglot 28×28 from `images_background_small1`"
+               if args.dataset == "omniglot" else "Conv4 (64 filters) on the synthetic glyph set") +
+              f", 1-shot, {args.queries} queries per class, one inner step (α = 0.4 at 5-way, 0.1 at 20-way), Adam outer "
+              f"step; median tasks/s of {args.repeats} interleaved repeats over {args.batches} meta-batches each.", ""]
+    for key, why in skipped.items():
+        lines += [f"- **{key} skipped**: it does not import here ({why}).", ""]
+    for res in results:
+        names, median = res["names"], res["median"]
+        best_key = max((k for k in median if not k.startswith("metasam:")), key=median.get)
+        best = median[best_key]
+        lines += [f"## {res['ways']}-way 1-shot, meta-batch {res['tasks']}", ""]
+        lines += ["| implementation | tasks/s | × best baseline | × metasam maml | GFLOP/s | % of matmul peak | peak memory (MB) | meta-gradient vs metasam maml (max abs / max rel) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for k, rate in median.items():
+            gflops = rate * res["flops_task"] / 1e9 if res["second_order"][k] else float("nan")
+            mem = f"{res['memory'][k] / 2**20:.0f}" if k in res["memory"] else "–"
+            agree = "(reference)" if k == "metasam:maml" else (
+                "{:.1e} / {:.1e}".format(*res["agreement"][k]) if k in res["agreement"] else "–")
+            g = "–" if gflops != gflops else f"{gflops:.1f}"
+            pct = "–" if gflops != gflops else f"{100 * gflops / peak:.0f} %"
+            lines.append(f"| {names[k]} | {rate:.2f} | {rate / best:.2f} | {rate / median['metasam:maml']:.2f} | {g} | {pct} | {mem} | {agree} |")
+        lines += ["", f"Best baseline: {names[best_key]}. FLOPs per task of a second-order step: "
+                  f"{res['flops_task'] / 1e9:.2f} GFLOP, of which the query forward+backward is "
+                  f"{res['flops_query'] / 1e9:.2f} GFLOP ({100 * res['flops_query'] / res['flops_task']:.0f} %). "
+                  "GFLOP/s is left out for first-order rows (they do less arithmetic)."]
+        if res["data"]:
+            train = median["metasam:maml"]
+            lines += ["", "Episodes per second from the cached dataset (DataLoader over EpisodeSampler): " + ", ".join(
+                f"{w} workers {r:.0f} ({r / train:.0f}× metasam maml's training rate)" for w, r in res["data"].items()) + "."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_root = os.environ.get("METASAM_DATA") or str(Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    parser.add_argument("--dataset", choices=("omniglot", "glyphs"), default="omniglot")
+    parser.add_argument("--data-root", default=default_root)
+    parser.add_argument("--settings", default="5:16,5:32,20:16", help="ways:meta-batch, comma separated")
+    parser.add_argument("--queries", type=int, default=15)
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=2, help="meta-batches per timed pass")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--path", choices=("loop", "vmap", "auto"), default="auto", help="metasam's path over tasks")
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--quick", action="store_true", help="5:4 only, 1 repeat, presets maml and sharp-maml-low")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results" / "throughput.md"))
+    args = parser.parse_args()
+    if args.quick:
+        args.settings, args.repeats, args.batches, args.presets = "5:4", 1, 1, "maml,sharp-maml-low"
+    args.presets = [p.strip() for p in args.presets.split(",")]
+    if "maml" not in args.presets:
+        parser.error("--presets must include maml (the reference for the meta-gradient check)")
+    baselines, skipped = available_baselines()
+    for key, why in skipped.items():
+        print(f"{key} skipped: it does not import here ({why})", flush=True)
+    peak = matmul_peak(args.device)
+    print(f"best float32 matmul here: {peak:.1f} GFLOP/s", flush=True)
+    results = []
+    for item in args.settings.split(","):
+        ways, tasks = (int(v) for v in item.split(":"))
+        results.append(run_setting(args, ways, tasks, baselines))
+    command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+    text = render(results, args, peak, skipped, command.strip())
+    Path(args.out).write_text(text)
+    print("\n" + text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
