@@ -7,6 +7,10 @@ of the post-adaptation query loss (ALGORITHMS.md §2):
     φ_0 = θ;  φ_k = φ_{k−1} − α · d_k  (d_k from the inner rule on the support loss L_s)
     L_meta(θ) = (1/T) Σ_τ L_q^τ(φ_K^τ(θ));  the outer rule turns ∇L_meta into the outer optimizer's input.
 
+A ``reducer`` (:mod:`metasam.meta.distributed`) shares each meta-batch between processes: every
+meta-gradient and metric over tasks is a sum over this process's tasks divided by the task count, both
+summed over the processes, so the outer rules see the meta-gradient of the whole meta-batch.
+
 Two paths over the tasks of a meta-batch: ``loop`` (one task at a time: least memory, fastest on CPU)
 and ``vmap`` (all tasks at once). They compute the same meta-gradient for models whose operations
 have exact batching rules; the vmap path refuses torch.nn BatchNorm layers, whose batched backward
@@ -27,6 +31,7 @@ from torch.func import functional_call, grad, vmap
 from metasam.checkpoint import load_checkpoint
 from metasam.data.episodes import TaskBatch
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError
+from metasam.meta.distributed import Reducer
 from metasam.meta.presets import PRESETS, RULE_PARAMS
 from metasam.meta.rules import Rule, make_rule
 from metasam.models import MODELS
@@ -60,6 +65,14 @@ def _has_torch_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def _sum_over_tasks(task_terms: Callable[[int], list[Tensor]], tasks: int) -> list[Tensor]:
+    """Σ_{t<tasks} task_terms(t), tensor by tensor, accumulated in task order."""
+    total = task_terms(0)
+    for t in range(1, tasks):
+        total = [a + b for a, b in zip(total, task_terms(t))]
+    return total
+
+
 class MetaLearner:
     """Meta-learn an initialisation θ of ``model`` with a preset (see ``PRESETS``) or custom rules.
 
@@ -76,6 +89,9 @@ class MetaLearner:
             None duplicates the support set (the seed paper). Never the query set.
         path: "loop", "vmap" or "auto" (loop on CPU; vmap on CUDA when the model allows it — not yet
             measured on a GPU, so pass "loop" or "vmap" to choose by your own measurement).
+        reducer: shares meta-batches and evaluation tasks between processes (data parallel, see
+            :mod:`metasam.meta.distributed`): each process passes its own tasks and gets
+            ∇L_meta = Σ_r Σ_{τ∈S_r} ∇L_q^τ / Σ_r |S_r| of the whole meta-batch. None: one process.
         **rule_params: hyperparameters of the rules prefixed by level: inner_rho, inner_rho1,
             inner_rho2, inner_beta, inner_adaptive, inner_eta, inner_detach_perturbation, and the
             same with ``outer_``.
@@ -96,6 +112,7 @@ class MetaLearner:
         test_rule: str = "same",
         val_view: ValView | None = None,
         path: str = "auto",
+        reducer: Reducer | None = None,
         **rule_params: Any,
     ) -> None:
         if algo not in PRESETS:
@@ -119,6 +136,7 @@ class MetaLearner:
         self.first_order = preset.first_order if first_order is None else first_order
         self.test_rule = test_rule
         self.val_view = val_view
+        self.reducer = reducer
         self.inner_rule = inner_rule or self._rule_from_params(preset.inner, "inner", rule_params)
         self.outer_rule = outer_rule or self._rule_from_params(preset.outer, "outer", rule_params)
         accepted = {f"{lvl}_{p}" for lvl, kind in (("inner", preset.inner), ("outer", preset.outer)) for p in RULE_PARAMS[kind]}
@@ -181,25 +199,36 @@ class MetaLearner:
         return loss, (loss.detach(), (logits.argmax(-1) == qy).float().mean().detach())
 
     def _meta_grad(self, theta: Sequence[Tensor], batch: TaskBatch) -> tuple[list[Tensor], Tensor, Tensor]:
-        """∇_θ L_meta and the mean post-adaptation query loss and accuracy of ``batch``."""
+        """∇_θ L_meta and the mean post-adaptation query loss and accuracy of ``batch`` (of the whole
+        meta-batch when a reducer shares it: see :meth:`_task_mean`)."""
         theta = tuple(theta)
         tasks = batch.support_x.shape[0]
         if self.path == "vmap":
-            def mean_loss(th):
+            def loss_sum(th):
                 losses, aux = vmap(self._task_loss, in_dims=(None, 0, 0, 0, 0))(th, *batch)
-                return losses.mean(), aux
+                return losses.sum(), aux
 
             with primitive_batchnorm():
-                grads, (losses, accs) = grad(mean_loss, has_aux=True)(theta)
-            return list(grads), losses.mean(), accs.mean()
-        total, losses, accs = None, [], []
-        task_grad = grad(self._task_loss, has_aux=True)
-        for t in range(tasks):
-            g, (loss, acc) = task_grad(theta, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t])
-            total = list(g) if total is None else [a + b for a, b in zip(total, g)]
-            losses.append(loss)
-            accs.append(acc)
-        return [g / tasks for g in total], torch.stack(losses).mean(), torch.stack(accs).mean()
+                grads, (losses, accs) = grad(loss_sum, has_aux=True)(theta)
+            sums = [*grads, losses.sum(), accs.sum()]
+        else:
+            task_grad = grad(self._task_loss, has_aux=True)
+
+            def task_terms(t: int) -> list[Tensor]:
+                g, (loss, acc) = task_grad(theta, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t])
+                return [*g, loss, acc]
+
+            sums = _sum_over_tasks(task_terms, tasks)
+        *grads, loss, acc = self._task_mean(sums, tasks)
+        return grads, loss, acc
+
+    def _task_mean(self, sums: list[Tensor], tasks: int) -> list[Tensor]:
+        """(1/T) Σ_τ x_τ from sums over this process's ``tasks`` tasks: T = ``tasks`` for one process; with
+        a reducer, one all-reduce of (sums, count) gives Σ_r Σ_{τ∈S_r} x_τ / Σ_r |S_r| on every process."""
+        if self.reducer is None:
+            return [s / tasks for s in sums]
+        *sums, count = self.reducer.sum([*sums, sums[0].new_tensor(float(tasks))])
+        return [s / count for s in sums]
 
     # -- public API -----------------------------------------------------------------------------
     def adapt(
@@ -223,7 +252,8 @@ class MetaLearner:
         """The direction the outer rule feeds to the outer optimizer, keyed like ``named_parameters``.
 
         For the plain outer rule this is ∇L_meta(θ). No step is taken; the outer rule's momentum
-        (agnostic outer) is not advanced either.
+        (agnostic outer) is not advanced either. With a ``reducer``, ``batch`` (and ``val_batch``) hold
+        this process's tasks and the direction is that of the whole meta-batch, the same on every process.
         """
         direction, _, _ = self._outer_direction(as_task_batch(batch), val_batch)
         return {n: g.detach() for n, g in zip(self.names, direction)}
@@ -282,29 +312,40 @@ class MetaLearner:
 
     def _pre_adaptation(self, batch: TaskBatch) -> dict[str, float]:
         theta = [self.params[n].detach() for n in self.names]
-        losses, accs = [], []
-        for t in range(batch.query_x.shape[0]):
+
+        def task_terms(t: int) -> list[Tensor]:
             logits = self._logits(theta, batch.query_x[t])
-            losses.append(nn.functional.cross_entropy(logits, batch.query_y[t]))
-            accs.append((logits.argmax(-1) == batch.query_y[t]).float().mean())
-        return {"query_loss_before": float(torch.stack(losses).mean()), "query_acc_before": float(torch.stack(accs).mean())}
+            qy = batch.query_y[t]
+            return [nn.functional.cross_entropy(logits, qy), (logits.argmax(-1) == qy).float().mean()]
+
+        loss, acc = self._task_mean(_sum_over_tasks(task_terms, batch.query_x.shape[0]), batch.query_x.shape[0])
+        return {"query_loss_before": float(loss), "query_acc_before": float(acc)}
 
     def task_accuracies(self, tasks, steps: int | None = None, progress: bool = False) -> list[float]:
         """Query accuracy of each task of ``tasks`` (an iterable of tasks or task batches) after
-        adaptation with the test rule and steps, in order (for paired comparisons of methods)."""
+        adaptation with the test rule and steps, in order (for paired comparisons of methods).
+
+        With a reducer, each process evaluates items i ≡ rank (mod W) and every process returns the
+        gathered list, in the original order: the same numbers as one process."""
         from tqdm.auto import tqdm
 
         theta = [self.params[n].detach() for n in self.names]
-        accs: list[float] = []
-        for task in tqdm(tasks, desc="evaluate", disable=not progress, leave=False):
+        per_item: list[list[float]] = []
+        mine = tasks if self.reducer is None else self.reducer.share(tasks)
+        for task in tqdm(mine, desc="evaluate", disable=not progress, leave=False):
             sx, sy, qx, qy = task
             if sy.dim() == 1:
                 sx, sy, qx, qy = sx.unsqueeze(0), sy.unsqueeze(0), qx.unsqueeze(0), qy.unsqueeze(0)
+            item = []
             for t in range(sx.shape[0]):
                 # first order gives the same fast weights; no meta-gradient is needed here
                 with torch.no_grad():
                     phi = self._adapt_for_test(theta, sx[t], sy[t], steps, first_order=True)
-                    accs.append(float((self._logits(phi, qx[t]).argmax(-1) == qy[t]).float().mean()))
+                    item.append(float((self._logits(phi, qx[t]).argmax(-1) == qy[t]).float().mean()))
+            per_item.append(item)
+        if self.reducer is not None:
+            per_item = self.reducer.gather(per_item)
+        accs = [acc for item in per_item for acc in item]
         if not accs:
             raise ConfigError("evaluate() got no tasks")
         return accs
