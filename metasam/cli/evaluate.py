@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from metasam.train.distributed import main_process
 from metasam.train.meta import evaluate_run
 
 
@@ -22,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run_dir, args.episodes, args.seed, args.checkpoint, args.test_split, args.steps,
                           progress=not args.no_progress)
+    if not main_process():  # under torchrun, rank 0 reports for all processes
+        return 0
     print(f"{result['algo']}: {100 * result['accuracy']:.2f} % ± {100 * result['ci95']:.2f} "
           f"({result['episodes']} tasks of {result['test_split']}, {result['ways']}-way {result['shots']}-shot)")
     print(json.dumps({k: v for k, v in result.items() if k != "task_accuracies"}, indent=2))

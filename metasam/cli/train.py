@@ -68,11 +68,15 @@ def run(args: argparse.Namespace) -> int:
         )
         trainer = MetaTrainer(cfg, args.out)
         trainer.start()
-    print(f"metasam train: {datasets_summary(trainer.train_ds, trainer.val_ds, trainer.test_ds)}", file=sys.stderr)
+    say = trainer.procs.is_main  # under torchrun, rank 0 speaks for all processes
+    if say:
+        print(f"metasam train: {datasets_summary(trainer.train_ds, trainer.val_ds, trainer.test_ds)}", file=sys.stderr)
     try:
         summary = trainer.train(progress=not args.no_progress)
     except KeyboardInterrupt as exc:
-        print(f"metasam train: {exc}", file=sys.stderr)
+        if say:
+            print(f"metasam train: {exc}", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=2))
+    if say:
+        print(json.dumps(summary, indent=2))
     return 0

@@ -5,7 +5,8 @@ per iteration, plus validation lines; the query metrics before adaptation every 
 iterations, as they cost an extra forward pass), ``last.pt`` and ``best.pt`` (best mean accuracy on the fixed
 validation TaskSet; never chosen on test tasks) and ``val_tasks.json``. Meta-batch ``it`` is tasks
 ``it·T … it·T + T − 1`` of a seeded :class:`~metasam.data.EpisodeSampler`, so a resumed run sees exactly
-the tasks an uninterrupted run would, and reaches the same weights.
+the tasks an uninterrupted run would, and reaches the same weights. Under torchrun the processes share
+each meta-batch and the evaluations, and rank 0 alone writes (:mod:`metasam.train.distributed`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from metasam.meta import PRESETS, MetaLearner
 from metasam.meta.learner import mean_ci95
 from metasam.meta.presets import RULE_PARAMS
 from metasam.models import MODELS
+from metasam.train.distributed import join
 from metasam.train.splits import load_splits
 
 # ALGORITHMS.md §2, standard settings: (inner_lr, inner_steps, test_inner_steps, meta_batch)
@@ -149,6 +151,7 @@ class MetaTrainer:
     def __init__(self, cfg: MetaTrainConfig, out_dir: str | Path) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
+        self.procs = join(cfg.device, cfg.meta_batch)  # before the model is built: it picks this process's GPU
         self.train_ds, self.val_ds, self.test_ds = load_splits(
             cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, cfg.test_split, cfg.image_size
         )
@@ -158,6 +161,7 @@ class MetaTrainer:
         self.outer_val_sampler = EpisodeSampler(self.train_ds, cfg.ways, cfg.shots, cfg.queries, cfg.seed + 1, num_tasks=total)
         self.val_set = TaskSet.sample(self.val_ds, cfg.val_tasks, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 2)
         self.learner = build_learner(cfg, self.train_ds.image_shape[0])
+        self.learner.reducer = self.procs.reducer
         self.best_val, self.best_iteration = -1.0, 0
 
     def _checkpoint(self) -> dict[str, Any]:
@@ -170,6 +174,8 @@ class MetaTrainer:
     def start(self) -> None:
         if (self.out / "last.pt").exists() or (self.out / "metrics.jsonl").exists():
             raise ConfigError(f"{self.out} already holds a run; continue it with --resume {self.out} or choose another --out")
+        if not self.procs.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
         self.val_set.save(self.out / "val_tasks.json")
@@ -182,11 +188,17 @@ class MetaTrainer:
         self.best_val, self.best_iteration = ckpt["best_val"], ckpt["best_iteration"]
         # drop metric lines written after the checkpoint, so the log matches the resumed weights
         log = self.out / "metrics.jsonl"
-        if log.exists():
+        if log.exists() and self.procs.is_main:
             keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= self.learner.iteration]
             log.write_text("".join(ln + "\n" for ln in keep))
 
+    def _save(self, name: str) -> None:
+        if self.procs.is_main:
+            save_atomic(self._checkpoint(), self.out / name)
+
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.procs.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -196,8 +208,8 @@ class MetaTrainer:
         self._log({"iteration": it, "val_acc": acc, "val_ci95": ci})
         if acc > self.best_val:
             self.best_val, self.best_iteration = acc, it
-            save_atomic(self._checkpoint(), self.out / "best.pt")
-        save_atomic(self._checkpoint(), self.out / "last.pt")
+            self._save("best.pt")
+        self._save("last.pt")
         return acc
 
     def train(self, progress: bool = True) -> dict[str, Any]:
@@ -207,12 +219,18 @@ class MetaTrainer:
         def on_signal(signum, frame):  # finish the current iteration, then save and leave
             stop["signal"] = signum
 
+        def stopping() -> bool:  # any process's signal stops all of them after the same iteration
+            stop["agreed"] = self.procs.agree_on_signal(stop["signal"])
+            return stop["agreed"] is not None
+
+        self.procs.broadcast_weights(learner.model)
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=cfg.iterations, initial=learner.iteration, disable=not progress, unit="it", desc=cfg.algo)
+        bar = tqdm(total=cfg.iterations, initial=learner.iteration, disable=not progress or not self.procs.is_main,
+                   unit="it", desc=cfg.algo)
         try:
-            while learner.iteration < cfg.iterations and stop["signal"] is None:
+            while learner.iteration < cfg.iterations and not stopping():
                 it = learner.iteration
-                tasks = range(it * cfg.meta_batch, (it + 1) * cfg.meta_batch)
+                tasks = self.procs.share(range(it * cfg.meta_batch, (it + 1) * cfg.meta_batch))
                 batch = _to(self.sampler.batch(tasks), cfg.device)
                 val_batch = _to(self.outer_val_sampler.batch(tasks), cfg.device) if learner.outer_rule.name == "agnostic" else None
                 start = time.perf_counter()
@@ -228,14 +246,15 @@ class MetaTrainer:
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        if stop["signal"] is not None:
-            save_atomic(self._checkpoint(), self.out / "last.pt")
+        if stop["signal"] is not None or stop.get("agreed") is not None:
+            self._save("last.pt")
             raise KeyboardInterrupt(
-                f"stopped by signal {stop['signal']} at iteration {learner.iteration}; checkpoint saved. "
+                f"stopped by signal {stop['signal'] or stop['agreed']} at iteration {learner.iteration}; checkpoint saved. "
                 f"Continue with: metasam train --resume {self.out}"
             )
         summary = {"iterations": learner.iteration, "best_val_acc": self.best_val, "best_iteration": self.best_iteration}
-        (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if self.procs.is_main:
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
 
@@ -250,13 +269,15 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
         raise ConfigError("the run has no test split; pass --test-split")
     _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
     tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
-    learner = MetaLearner.load(run_dir, which=which)
-    accuracies = learner.task_accuracies(tasks, steps=steps, progress=progress)
+    procs = join("cpu")  # under torchrun the processes share the tasks
+    learner = MetaLearner.load(run_dir, which=which, reducer=procs.reducer)
+    accuracies = learner.task_accuracies(tasks, steps=steps, progress=progress and procs.is_main)
     mean, ci = mean_ci95(accuracies)
     result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
               "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": steps or cfg.test_inner_steps,
               "accuracy": mean, "ci95": ci, "task_accuracies": accuracies}
-    (run_dir / f"eval_{which}_{episodes}_seed{seed}.json").write_text(json.dumps(result, indent=2))
+    if procs.is_main:
+        (run_dir / f"eval_{which}_{episodes}_seed{seed}.json").write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -1,0 +1,181 @@
+"""``metasam train`` under torchrun: 2 gloo processes on loopback reach the weights of one process, write one run.
+
+This file is also the program the processes of the stop, resume and evaluate tests run (``__main__`` at the end).
+
+One caveat shapes the weight comparisons: Conv4's convolutions have biases that feed a batch norm, which
+cancels them, so their meta-gradient is 0 in exact arithmetic and rounding noise in practice; Adam scales
+that noise up to steps of about ±lr, and noise that depends on the order of summation (1 process or 2)
+differs. Those biases are compared to within Adam's largest steps; every other weight to float tolerance.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from metasam import ConfigError
+from metasam.cli.main import main
+from metasam.models import BatchNorm
+from metasam.train.distributed import join
+from metasam.train.meta import MetaTrainConfig, MetaTrainer
+
+GLYPHS = ["--dataset", "glyphs", "--ways", "3", "--queries", "2", "--meta-batch", "4", "--iterations", "3",
+          "--val-every", "3", "--val-tasks", "5", "--algo", "agnostic-sam-up", "--no-progress"]
+TINY = {"dataset": "glyphs", "ways": 3, "shots": 1, "queries": 2, "meta_batch": 3, "hidden": 8, "val_every": 2,
+        "val_tasks": 5, "algo": "agnostic-sam-both", "iterations": 4}
+
+
+def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Two processes on this machine (rendezvous on a free loopback port), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def cancelled_biases(model: nn.Module) -> set[str]:
+    """Names of the convolution biases that a batch norm right after the convolution cancels."""
+    return {f"features.{i}.bias" for i, (a, b) in enumerate(itertools.pairwise(model.features))
+            if isinstance(a, nn.Conv2d) and isinstance(b, BatchNorm)}
+
+
+def assert_same_weights(got: dict, want: dict, cancelled: set[str], lr: float, steps: int) -> None:
+    assert len(cancelled) == 4 and got.keys() == want.keys()
+    for name, w in want.items():
+        if name in cancelled:
+            assert (got[name] - w).abs().max() <= 2 * lr * steps, name
+        else:
+            assert torch.allclose(got[name], w, rtol=1e-4, atol=1e-6), name
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["learner"]["model"]
+
+
+def training_lines(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_torchrun_of_the_cli_writes_one_run_with_the_weights_of_one_process(tmp_path, capsys):
+    single = tmp_path / "single"
+    assert main(["train", *GLYPHS, "--out", str(single)]) == 0  # also fills the glyph cache the processes read
+    assert not torch.distributed.is_initialized()  # a single process creates no process group
+    capsys.readouterr()
+
+    shared = tmp_path / "shared"
+    done = torchrun("-m", "metasam", "train", *GLYPHS, "--out", str(shared / "run"))
+    assert [p.name for p in shared.iterdir()] == ["run"]
+    assert sorted(p.name for p in (shared / "run").iterdir()) == sorted(p.name for p in single.iterdir())
+    assert {"best.pt", "last.pt", "metrics.jsonl", "config.json", "val_tasks.json"} <= {p.name for p in single.iterdir()}
+    assert done.stdout.count('"best_iteration"') == 1  # rank 0 alone reports
+    lines, ref = training_lines(shared / "run"), training_lines(single)
+    assert [(r["iteration"], "val_acc" in r) for r in lines] == [(1, False), (2, False), (3, False), (3, True)]
+    for got, want in zip(lines, ref):  # logged numbers are those of the whole meta-batch
+        for key in ("query_loss", "query_acc_before", "outer_grad_norm", "outer_cos_train_val", "val_acc"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    cancelled = cancelled_biases(MetaTrainer(MetaTrainConfig.load(single), tmp_path / "unused").learner.model)
+    for name in ("last.pt", "best.pt"):
+        assert_same_weights(weights(shared / "run" / name), weights(single / name), cancelled, lr=1e-3, steps=3)
+
+
+def stop_resume_evaluate(out: Path) -> None:
+    """Each process: train, rank 1 alone gets SIGTERM during iteration 2; resume the run to the end;
+    ``metasam evaluate`` it."""
+    import torch.distributed as dist
+
+    trainer = MetaTrainer(MetaTrainConfig(**TINY), out / "run")
+    trainer.start()
+    if trainer.procs.rank == 1:
+        step = trainer.learner.meta_step
+
+        def step_then_signal(*args, **kwargs):
+            metrics = step(*args, **kwargs)
+            if trainer.learner.iteration == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return metrics
+
+        trainer.learner.meta_step = step_then_signal
+    try:
+        trainer.train(progress=False)
+        stopped = None
+    except KeyboardInterrupt:
+        stopped = trainer.learner.iteration
+    dist.barrier()  # a new launch would start after rank 0 wrote last.pt; so must the resume here
+    resumed = MetaTrainer(MetaTrainConfig.load(out / "run"), out / "run")
+    resumed.resume()
+    start = resumed.learner.iteration
+    resumed.train(progress=False)
+    result = {"stopped": stopped, "resumed_from": start, "weights": resumed.learner.model.state_dict()}
+    torch.save(result, out / f"rank{trainer.procs.rank}.pt")
+    assert main(["evaluate", str(out / "run"), "--episodes", "7", "--no-progress"]) == 0
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("stop-resume-evaluate")
+    return out, torchrun(__file__, str(out)).stdout
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_all_after_the_same_iteration_and_the_run_resumes(two_processes):
+    tmp_path, _ = two_processes
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [(r["stopped"], r["resumed_from"]) for r in ranks] == [(2, 2), (2, 2)]
+    for name, w in ranks[0]["weights"].items():
+        assert torch.equal(ranks[1]["weights"][name], w), name
+    assert [r["iteration"] for r in training_lines(tmp_path / "run") if "query_loss" in r] == [1, 2, 3, 4]
+
+    uninterrupted = MetaTrainer(MetaTrainConfig(**TINY), tmp_path / "single")
+    uninterrupted.start()
+    uninterrupted.train(progress=False)
+    want = uninterrupted.learner.model.state_dict()
+    assert_same_weights(ranks[0]["weights"], want, cancelled_biases(uninterrupted.learner.model), lr=1e-3, steps=4)
+
+
+@pytest.mark.slow
+def test_evaluation_shared_between_processes_gives_the_single_process_accuracies_in_order(two_processes):
+    run, stdout = two_processes[0] / "run", two_processes[1]
+    assert stdout.count("7 tasks of test") == 1  # rank 0 alone reports
+    written = json.loads((run / "eval_best_7_seed1234.json").read_text())
+    assert main(["evaluate", str(run), "--episodes", "7", "--no-progress"]) == 0
+    alone = json.loads((run / "eval_best_7_seed1234.json").read_text())
+    assert len(set(alone["task_accuracies"])) > 1  # the order is checkable
+    assert written["task_accuracies"] == alone["task_accuracies"] and written["ci95"] == alone["ci95"]
+
+
+def test_launch_settings_that_cannot_work_are_refused_before_any_process_group(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["train", *GLYPHS, "--meta-batch", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "--meta-batch 1 is smaller than the 2 processes" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="pass --device cuda"):
+        join("cuda:1")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match="RANK=2"):
+        join("cpu")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ConfigError, match="RANK is not"):
+        join("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="not an integer"):
+        join("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert join("cuda:1").world_size == 1  # one process: any device, no group
+    assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
+
+
+if __name__ == "__main__":
+    stop_resume_evaluate(Path(sys.argv[1]))
