@@ -45,6 +45,11 @@ def as_task_batch(batch: Sequence[Tensor]) -> TaskBatch:
     if len(batch) != 4:
         raise ConfigError(f"a task batch has 4 tensors (support_x, support_y, query_x, query_y), got {len(batch)}")
     batch = TaskBatch(*batch)
+    if batch.support_x.dim() >= 1 and batch.support_x.shape[0] == 0:
+        raise ConfigError(
+            "the task batch holds no tasks; when processes share a meta-batch (a reducer), each needs at least "
+            "one of its tasks: use a meta-batch of at least as many tasks as processes"
+        )
     if batch.support_x.dim() < 2 or batch.support_y.dim() != 2:
         raise ConfigError(
             "task batch tensors need a leading task dimension: support_x [T, N*K, ...], support_y [T, N*K]; "

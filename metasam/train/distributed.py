@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -44,14 +45,14 @@ class Processes:
         """Rank 0: the process that writes files and shows progress."""
         return self.rank == 0
 
-    @property
+    @cached_property
     def reducer(self) -> ProcessGroupReducer | None:
         """The learner's reducer over the default process group; None for a single process."""
         return None if self.world_size == 1 else ProcessGroupReducer()
 
     def share(self, tasks: range) -> range:
-        """This process's tasks of a meta-batch: those i with i ≡ rank (mod W)."""
-        return tasks[self.rank :: self.world_size]
+        """This process's tasks of a meta-batch: the reducer's share, those i with i ≡ rank (mod W)."""
+        return tasks if self.reducer is None else self.reducer.share(tasks)
 
     def broadcast_weights(self, model: nn.Module) -> None:
         """Copy rank 0's parameters and buffers into every process's ``model`` (in place)."""

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from metasam import ConfigError
 from metasam.meta import MetaLearner, TaskBatch
 
 T, WAYS, SHOTS, QUERIES, DIM = 5, 3, 2, 3, 4
@@ -130,6 +131,11 @@ def test_evaluation_shared_between_processes_returns_the_single_process_accuraci
         r0, r1 = (r[case] for r in two_processes)
         assert len(r0["accs"]) == 6 and len(set(r0["accs_alone"])) > 1  # the order is checkable
         assert r0["accs"] == r1["accs"] == r0["accs_alone"]
+
+
+def test_a_process_without_tasks_is_told_to_use_a_larger_meta_batch():
+    with pytest.raises(ConfigError, match="at least as many tasks as processes"):
+        make_learner("maml").meta_gradient(take(episodes(0), []))
 
 
 if __name__ == "__main__":
