@@ -117,7 +117,26 @@ class TorchBaseline(Impl):
         self.opt.step()
 
 
-class HigherBaseline(Impl):
+class AccumulatingBaseline(Impl):
+    """A library baseline that accumulates the meta-gradient into ``.grad`` by ``backward()``."""
+
+    module: nn.Module
+
+    def _accumulate(self, batch: TaskBatch) -> None:
+        raise NotImplementedError
+
+    def meta_grad(self, batch):
+        self.module.zero_grad(set_to_none=True)
+        self._accumulate(batch)
+        return [p.grad.clone() for p in self.module.parameters()]
+
+    def step(self, batch, val_batch):
+        self.opt.zero_grad(set_to_none=True)
+        self._accumulate(batch)
+        self.opt.step()
+
+
+class HigherBaseline(AccumulatingBaseline):
     """Second-order MAML with ``higher.innerloop_ctx`` (its documented MAML example)."""
 
     name = "higher innerloop_ctx"
@@ -125,29 +144,19 @@ class HigherBaseline(Impl):
     def __init__(self, model: nn.Module, inner_lr: float) -> None:
         import higher
 
-        self.higher, self.model = higher, model
+        self.higher, self.module = higher, model
         self.inner_opt = torch.optim.SGD(model.parameters(), lr=inner_lr)
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def _accumulate(self, batch: TaskBatch) -> None:
         tasks = batch.support_x.shape[0]
         for t in range(tasks):
-            with self.higher.innerloop_ctx(self.model, self.inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+            with self.higher.innerloop_ctx(self.module, self.inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
                 diffopt.step(nn.functional.cross_entropy(fmodel(batch.support_x[t]), batch.support_y[t]))
                 (nn.functional.cross_entropy(fmodel(batch.query_x[t]), batch.query_y[t]) / tasks).backward()
 
-    def meta_grad(self, batch):
-        self.model.zero_grad(set_to_none=True)
-        self._accumulate(batch)
-        return [p.grad.clone() for p in self.model.parameters()]
 
-    def step(self, batch, val_batch):
-        self.opt.zero_grad(set_to_none=True)
-        self._accumulate(batch)
-        self.opt.step()
-
-
-class Learn2LearnBaseline(Impl):
+class Learn2LearnBaseline(AccumulatingBaseline):
     """Second-order MAML with learn2learn's ``MAML(model, lr).clone().adapt(loss)``."""
 
     name = "learn2learn MAML"
@@ -155,25 +164,15 @@ class Learn2LearnBaseline(Impl):
     def __init__(self, model: nn.Module, inner_lr: float) -> None:
         import learn2learn
 
-        self.maml = learn2learn.algorithms.MAML(model, lr=inner_lr, first_order=False)
-        self.opt = torch.optim.Adam(self.maml.parameters(), lr=1e-3)
+        self.module = learn2learn.algorithms.MAML(model, lr=inner_lr, first_order=False)
+        self.opt = torch.optim.Adam(self.module.parameters(), lr=1e-3)
 
     def _accumulate(self, batch: TaskBatch) -> None:
         tasks = batch.support_x.shape[0]
         for t in range(tasks):
-            learner = self.maml.clone()
+            learner = self.module.clone()
             learner.adapt(nn.functional.cross_entropy(learner(batch.support_x[t]), batch.support_y[t]))
             (nn.functional.cross_entropy(learner(batch.query_x[t]), batch.query_y[t]) / tasks).backward()
-
-    def meta_grad(self, batch):
-        self.maml.zero_grad(set_to_none=True)
-        self._accumulate(batch)
-        return [p.grad.clone() for p in self.maml.parameters()]
-
-    def step(self, batch, val_batch):
-        self.opt.zero_grad(set_to_none=True)
-        self._accumulate(batch)
-        self.opt.step()
 
 
 BASELINES: dict[str, Callable[[nn.Module, float], Impl]] = {
