@@ -1,4 +1,5 @@
-"""Few-shot datasets and seeded episodes. Depends on nothing of metasam but :mod:`metasam.errors`."""
+"""Few-shot datasets and seeded episodes. Depends on nothing of metasam but :mod:`metasam.errors` and the
+leaf :mod:`metasam.checkpoint` (atomic writes of the image cache)."""
 
 from metasam.data.base import FewShotDataset, check_disjoint
 from metasam.data.episodes import EpisodeSampler, Task, TaskBatch, TaskSpec, collate_tasks

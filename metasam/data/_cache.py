@@ -3,8 +3,8 @@
 A cache file is named by a SHA-256 key over (dataset kind, format version, options, and every source
 file's path, size and modification time), so editing, adding or touching a source file makes a new key
 and the stale file is simply never read again. Files are written atomically (temporary file in the
-same folder, then ``os.replace``), so a crashed or concurrent writer never leaves a half-written cache
-that a reader could pick up. Cached loads are memory-mapped, which makes them nearly free.
+same folder, fsync, then ``os.replace``), so a crashed or concurrent writer never leaves a half-written
+cache that a reader could pick up. Cached loads are memory-mapped, which makes them nearly free.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from metasam.errors import ConfigError
+from metasam.checkpoint import save_atomic
+from metasam.errors import CheckpointError, ConfigError
 
 CACHE_VERSION = 1  # bump when the decoding of any dataset changes, so old caches are never reused
 
@@ -85,16 +85,10 @@ def load_or_build(
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
+    """Write through :func:`metasam.checkpoint.save_atomic` (a reader never sees a half-written file);
+    a cache that cannot be written (no space, read-only folder) is skipped with a warning."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    except OSError as exc:
-        warnings.warn(f"cannot write the image cache in {path.parent} ({exc}); continuing without it", stacklevel=4)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        save_atomic(obj, path)
+    except (OSError, CheckpointError) as exc:
+        warnings.warn(f"cannot write the image cache {path} ({exc}); continuing without it", stacklevel=4)

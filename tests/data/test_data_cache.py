@@ -62,3 +62,44 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path):
     with pytest.warns(UserWarning, match="unreadable cache"):
         again = Omniglot(tmp_path / "data", cache_dir=cache)
     assert torch.equal(good.images, again.images)
+
+
+def test_a_failed_cache_write_leaves_no_file_to_read_and_the_next_load_rebuilds(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    fake_omniglot(tmp_path / "data")
+    cache = tmp_path / "cache"
+    real = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):  # write part of the file, then run out of space
+        if isinstance(f, io.BytesIO):
+            return real(obj, f, *args, **kwargs)
+        f.write(b"\x00" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.warns(UserWarning, match=r"cannot write the image cache .*no space left on device.*continuing without it"):
+        first = Omniglot(tmp_path / "data", cache_dir=cache)
+    assert cache_files(cache) == []  # neither a half-written cache file nor a temporary one
+    monkeypatch.setattr(torch, "save", real)
+    import metasam.data.omniglot as om
+
+    decoded = []
+    decode = om._decode
+    monkeypatch.setattr(om, "_decode", lambda *a: decoded.append(1) or decode(*a))
+    again = Omniglot(tmp_path / "data", cache_dir=cache)
+    assert decoded == [1] and torch.equal(first.images, again.images) and len(cache_files(cache)) == 1
+
+
+def test_adding_or_removing_a_source_file_invalidates_the_cache(tmp_path):
+    fake_omniglot(tmp_path / "data")
+    cache = tmp_path / "cache"
+    before = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
+    extra = tmp_path / "data" / "images_background" / "Beta" / "character01" / "0201_09.png"
+    write_drawing(extra, seed=77)
+    grown = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
+    assert len(grown) == len(before) + 1
+    extra.unlink()
+    shrunk = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
+    assert torch.equal(shrunk.images, before.images) and len(cache_files(cache)) == 2

@@ -1,0 +1,104 @@
+"""Run files survive failed writes and kills; checkpoints never run code from the file; logs survive torn lines."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+
+import pytest
+import torch
+
+from metasam.checkpoint import load_checkpoint, read_jsonl, save_atomic, state_dict_mismatch, write_text_atomic
+from metasam.errors import CheckpointError
+
+
+def disk_full_after(monkeypatch, fraction: float = 0.5) -> None:
+    """Make torch.save into a real file write ``fraction`` of its bytes, then fail with ENOSPC (as a full disk does)."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, io.BytesIO):
+            return real(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: int(len(buffer.getvalue()) * fraction)])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_disk_full_keeps_the_old_checkpoint_and_says_what_is_needed_where(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_atomic({"w": torch.arange(4.0)}, path)
+    before = path.read_bytes()
+    disk_full_after(monkeypatch)
+    big = {"w": torch.zeros(300_000)}
+    serialized = io.BytesIO()
+    torch.save(big, serialized)
+    with pytest.raises(CheckpointError) as info:
+        save_atomic(big, path)
+    message = str(info.value)
+    assert "no space left on device" in message and "the previous last.pt is intact" in message
+    assert f"needs {serialized.tell() / 2**20:.2f} MiB in {tmp_path}" in message and "MiB free" in message
+    assert path.read_bytes() == before and torch.equal(load_checkpoint(path)["w"], torch.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the partial temporary file is gone
+
+
+def test_disk_full_on_a_first_write_says_there_was_nothing_to_keep(tmp_path, monkeypatch):
+    disk_full_after(monkeypatch, fraction=0.0)
+    with pytest.raises(CheckpointError, match="no earlier best.pt existed"):
+        save_atomic({"w": torch.ones(3)}, tmp_path / "best.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    write_text_atomic("old", path)
+
+    def interrupted(f):
+        f.write(b"half of the new")
+        raise KeyboardInterrupt
+
+    import metasam.checkpoint as ck
+
+    with pytest.raises(KeyboardInterrupt):
+        ck.replace_atomically(path, interrupted)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_loading_never_runs_code_from_the_file(tmp_path):
+    RunsCode.marker = str(tmp_path / "pwned")
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        torch.save({"w": torch.ones(1), "payload": RunsCode()}, f, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="evil.pt cannot be loaded"):
+        load_checkpoint(path)
+
+
+def test_jsonl_reader_drops_only_a_torn_last_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"iteration": 1}\n{"iteration": 2}\n{"itera')  # a kill in the middle of an append
+    assert read_jsonl(log) == [{"iteration": 1}, {"iteration": 2}]
+    log.write_text('{"iteration": 1}\nnot json\n{"iteration": 3}\n')
+    with pytest.raises(CheckpointError, match="metrics.jsonl line 2 is not JSON"):
+        read_jsonl(log)
+
+
+def test_state_dict_mismatch_names_keys_and_shapes():
+    here = {"a.weight": torch.zeros(8, 3), "a.bias": torch.zeros(8), "b.weight": torch.zeros(2, 8)}
+    saved = {"a.weight": torch.zeros(16, 3), "a.bias": torch.zeros(8), "c.weight": torch.zeros(1)}
+    text = state_dict_mismatch(saved, here)
+    assert "missing b.weight" in text and "unexpected c.weight" in text
+    assert "a.weight (16, 3) in the checkpoint vs (8, 3) here" in text
+    assert state_dict_mismatch(here, here) == ""
