@@ -20,7 +20,16 @@ class DatasetError(MetaSAMError):
 
 
 class NonFiniteError(MetaSAMError, FloatingPointError):
-    """A loss or gradient became NaN or Inf; parameters were left at their last finite values."""
+    """A loss or gradient became NaN or Inf; parameters were left at their last finite values.
+
+    ``iteration`` (the step that failed, numbered as in metrics.jsonl) and ``tensor`` (which loss or
+    gradient) are set where the raiser knows them.
+    """
+
+    def __init__(self, message: str, *, iteration: int | None = None, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.iteration = iteration
+        self.tensor = tensor
 
 
 class CheckpointError(MetaSAMError):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metasam.checkpoint import load_checkpoint
+from metasam.checkpoint import load_checkpoint, state_dict_mismatch
 from metasam.data.episodes import TaskBatch
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError
 from metasam.meta.distributed import Reducer
@@ -64,6 +64,47 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return mean, 1.96 * sd / math.sqrt(n)
+
+
+def check_hparams(
+    algo: str, inner_lr: float, inner_steps: int, test_inner_steps: int | None = None, outer_lr: float = 1e-3,
+    test_rule: str = "same", path: str = "auto", **rule_params: Any,
+) -> tuple[Rule, Rule]:
+    """Check :class:`MetaLearner`'s hyperparameters without a model or data; return the preset's
+    (inner, outer) rules built from ``rule_params``.
+
+    Raises :class:`ConfigError` naming the first bad argument (α and the outer learning rate must be
+    finite and > 0, step counts ints ≥ 1, radii finite and ≥ 0, ``rule_params`` those the preset's rules
+    take); warns where ρ2 > ρ1. ``metasam train`` calls it before it loads any data.
+    """
+    if algo not in PRESETS:
+        raise ConfigError(f"unknown algo {algo!r}; choose one of {', '.join(PRESETS)}")
+    for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+    for name, value in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
+        if not (value is None and name == "test_inner_steps") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+    if test_rule not in ("same", "gd"):
+        raise ConfigError(f"test_rule must be 'same' or 'gd', got {test_rule!r}")
+    if path not in ("auto", "loop", "vmap"):
+        raise ConfigError(f"path must be 'auto', 'loop' or 'vmap', got {path!r}")
+    preset = PRESETS[algo]
+    accepted = {f"{lvl}_{p}" for lvl, kind in (("inner", preset.inner), ("outer", preset.outer)) for p in RULE_PARAMS[kind]}
+    unused = set(rule_params) - accepted
+    if unused:
+        raise ConfigError(
+            f"{algo} does not use {sorted(unused)}: its inner rule is {preset.inner!r} "
+            f"(takes {list(RULE_PARAMS[preset.inner]) or 'nothing'}), its outer rule {preset.outer!r} "
+            f"(takes {list(RULE_PARAMS[preset.outer]) or 'nothing'}); prefix each with inner_ or outer_"
+        )
+
+    def rule(kind: str, level: str) -> Rule:
+        prefix = f"{level}_"
+        return make_rule(kind, **{k[len(prefix):]: v for k, v in rule_params.items() if k.startswith(prefix)})
+
+    return rule(preset.inner, "inner"), rule(preset.outer, "outer")
 
 
 def _has_torch_batchnorm(model: nn.Module) -> bool:
@@ -120,14 +161,9 @@ class MetaLearner:
         reducer: Reducer | None = None,
         **rule_params: Any,
     ) -> None:
-        if algo not in PRESETS:
-            raise ConfigError(f"unknown algo {algo!r}; choose one of {', '.join(PRESETS)}")
-        if not inner_lr > 0 or inner_steps < 1:
-            raise ConfigError(f"inner_lr must be > 0 and inner_steps >= 1, got {inner_lr} and {inner_steps}")
-        if test_rule not in ("same", "gd"):
-            raise ConfigError(f"test_rule must be 'same' or 'gd', got {test_rule!r}")
-        if path not in ("auto", "loop", "vmap"):
-            raise ConfigError(f"path must be 'auto', 'loop' or 'vmap', got {path!r}")
+        preset_inner, preset_outer = check_hparams(
+            algo, inner_lr, inner_steps, test_inner_steps, outer_lr, test_rule, path, **rule_params
+        )
         preset = PRESETS[algo]
         self.hparams = {
             "algo": algo, "inner_lr": inner_lr, "inner_steps": inner_steps, "test_inner_steps": test_inner_steps,
@@ -142,16 +178,8 @@ class MetaLearner:
         self.test_rule = test_rule
         self.val_view = val_view
         self.reducer = reducer
-        self.inner_rule = inner_rule or self._rule_from_params(preset.inner, "inner", rule_params)
-        self.outer_rule = outer_rule or self._rule_from_params(preset.outer, "outer", rule_params)
-        accepted = {f"{lvl}_{p}" for lvl, kind in (("inner", preset.inner), ("outer", preset.outer)) for p in RULE_PARAMS[kind]}
-        unused = set(rule_params) - accepted
-        if unused:
-            raise ConfigError(
-                f"{algo} does not use {sorted(unused)}: its inner rule is {preset.inner!r} "
-                f"(takes {list(RULE_PARAMS[preset.inner]) or 'nothing'}), its outer rule {preset.outer!r} "
-                f"(takes {list(RULE_PARAMS[preset.outer]) or 'nothing'}); prefix each with inner_ or outer_"
-            )
+        self.inner_rule = inner_rule or preset_inner
+        self.outer_rule = outer_rule or preset_outer
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.names = list(self.params)
         self.outer_optimizer = outer_optimizer(list(self.params.values()), lr=outer_lr)
@@ -166,12 +194,6 @@ class MetaLearner:
                 "batching rule for the batch-norm backward); use metasam.models.BatchNorm in the model or path='loop'"
             )
         self.path = path
-
-    @staticmethod
-    def _rule_from_params(kind: str, level: str, rule_params: dict[str, Any]) -> Rule:
-        prefix = f"{level}_"
-        own = {k[len(prefix):]: v for k, v in rule_params.items() if k.startswith(prefix) and k[len(prefix):] in RULE_PARAMS[kind]}
-        return make_rule(kind, **own)
 
     # -- functional model ---------------------------------------------------------------------
     def _loss(self, values: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -295,11 +317,8 @@ class MetaLearner:
         batch = as_task_batch(batch)
         direction, state, metrics = self._outer_direction(batch, val_batch)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in direction]))
-        if not torch.isfinite(norm):
-            raise NonFiniteError(
-                f"iteration {self.iteration}: the meta-gradient is not finite; θ was left unchanged. "
-                "Lower inner_lr, the radii (rho, rho1) or the outer learning rate"
-            )
+        if not (torch.isfinite(norm) and torch.isfinite(metrics["query_loss"])):
+            raise self._nonfinite_error(metrics["query_loss"], direction)
         before = {}
         if pre_adaptation:
             with torch.no_grad():
@@ -314,6 +333,24 @@ class MetaLearner:
         out.update(before)
         out["meta_grad_norm"] = float(norm)
         return out
+
+    def _nonfinite_error(self, query_loss: Tensor, direction: Sequence[Tensor]) -> NonFiniteError:
+        """Name the first non-finite tensor of the step (the query loss, else a parameter's meta-gradient)
+        and the settings that tame it."""
+        it = self.iteration + 1  # the number metrics.jsonl gives this step
+        if not torch.isfinite(query_loss):
+            tensor, bad = "query loss", query_loss
+        else:
+            tensor, bad = next((f"meta-gradient of {n}", g) for n, g in zip(self.names, direction) if not torch.isfinite(g).all())
+        value = "NaN" if torch.isnan(bad).any() else "Inf"
+        radii = [f"--{lvl}-{attr} (now {getattr(rule, attr)})" for lvl, rule in (("inner", self.inner_rule), ("outer", self.outer_rule))
+                 for attr in ("rho", "rho1") if hasattr(rule, attr)]
+        return NonFiniteError(
+            f"iteration {it}: the {tensor} is {value}; θ, the outer optimizer and its momentum keep their values of "
+            f"iteration {it - 1}. Try a smaller --inner-lr (now {self.inner_lr})"
+            f"{''.join(', ' + r for r in radii)} or --outer-lr (now {self.outer_optimizer.param_groups[0]['lr']})",
+            iteration=it, tensor=tensor,
+        )
 
     def _pre_adaptation(self, batch: TaskBatch) -> dict[str, float]:
         theta = [self.params[n].detach() for n in self.names]
@@ -376,24 +413,46 @@ class MetaLearner:
 
         ``run_dir_or_checkpoint``: a run folder (its ``best.pt``, or ``last.pt`` with ``which="last"``)
         or a checkpoint file. ``overrides`` replace saved constructor arguments (e.g. ``path="vmap"``).
+        The file is read with ``weights_only=True``: loading it never runs code from it.
         """
         path = Path(run_dir_or_checkpoint)
         if path.is_dir():
             path = path / f"{which}.pt"
-        ckpt = load_checkpoint(path)
+        return cls.from_checkpoint(load_checkpoint(path), path, **overrides)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], source: str | Path = "the checkpoint", **overrides: Any) -> MetaLearner:
+        """:meth:`load` for a checkpoint already read by :func:`metasam.checkpoint.load_checkpoint`;
+        ``source`` names it in errors."""
         try:
             model_name, model_kwargs = ckpt["model"]["name"], ckpt["model"]["kwargs"]
             learner = cls(MODELS[model_name](**model_kwargs), **{**ckpt["hparams"], **overrides})
-        except KeyError as exc:
-            raise CheckpointError(f"{path} is not a metasam meta-learning checkpoint (missing {exc})") from exc
-        learner.load_state_dict(ckpt["learner"])
+            state = ckpt["learner"]
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{source} is not a metasam meta-learning checkpoint (missing {exc})") from exc
+        learner.load_state_dict(state, source)
         return learner
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], source: str | Path = "the checkpoint") -> None:
+        """Restore :meth:`state_dict`'s output. Raises :class:`CheckpointError` naming what does not fit
+        (missing or unexpected tensors, shapes) and leaves the learner unchanged in that case."""
+        keys = ("model", "outer_optimizer", "outer_momentum", "iteration")
+        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+        if missing:
+            raise CheckpointError(f"{source} holds no learner state (missing {missing})")
+        mismatch = state_dict_mismatch(state["model"], self.model.state_dict())
+        if mismatch:
+            raise CheckpointError(f"{source} was written for another model: {mismatch}")
+        momentum = state["outer_momentum"]
+        if momentum is not None and [tuple(m.shape) for m in momentum] != [tuple(self.params[n].shape) for n in self.names]:
+            raise CheckpointError(f"{source}: its outer momentum does not match this model's parameters")
         try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"the checkpoint was written for another model: {exc}") from exc
-        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
-        self.outer_momentum = state["outer_momentum"]
+            self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"{source}: its outer optimizer state does not fit this learner ({exc}); was it written by another "
+                "outer optimizer or model?"
+            ) from exc
+        self.model.load_state_dict(state["model"])
+        self.outer_momentum = momentum
         self.iteration = int(state["iteration"])

@@ -16,6 +16,7 @@ Rules are frozen dataclasses (configuration only); the momentum m is state the c
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -73,8 +74,7 @@ class SAMRule(Rule):
     name = "sam"
 
     def __post_init__(self) -> None:
-        if not self.rho >= 0:
-            raise ConfigError(f"sam rule: rho must be >= 0, got {self.rho}")
+        _check_nonnegative("sam", rho=self.rho, eta=self.eta)
 
     def perturbation(self, params, grads, state, val_grad_fn):
         source = [g.detach() for g in grads] if self.detach_perturbation else grads
@@ -99,9 +99,7 @@ class AgnosticRule(Rule):
     name = "agnostic"
 
     def __post_init__(self) -> None:
-        for key in ("rho1", "rho2"):
-            if not getattr(self, key) >= 0:
-                raise ConfigError(f"agnostic rule: {key} must be >= 0, got {getattr(self, key)}")
+        _check_nonnegative("agnostic", rho1=self.rho1, rho2=self.rho2, eta=self.eta)
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"agnostic rule: beta must lie in [0, 1), got {self.beta}")
         if self.rho2 > self.rho1:
@@ -123,6 +121,13 @@ class AgnosticRule(Rule):
             "cos_train_val": cosine_similarity(grads, val_grads).detach(),
         }
         return eps, momentum, stats
+
+
+def _check_nonnegative(rule: str, **values: float) -> None:
+    """Radii and η must be finite numbers ≥ 0 (an infinite radius turns every step into NaN)."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{rule} rule: {key} must be a finite number >= 0, got {value!r}")
 
 
 RULES: dict[str, type[Rule]] = {"gd": Rule, "plain": Rule, "sam": SAMRule, "agnostic": AgnosticRule}
