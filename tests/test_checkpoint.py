@@ -10,7 +10,13 @@ import pickle
 import pytest
 import torch
 
-from metasam.checkpoint import load_checkpoint, read_jsonl, save_atomic, state_dict_mismatch, write_text_atomic
+from metasam.checkpoint import (
+    load_checkpoint,
+    read_jsonl,
+    save_atomic,
+    state_dict_mismatch,
+    write_text_atomic,
+)
 from metasam.errors import CheckpointError
 
 

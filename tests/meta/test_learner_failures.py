@@ -11,8 +11,8 @@ from metasam import CheckpointError, ConfigError, NonFiniteError
 from metasam.meta import MetaLearner
 from metasam.meta.learner import check_hparams
 
-AGNOSTIC = dict(algo="agnostic-sam-both", inner_lr=0.3, outer_lr=0.01, inner_rho1=0.05, inner_rho2=0.02,
-                outer_rho1=0.04, outer_rho2=0.01)
+AGNOSTIC = {"algo": "agnostic-sam-both", "inner_lr": 0.3, "outer_lr": 0.01, "inner_rho1": 0.05, "inner_rho2": 0.02,
+            "outer_rho1": 0.04, "outer_rho2": 0.01}
 
 
 def snapshot(learner):
