@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from metasam.cli import analyze, bench, evaluate, plot, supervised, train
@@ -22,12 +23,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command; our errors print one line and return 2, Ctrl-C outside training returns 130."""
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command].run(args)
-    except MetaSAMError as exc:
-        print(f"metasam {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"metasam {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")  # a setting checked twice (config, then learner) warns once
+        warnings.showwarning = one_line
+        try:
+            return COMMANDS[args.command].run(args)
+        except MetaSAMError as exc:
+            print(f"metasam {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:  # a run stopped by SIGINT/SIGTERM says how to resume; else Ctrl-C mid-load
+            print(f"metasam {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

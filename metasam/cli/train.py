@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
+from metasam.errors import ConfigError
 from metasam.meta import PRESETS
-from metasam.train.meta import RULE_KEYS, MetaTrainConfig, MetaTrainer, datasets_summary
+from metasam.train.meta import (
+    RESUME_OVERRIDES,
+    RULE_KEYS,
+    MetaTrainConfig,
+    MetaTrainer,
+    check_device,
+    check_new_run_dir,
+    datasets_summary,
+    load_run_checkpoint,
+)
+
+DEFAULTS: dict[str, object] = {}
+"""The parser's defaults: with --resume, any other value is a setting the saved run would ignore."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,17 +61,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--path", choices=("auto", "loop", "vmap"), default="auto", help="how tasks of a meta-batch are run")
     p.add_argument("--out", help="run folder (config, metrics.jsonl, last.pt, best.pt)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
+    p.add_argument("--skip-nonfinite", type=int, default=None, metavar="N",
+                   help="skip up to N steps whose loss or gradient is NaN/Inf (θ unchanged, counted in metrics.jsonl) "
+                   "before stopping; default 0. Also allowed with --resume")
     p.add_argument("--no-progress", action="store_true")
+    DEFAULTS.update(vars(p.parse_args([])))
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check every setting (and the run folder) first, then load the data and train."""
     if args.resume:
+        ignored = [k for k, v in vars(args).items()
+                   if k in DEFAULTS and k not in ("resume", "no_progress", *RESUME_OVERRIDES) and v != DEFAULTS[k]]
+        if ignored:
+            raise ConfigError(
+                f"--resume continues {args.resume} with its saved config.json; drop "
+                f"{', '.join('--' + k.replace('_', '-') for k in ignored)} (only --skip-nonfinite and --no-progress "
+                "may be given), or start a new run with --out"
+            )
         cfg = MetaTrainConfig.load(args.resume)
+        if args.skip_nonfinite is not None:
+            cfg = dataclasses.replace(cfg, skip_nonfinite=args.skip_nonfinite)
+        ckpt = load_run_checkpoint(Path(args.resume) / "last.pt", cfg)
+        check_device(cfg.device)
         trainer = MetaTrainer(cfg, args.resume)
-        trainer.resume()
+        trainer.resume(ckpt)
     else:
         if not args.out:
-            raise SystemExit("metasam train: error: --out RUN_DIR is required (or --resume RUN_DIR)")
+            raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
         rule = {k: getattr(args, k) for k in RULE_KEYS if getattr(args, k) is not None}
         cfg = MetaTrainConfig(
             dataset=args.dataset, data_root=args.data_root, ways=args.ways, shots=args.shots, queries=args.queries,
@@ -64,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
             inner_steps=args.inner_steps, test_inner_steps=args.test_inner_steps, first_order=args.first_order,
             outer_lr=args.outer_lr, test_rule=args.test_rule, train_split=args.train_split, val_split=args.val_split,
             test_split=args.test_split, val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed,
-            device=args.device, path=args.path, rule=rule, model=args.model,
+            device=args.device, path=args.path, rule=rule, model=args.model, skip_nonfinite=args.skip_nonfinite or 0,
         )
+        check_new_run_dir(args.out)
+        check_device(cfg.device)
         trainer = MetaTrainer(cfg, args.out)
         trainer.start()
     say = trainer.procs.is_main  # under torchrun, rank 0 speaks for all processes

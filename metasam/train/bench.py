@@ -40,21 +40,22 @@ def run_grid(
     others take the standard settings of each setting's ways and shots.
     """
     out = Path(out_dir)
+    # every cell's settings are checked before the first one trains
+    cells = [((ways, shots, algo), MetaTrainConfig(**{**overrides, "ways": ways, "shots": shots, "algo": algo}))
+             for ways, shots in settings for algo in algos]
     results = []
-    for ways, shots in settings:
-        for algo in algos:
-            cfg = MetaTrainConfig(**{**overrides, "ways": ways, "shots": shots, "algo": algo})
-            run_dir = out / f"{ways}w{shots}s" / algo
-            trainer = MetaTrainer(cfg, run_dir)
-            if (run_dir / "train_summary.json").exists():
-                pass  # finished earlier
-            elif (run_dir / "last.pt").exists():
-                trainer.resume()
-                trainer.train(progress=progress)
-            else:
-                trainer.start()
-                trainer.train(progress=progress)
-            results.append(evaluate_run(run_dir, episodes, seed, progress=progress))
+    for (ways, shots, algo), cfg in cells:
+        run_dir = out / f"{ways}w{shots}s" / algo
+        trainer = MetaTrainer(cfg, run_dir)
+        if (run_dir / "train_summary.json").exists():
+            pass  # finished earlier
+        elif (run_dir / "last.pt").exists():
+            trainer.resume()
+            trainer.train(progress=progress)
+        else:
+            trainer.start()
+            trainer.train(progress=progress)
+        results.append(evaluate_run(run_dir, episodes, seed, progress=progress))
     table = render_table(results, algos, settings)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -7,11 +7,17 @@ validation TaskSet; never chosen on test tasks) and ``val_tasks.json``. Meta-bat
 ``it·T … it·T + T − 1`` of a seeded :class:`~metasam.data.EpisodeSampler`, so a resumed run sees exactly
 the tasks an uninterrupted run would, and reaches the same weights. Under torchrun the processes share
 each meta-batch and the evaluations, and rank 0 alone writes (:mod:`metasam.train.distributed`).
+
+Reliability (docs/reliability.md): every setting is checked before any data is loaded; ``last.pt`` exists
+from iteration 0 on and every file is replaced atomically, so a run killed at any moment resumes from its
+last complete checkpoint; a NaN/Inf step stops the run (or is skipped, ``skip_nonfinite`` times at most)
+without touching θ or the checkpoints.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass, fields
@@ -21,11 +27,25 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metasam.checkpoint import load_checkpoint, save_atomic
+from metasam.checkpoint import (
+    config_differences,
+    load_checkpoint,
+    read_jsonl,
+    remove_stale_temporaries,
+    save_atomic,
+    write_text_atomic,
+)
 from metasam.data import EpisodeSampler, FewShotDataset, TaskSet
-from metasam.errors import CheckpointError, ConfigError
+from metasam.data.episodes import check_episode_shape
+from metasam.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    MetaSAMError,
+    NonFiniteError,
+)
 from metasam.meta import PRESETS, MetaLearner
-from metasam.meta.learner import mean_ci95
+from metasam.meta.learner import check_hparams, mean_ci95
 from metasam.meta.presets import RULE_PARAMS
 from metasam.models import MODELS
 from metasam.train.distributed import join
@@ -45,6 +65,8 @@ DEFAULT_SPLITS = {
 PRE_ADAPTATION_EVERY = 10
 """Iterations between the (extra forward pass) query loss / accuracy before adaptation in metrics.jsonl."""
 RULE_KEYS = sorted({f"{lvl}_{p}" for lvl in ("inner", "outer") for ps in RULE_PARAMS.values() for p in ps})
+RESUME_OVERRIDES = ("skip_nonfinite",)
+"""Settings ``--resume`` may change: they decide what happens on a failure, not what a step computes."""
 
 
 @dataclass
@@ -78,6 +100,7 @@ class MetaTrainConfig:
     device: str = "cpu"
     path: str = "auto"
     rule: dict[str, Any] | None = None
+    skip_nonfinite: int = 0
 
     def __post_init__(self) -> None:
         if self.dataset not in DEFAULT_SPLITS:
@@ -110,6 +133,12 @@ class MetaTrainConfig:
         self.train_split = self.train_split or train
         self.val_split = self.val_split if self.val_split is not None else val
         self.test_split = self.test_split if self.test_split is not None else test
+        for name, low in (("meta_batch", 1), ("seed", 0), ("skip_nonfinite", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
+        check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,
+                      self.test_rule, self.path, **self.rule)
 
     @classmethod
     def load(cls, path: str | Path) -> "MetaTrainConfig":
@@ -118,11 +147,57 @@ class MetaTrainConfig:
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist: not a metasam run folder")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from a copy of the run folder") from exc
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} does not hold a metasam configuration (a JSON object)")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise CheckpointError(f"{path} has settings this metasam does not know: {unknown}; was it written by a newer version?")
         return cls(**data)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device string torch cannot parse, or CUDA where PyTorch sees none."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but this PyTorch sees no CUDA device; use --device cpu")
+
+
+def check_new_run_dir(out: str | Path) -> None:
+    """Refuse an ``out`` folder that already holds a run (before any work is done)."""
+    out = Path(out)
+    if (out / "last.pt").exists() or (out / "metrics.jsonl").exists():
+        raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+
+
+def load_run_checkpoint(path: str | Path, cfg: MetaTrainConfig) -> dict[str, Any]:
+    """Checkpoint ``path`` (read with ``weights_only=True``), checked to belong to ``cfg``; raises
+    :class:`CheckpointError` naming the settings that differ (``RESUME_OVERRIDES`` may)."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "metasam.checkpoint" or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} is not a metasam meta-training checkpoint")
+    try:  # fill settings added since the checkpoint was written with their defaults
+        saved = asdict(MetaTrainConfig(**ckpt["config"]))
+    except (TypeError, MetaSAMError) as exc:
+        raise CheckpointError(f"{path} holds a configuration this metasam cannot read ({exc})") from exc
+    current = asdict(cfg)
+    for key in RESUME_OVERRIDES:
+        saved[key] = current[key]
+    if saved != current:
+        raise CheckpointError(
+            f"{path} was written by another configuration than {cfg.dataset}/{cfg.algo} in config.json "
+            f"(checkpoint vs config: {config_differences(saved, current)}); use the run folder it came from"
+        )
+    return ckpt
 
 
 def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
@@ -151,10 +226,18 @@ class MetaTrainer:
     def __init__(self, cfg: MetaTrainConfig, out_dir: str | Path) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
+        check_device(cfg.device)
         self.procs = join(cfg.device, cfg.meta_batch)  # before the model is built: it picks this process's GPU
         self.train_ds, self.val_ds, self.test_ds = load_splits(
             cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, cfg.test_split, cfg.image_size
         )
+        for role, ds in (("train", self.train_ds), ("val", self.val_ds), ("test", self.test_ds)):
+            if ds is not None:
+                try:
+                    check_episode_shape(ds, cfg.ways, cfg.shots, cfg.queries)
+                except DatasetError as exc:
+                    spec = getattr(cfg, f"{role}_split") or "a held-out tenth of the training classes"
+                    raise DatasetError(f"--{role}-split {spec}: {exc}") from exc
         total = cfg.iterations * cfg.meta_batch
         self.sampler = EpisodeSampler(self.train_ds, cfg.ways, cfg.shots, cfg.queries, cfg.seed, num_tasks=total)
         # the agnostic outer rule's validation meta-batches: other tasks from the meta-training classes
@@ -163,38 +246,52 @@ class MetaTrainer:
         self.learner = build_learner(cfg, self.train_ds.image_shape[0])
         self.learner.reducer = self.procs.reducer
         self.best_val, self.best_iteration = -1.0, 0
+        self.skipped_nonfinite, self.checkpoint_iteration = 0, 0
 
     def _checkpoint(self) -> dict[str, Any]:
         return {
             "format": "metasam.checkpoint", "version": 1,
             "config": asdict(self.cfg), "hparams": self.learner.hparams, "model": self.learner.model_spec,
             "learner": self.learner.state_dict(), "best_val": self.best_val, "best_iteration": self.best_iteration,
+            "skipped_nonfinite": self.skipped_nonfinite,
         }
-
-    def start(self) -> None:
-        if (self.out / "last.pt").exists() or (self.out / "metrics.jsonl").exists():
-            raise ConfigError(f"{self.out} already holds a run; continue it with --resume {self.out} or choose another --out")
-        if not self.procs.is_main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
-        self.val_set.save(self.out / "val_tasks.json")
-
-    def resume(self) -> None:
-        ckpt = load_checkpoint(self.out / "last.pt")
-        if ckpt.get("config") != asdict(self.cfg):
-            raise CheckpointError(f"{self.out / 'last.pt'} was written by another configuration than {self.out / 'config.json'}")
-        self.learner.load_state_dict(ckpt["learner"])
-        self.best_val, self.best_iteration = ckpt["best_val"], ckpt["best_iteration"]
-        # drop metric lines written after the checkpoint, so the log matches the resumed weights
-        log = self.out / "metrics.jsonl"
-        if log.exists() and self.procs.is_main:
-            keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= self.learner.iteration]
-            log.write_text("".join(ln + "\n" for ln in keep))
 
     def _save(self, name: str) -> None:
         if self.procs.is_main:
-            save_atomic(self._checkpoint(), self.out / name)
+            try:
+                save_atomic(self._checkpoint(), self.out / name)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; then continue the run with: metasam train --resume {self.out}") from exc
+        if name == "last.pt":
+            self.checkpoint_iteration = self.learner.iteration
+
+    def start(self) -> None:
+        """Create the run folder: config.json, val_tasks.json and an iteration-0 last.pt (so a kill at
+        any later moment leaves a checkpoint to resume from). Under torchrun only rank 0 checks and writes."""
+        if not self.procs.is_main:
+            return
+        check_new_run_dir(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(asdict(self.cfg), indent=2), self.out / "config.json")
+        self.val_set.save(self.out / "val_tasks.json")
+        self._save("last.pt")
+
+    def resume(self, ckpt: dict[str, Any] | None = None) -> None:
+        """Continue from last.pt (or ``ckpt``, read by :func:`load_run_checkpoint`); metric lines written
+        after it are dropped so that the log matches the resumed weights."""
+        ckpt = ckpt or load_run_checkpoint(self.out / "last.pt", self.cfg)
+        self.learner.load_state_dict(ckpt["learner"], self.out / "last.pt")
+        self.best_val, self.best_iteration = ckpt["best_val"], ckpt["best_iteration"]
+        self.skipped_nonfinite = ckpt.get("skipped_nonfinite", 0)
+        self.checkpoint_iteration = self.learner.iteration
+        if not self.procs.is_main:
+            return
+        remove_stale_temporaries(self.out)  # left by a kill between writing and renaming a file
+        write_text_atomic(json.dumps(asdict(self.cfg), indent=2), self.out / "config.json")  # RESUME_OVERRIDES
+        log = self.out / "metrics.jsonl"
+        if log.exists():
+            keep = [r for r in read_jsonl(log) if r.get("iteration", math.inf) <= self.learner.iteration]
+            write_text_atomic("".join(json.dumps(r) + "\n" for r in keep), log)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.procs.is_main:
@@ -211,6 +308,21 @@ class MetaTrainer:
             self._save("best.pt")
         self._save("last.pt")
         return acc
+
+    def _skip_nonfinite(self, exc: NonFiniteError) -> dict[str, Any]:
+        """Count a NaN/Inf step as skipped (θ, optimizer and momentum untouched; its meta-batch consumed),
+        or stop the run once more than ``skip_nonfinite`` steps failed, keeping the checkpoints as they are."""
+        if self.skipped_nonfinite >= self.cfg.skip_nonfinite:
+            self._log({"iteration": exc.iteration, "nonfinite": exc.tensor, "stopped": True})
+            skipped = f" after skipping {self.skipped_nonfinite} such step(s)" if self.skipped_nonfinite else ""
+            raise NonFiniteError(
+                f"{exc}. The run stopped{skipped}; {self.out / 'last.pt'} keeps iteration {self.checkpoint_iteration}. "
+                f"To skip such steps instead: metasam train --resume {self.out} --skip-nonfinite {self.skipped_nonfinite + 1}",
+                iteration=exc.iteration, tensor=exc.tensor,
+            ) from exc
+        self.skipped_nonfinite += 1
+        self.learner.iteration += 1
+        return {"skipped_nonfinite": self.skipped_nonfinite, "nonfinite": exc.tensor}
 
     def train(self, progress: bool = True) -> dict[str, Any]:
         cfg, learner = self.cfg, self.learner
@@ -234,12 +346,16 @@ class MetaTrainer:
                 batch = _to(self.sampler.batch(tasks), cfg.device)
                 val_batch = _to(self.outer_val_sampler.batch(tasks), cfg.device) if learner.outer_rule.name == "agnostic" else None
                 start = time.perf_counter()
-                metrics = learner.meta_step(batch, val_batch, pre_adaptation=it % PRE_ADAPTATION_EVERY == 0)
+                try:
+                    metrics = learner.meta_step(batch, val_batch, pre_adaptation=it % PRE_ADAPTATION_EVERY == 0)
+                except NonFiniteError as exc:  # the same on every process: the loss and direction are all-reduced
+                    metrics = self._skip_nonfinite(exc)
                 metrics["tasks_per_s"] = cfg.meta_batch / (time.perf_counter() - start)
                 self._log({"iteration": learner.iteration, **metrics})
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['query_loss']:.3f}", acc=f"{metrics['query_acc']:.3f}",
-                                tasks_s=f"{metrics['tasks_per_s']:.1f}", best_val=f"{max(self.best_val, 0):.3f}")
+                if "query_loss" in metrics:  # a skipped step has none
+                    bar.set_postfix(loss=f"{metrics['query_loss']:.3f}", acc=f"{metrics['query_acc']:.3f}",
+                                    tasks_s=f"{metrics['tasks_per_s']:.1f}", best_val=f"{max(self.best_val, 0):.3f}")
                 if learner.iteration % cfg.val_every == 0 or learner.iteration == cfg.iterations:
                     self.validate()
         finally:
@@ -249,12 +365,13 @@ class MetaTrainer:
         if stop["signal"] is not None or stop.get("agreed") is not None:
             self._save("last.pt")
             raise KeyboardInterrupt(
-                f"stopped by signal {stop['signal'] or stop['agreed']} at iteration {learner.iteration}; checkpoint saved. "
-                f"Continue with: metasam train --resume {self.out}"
+                f"stopped by {signal.Signals(stop['signal'] or stop['agreed']).name} at iteration {learner.iteration}; "
+                f"checkpoint {self.out / 'last.pt'} saved. Continue with: metasam train --resume {self.out}"
             )
-        summary = {"iterations": learner.iteration, "best_val_acc": self.best_val, "best_iteration": self.best_iteration}
+        summary = {"iterations": learner.iteration, "best_val_acc": self.best_val, "best_iteration": self.best_iteration,
+                   "skipped_nonfinite": self.skipped_nonfinite}
         if self.procs.is_main:
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            write_text_atomic(json.dumps(summary, indent=2), self.out / "train_summary.json")
         return summary
 
 
@@ -267,10 +384,14 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     split = test_split or cfg.test_split
     if not split:
         raise ConfigError("the run has no test split; pass --test-split")
+    for name, value in (("episodes", episodes), ("steps", steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"--{name} must be an int >= 1, got {value!r}")
+    path = run_dir / f"{which}.pt"
+    procs = join("cpu")  # under torchrun the processes share the tasks
+    learner = MetaLearner.from_checkpoint(load_run_checkpoint(path, cfg), path, reducer=procs.reducer)
     _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
     tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
-    procs = join("cpu")  # under torchrun the processes share the tasks
-    learner = MetaLearner.load(run_dir, which=which, reducer=procs.reducer)
     accuracies = learner.task_accuracies(tasks, steps=steps, progress=progress and procs.is_main)
     mean, ci = mean_ci95(accuracies)
     result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
