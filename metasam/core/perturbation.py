@@ -13,6 +13,7 @@ parameters together, unit(g) = g / (‖g‖ + 1e-12), T = |θ| + η element-wise
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -64,10 +65,9 @@ def sam_perturbation(
     Returns:
         ε as a new list of tensors shaped like ``grads``; ‖ε‖ = ρ for SAM, ‖T⁻¹ε‖ = ρ for ASAM.
     """
-    _check_radius(rho, "rho")
+    check_nonnegative(rho, "rho")
     _check_same_length(params, grads, "params", "grads")
-    if eta < 0:
-        raise ConfigError(f"eta must be >= 0 (ASAM's T = |θ| + η), got {eta}")
+    check_nonnegative(eta, "eta", "(ASAM's T = |θ| + η)")
     if adaptive:
         scales = [p.abs() + eta for p in params]
         scaled = [t * g for t, g in zip(scales, grads)]  # T g
@@ -104,7 +104,7 @@ def agnostic_perturbation(
         rho2: descent radius ρ2 ≥ 0; the paper keeps ρ2 < ρ1 (typically ρ1 / 2). ρ2 = 0 gives SAM.
         adaptive, eta: as in :func:`sam_perturbation`.
     """
-    _check_radius(rho2, "rho2")
+    check_nonnegative(rho2, "rho2")
     ascent = sam_perturbation(params, train_grads, rho1, adaptive, eta)
     descent = sam_perturbation(params, val_grads, rho2, adaptive, eta)
     return [a - d for a, d in zip(ascent, descent)]
@@ -134,9 +134,13 @@ def add(a: Sequence[Tensor], b: Sequence[Tensor], alpha: float = 1.0) -> list[Te
     return [x + alpha * y for x, y in zip(a, b)]
 
 
-def _check_radius(value: float, name: str) -> None:
-    if not value >= 0:  # also rejects NaN
-        raise ConfigError(f"{name} must be a radius >= 0, got {value}")
+def check_nonnegative(value: float, name: str, meaning: str = "") -> None:
+    """Raise :class:`ConfigError` unless ``value`` (a radius ρ, ρ1, ρ2 or η) is a finite number ≥ 0.
+
+    NaN fails ``value >= 0``; an infinite radius would turn every perturbed point into Inf/NaN.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name} must be a finite number >= 0{' ' + meaning if meaning else ''}, got {value!r}")
 
 
 def _check_same_length(a: Sequence[Tensor], b: Sequence[Tensor], name_a: str, name_b: str) -> None:

@@ -16,7 +16,6 @@ Rules are frozen dataclasses (configuration only); the momentum m is state the c
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,15 @@ from typing import Any
 
 from torch import Tensor
 
-from metasam.core import add, agnostic_perturbation, cosine_similarity, global_norm, momentum_update, sam_perturbation
+from metasam.core import (
+    add,
+    agnostic_perturbation,
+    check_nonnegative,
+    cosine_similarity,
+    global_norm,
+    momentum_update,
+    sam_perturbation,
+)
 from metasam.errors import ConfigError
 
 GradFn = Callable[[Sequence[Tensor]], Sequence[Tensor]]
@@ -74,7 +81,8 @@ class SAMRule(Rule):
     name = "sam"
 
     def __post_init__(self) -> None:
-        _check_nonnegative("sam", rho=self.rho, eta=self.eta)
+        for key in ("rho", "eta"):
+            check_nonnegative(getattr(self, key), f"sam rule: {key}")
 
     def perturbation(self, params, grads, state, val_grad_fn):
         source = [g.detach() for g in grads] if self.detach_perturbation else grads
@@ -99,7 +107,8 @@ class AgnosticRule(Rule):
     name = "agnostic"
 
     def __post_init__(self) -> None:
-        _check_nonnegative("agnostic", rho1=self.rho1, rho2=self.rho2, eta=self.eta)
+        for key in ("rho1", "rho2", "eta"):
+            check_nonnegative(getattr(self, key), f"agnostic rule: {key}")
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"agnostic rule: beta must lie in [0, 1), got {self.beta}")
         if self.rho2 > self.rho1:
@@ -121,13 +130,6 @@ class AgnosticRule(Rule):
             "cos_train_val": cosine_similarity(grads, val_grads).detach(),
         }
         return eps, momentum, stats
-
-
-def _check_nonnegative(rule: str, **values: float) -> None:
-    """Radii and η must be finite numbers ≥ 0 (an infinite radius turns every step into NaN)."""
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{rule} rule: {key} must be a finite number >= 0, got {value!r}")
 
 
 RULES: dict[str, type[Rule]] = {"gd": Rule, "plain": Rule, "sam": SAMRule, "agnostic": AgnosticRule}

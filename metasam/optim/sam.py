@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from metasam.core import agnostic_perturbation, cosine_similarity, global_norm, momentum_update, sam_perturbation
+from metasam.core import agnostic_perturbation, check_nonnegative, cosine_similarity, global_norm, momentum_update, sam_perturbation
 from metasam.errors import ConfigError, NonFiniteError
 from metasam.optim.batchnorm import preserve_bn_stats
 
@@ -54,8 +54,7 @@ class _SharpnessOptimizer(Optimizer):
                 f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD, got "
                 f"{base_optimizer!r}; pass the class, not an instance, and its arguments as keywords"
             )
-        if eta < 0:
-            raise ConfigError(f"eta must be >= 0 (ASAM's T = |θ| + η), got {eta}")
+        check_nonnegative(eta, "eta", "(ASAM's T = |θ| + η)")
         super().__init__(params, {})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -176,8 +175,7 @@ class SAM(_SharpnessOptimizer):
         model: nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
-        if not rho >= 0:
-            raise ConfigError(f"rho must be a radius >= 0, got {rho}")
+        check_nonnegative(rho, "rho")
         super().__init__(params, base_optimizer, adaptive, eta, model, base_kwargs)
         self.rho = rho
 
@@ -239,8 +237,7 @@ class AgnosticSAM(_SharpnessOptimizer):
         **base_kwargs: Any,
     ) -> None:
         for name, value in (("rho1", rho1), ("rho2", rho2)):
-            if not value >= 0:
-                raise ConfigError(f"{name} must be a radius >= 0, got {value}")
+            check_nonnegative(value, name)
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"beta must lie in [0, 1), got {beta}")
         if rho2 > rho1:
