@@ -19,6 +19,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from metasam.data._checks import check_int
 from metasam.data._rng import StableRandom
 from metasam.data.base import FewShotDataset, check_disjoint
 from metasam.errors import ConfigError, DatasetError
@@ -79,8 +80,7 @@ def build_task(dataset: FewShotDataset, spec: TaskSpec) -> Task:
 def check_episode_shape(dataset: FewShotDataset, ways: int, shots: int, queries: int) -> None:
     """Raise a clear error unless every task of this shape can be drawn from ``dataset``."""
     for name, value, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name} must be an int ≥ {low}, got {value!r}")
+        check_int(name, value, low)
     if len(dataset.classes) < ways:
         raise DatasetError(
             f"{dataset.name} has {len(dataset.classes)} classes, fewer than ways={ways}; "
@@ -118,10 +118,8 @@ class EpisodeSampler(Dataset):
         disjoint_from: Sequence[FewShotDataset] = (),
     ) -> None:
         check_episode_shape(dataset, ways, shots, queries)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
-        if not isinstance(num_tasks, int) or num_tasks < 0:
-            raise ConfigError(f"num_tasks must be a non-negative int, got {num_tasks!r}")
+        check_int("seed", seed, 0)
+        check_int("num_tasks", num_tasks, 0)
         check_disjoint(dataset, *disjoint_from)
         self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
         self.seed, self.num_tasks = seed, num_tasks

@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from metasam.data._cache import load_or_build
+from metasam.data._checks import check_int
 from metasam.data._decode import to_array
 from metasam.data._files import decode_items, item_files, scan_class_folders
 from metasam.data.base import FewShotDataset
@@ -17,9 +18,9 @@ MODES = ("RGB", "L")
 
 
 def check_size_and_mode(dataset: str, image_size: int | None, mode: str) -> None:
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ConfigError(f"{dataset}: image_size must be a positive int or None, got {image_size!r}")
-    if mode not in MODES:
+    if image_size is not None:
+        check_int(f"{dataset}: image_size", image_size)
+    if not isinstance(mode, str) or mode not in MODES:
         raise ConfigError(f"{dataset}: mode must be one of {MODES}, got {mode!r}")
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, features
 
 from metasam.data._cache import load_or_build
+from metasam.data._checks import check_flag, check_int, names
 from metasam.data._rng import StableRandom
 from metasam.data.base import FewShotDataset
 from metasam.errors import ConfigError, DatasetError
@@ -65,15 +66,14 @@ class Glyphs(FewShotDataset):
     def __init__(self, *, drawers: int = 20, image_size: int = 28, scripts: Sequence[str] | None = None,
                  max_per_script: int = 80, rotations: bool = False, seed: int = 0,
                  cache_dir: str | os.PathLike | None | bool = None) -> None:
-        scripts = list(SCRIPTS) if scripts is None else list(scripts)
+        scripts = list(SCRIPTS) if scripts is None else names("Glyphs: scripts", scripts)
         unknown = [s for s in scripts if s not in SCRIPTS]
         if unknown or not scripts:
             raise ConfigError(f"Glyphs: unknown script(s) {unknown or scripts}; choose among {list(SCRIPTS)}")
         for name, value in (("drawers", drawers), ("image_size", image_size), ("max_per_script", max_per_script)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"Glyphs: {name} must be a positive int, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"Glyphs: seed must be a non-negative int, got {seed!r}")
+            check_int(f"Glyphs: {name}", value)
+        check_int("Glyphs: seed", seed, 0)
+        check_flag("Glyphs: rotations", rotations)
         if not FONT.is_file():
             raise DatasetError(f"Glyphs: font {FONT} not found; it ships with matplotlib, reinstall matplotlib")
         options = {"drawers": drawers, "image_size": image_size, "scripts": scripts, "max_per_script": max_per_script,

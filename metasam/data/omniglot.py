@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from metasam.data._cache import load_or_build
+from metasam.data._checks import check_flag, check_int, names
 from metasam.data._decode import is_image_name, to_array
 from metasam.data._files import Item, decode_items
 from metasam.data._rng import StableRandom
@@ -73,12 +74,16 @@ class Omniglot(FewShotDataset):
         download: bool = False,
         cache_dir: str | os.PathLike | None | bool = None,
     ) -> None:
-        subsets = [subset] if isinstance(subset, str) else list(subset)
+        subsets = [subset] if isinstance(subset, str) else names("Omniglot: subset", subset)
         unknown = [s for s in subsets if s not in SUBSETS]
         if not subsets or unknown:
             raise ConfigError(f"Omniglot: unknown subset {unknown or subsets}; choose among {list(SUBSETS)}")
-        if not isinstance(image_size, int) or image_size < 1:
-            raise ConfigError(f"Omniglot: image_size must be a positive int, got {image_size!r}")
+        check_int("Omniglot: image_size", image_size)
+        for flag, value in (("rotations", rotations), ("download", download)):
+            check_flag(f"Omniglot: {flag}", value)
+        alphabets = None if alphabets is None else names("Omniglot: alphabets", alphabets)
+        if split is not None and not isinstance(split, str):
+            raise ConfigError(f"Omniglot: split must be a split name (a string) or None, got {split!r}")
         folder = _locate(root, subsets, download)
         sources = [_source(folder, s) for s in subsets]
         files = [p for src in sources for p in ([src] if src.is_file() else src.rglob("*")) if p.is_file()]
@@ -89,7 +94,7 @@ class Omniglot(FewShotDataset):
         name = "omniglot:" + "+".join(subsets)
         self._set_data(images, meta["targets"], meta["classes"], meta["file_ids"], name=name)
         if alphabets is not None:
-            self._keep_alphabets(list(alphabets))
+            self._keep_alphabets(alphabets)
         if split is not None:
             self._keep_split(split, dict(split_sizes or VINYALS_SIZES), split_seed)
             self.name += f":{split}"
