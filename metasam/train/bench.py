@@ -14,7 +14,7 @@ from typing import Any
 
 from metasam.errors import ConfigError
 from metasam.meta.learner import mean_ci95
-from metasam.train.meta import MetaTrainConfig, MetaTrainer, evaluate_run
+from metasam.train.meta import MetaTrainConfig, MetaTrainer, check_int, evaluate_run
 
 SETTING = re.compile(r"^(\d+)w(\d+)s$")
 
@@ -41,6 +41,9 @@ def run_grid(
     """
     out = Path(out_dir)
     # every cell's settings are checked before the first one trains
+    if not algos:
+        raise ConfigError("--algos names no algorithm; pass a comma list such as maml,agnostic-sam")
+    check_int("episodes", episodes)
     cells = [((ways, shots, algo), MetaTrainConfig(**{**overrides, "ways": ways, "shots": shots, "algo": algo}))
              for ways, shots in settings for algo in algos]
     results = []

@@ -134,9 +134,7 @@ class MetaTrainConfig:
         self.val_split = self.val_split if self.val_split is not None else val
         self.test_split = self.test_split if self.test_split is not None else test
         for name, low in (("meta_batch", 1), ("seed", 0), ("skip_nonfinite", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
+            check_int(name, getattr(self, name), low)
         check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,
                       self.test_rule, self.path, **self.rule)
 
@@ -157,6 +155,13 @@ class MetaTrainConfig:
         if unknown:
             raise CheckpointError(f"{path} has settings this metasam does not know: {unknown}; was it written by a newer version?")
         return cls(**data)
+
+
+def check_int(name: str, value: Any, low: int = 1) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an int ≥ ``low``; ``name`` is the setting (``meta_batch``
+    is reported as ``--meta-batch``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
 
 
 def check_device(device: str) -> None:
@@ -384,9 +389,9 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     split = test_split or cfg.test_split
     if not split:
         raise ConfigError("the run has no test split; pass --test-split")
-    for name, value in (("episodes", episodes), ("steps", steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"--{name} must be an int >= 1, got {value!r}")
+    check_int("episodes", episodes)
+    if steps is not None:
+        check_int("steps", steps)
     path = run_dir / f"{which}.pt"
     procs = join("cpu")  # under torchrun the processes share the tasks
     learner = MetaLearner.from_checkpoint(load_run_checkpoint(path, cfg), path, reducer=procs.reducer)
