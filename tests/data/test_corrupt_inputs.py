@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from conftest import fake_omniglot
 from PIL import Image
-from test_miniimagenet import pictures, write_csv_format, write_folder_format, write_pickle_format
+from test_miniimagenet import (
+    pictures,
+    write_csv_format,
+    write_folder_format,
+    write_pickle_format,
+)
 
 from metasam.cli.main import main
 from metasam.data import Omniglot
