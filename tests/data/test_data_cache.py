@@ -31,7 +31,7 @@ def test_second_load_uses_the_cache(tmp_path, monkeypatch):
     assert torch.equal(first.images, second.images) and first.classes == second.classes
 
 
-def test_changed_source_invalidates_the_cache(tmp_path):
+def test_changed_added_or_removed_source_invalidates_the_cache(tmp_path):
     fake_omniglot(tmp_path / "data")
     cache = tmp_path / "cache"
     before = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
@@ -44,6 +44,13 @@ def test_changed_source_invalidates_the_cache(tmp_path):
     # a different image size is a different cache entry too
     Omniglot(tmp_path / "data", image_size=20, cache_dir=cache)
     assert len(cache_files(cache)) == 3
+    # so is an added drawing; removing it again finds the earlier entry
+    extra = tmp_path / "data" / "images_background" / "Beta" / "character01" / "0201_09.png"
+    write_drawing(extra, seed=77)
+    assert len(Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)) == len(after) + 1
+    extra.unlink()
+    assert torch.equal(Omniglot(tmp_path / "data", rotations=False, cache_dir=cache).images, after.images)
+    assert len(cache_files(cache)) == 4
 
 
 def test_default_cache_dir_comes_from_environment(tmp_path, monkeypatch):
@@ -90,16 +97,3 @@ def test_a_failed_cache_write_leaves_no_file_to_read_and_the_next_load_rebuilds(
     monkeypatch.setattr(om, "_decode", lambda *a: decoded.append(1) or decode(*a))
     again = Omniglot(tmp_path / "data", cache_dir=cache)
     assert decoded == [1] and torch.equal(first.images, again.images) and len(cache_files(cache)) == 1
-
-
-def test_adding_or_removing_a_source_file_invalidates_the_cache(tmp_path):
-    fake_omniglot(tmp_path / "data")
-    cache = tmp_path / "cache"
-    before = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
-    extra = tmp_path / "data" / "images_background" / "Beta" / "character01" / "0201_09.png"
-    write_drawing(extra, seed=77)
-    grown = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
-    assert len(grown) == len(before) + 1
-    extra.unlink()
-    shrunk = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
-    assert torch.equal(shrunk.images, before.images) and len(cache_files(cache)) == 2
