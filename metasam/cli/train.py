@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from metasam.errors import ConfigError
+from metasam.errors import CheckpointError, ConfigError
 from metasam.meta import PRESETS
 from metasam.train.meta import (
     RESUME_OVERRIDES,
@@ -80,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
                 "may be given), or start a new run with --out"
             )
         cfg = MetaTrainConfig.load(args.resume)
+        if not (Path(args.resume) / "last.pt").exists():
+            raise CheckpointError(
+                f"{args.resume} has a config.json but no last.pt: the run stopped before its first checkpoint, so "
+                f"nothing was trained; start it again with metasam train --out {args.resume} and the same settings"
+            )
         if args.skip_nonfinite is not None:
             cfg = dataclasses.replace(cfg, skip_nonfinite=args.skip_nonfinite)
         ckpt = load_run_checkpoint(Path(args.resume) / "last.pt", cfg)

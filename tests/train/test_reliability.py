@@ -173,6 +173,12 @@ def test_foreign_checkpoints_and_changed_settings_are_named(tmp_path, capsys):
     assert main(["train", "--resume", str(a), "--no-progress"]) == 2
     (line,) = errors(capsys.readouterr().err)
     assert "last.pt was written by another configuration" in line and "ways: 4 vs 3" in line
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "train_summary.json"):  # as if killed before last.pt
+        (b / name).unlink()
+    assert main(["train", "--resume", str(b), "--no-progress"]) == 2
+    (line,) = errors(capsys.readouterr().err)
+    assert "has a config.json but no last.pt" in line and f"start it again with metasam train --out {b}" in line
+    assert main([*CLI, "--iterations", "2", "--ways", "4", "--out", str(b)]) == 0
 
 
 def test_disk_full_while_checkpointing_stops_the_run_with_the_old_checkpoint_intact(tmp_path, monkeypatch, capsys):
