@@ -88,9 +88,9 @@ def test_a_skipped_step_changes_no_weight_optimizer_state_or_momentum_and_the_ne
     entering = {}
     step = trainer.learner.meta_step
 
-    def recording(*args):
+    def recording(*args, **kwargs):
         entering[trainer.learner.iteration] = copy.deepcopy(trainer.learner.state_dict())
-        return step(*args)
+        return step(*args, **kwargs)
 
     trainer.learner.meta_step = recording
     with pytest.raises(NonFiniteError, match=r"iteration 5: the query loss is NaN.*stopped after skipping 1 such step"):
