@@ -119,6 +119,7 @@ def stop_resume_evaluate(out: Path) -> None:
     resumed.train(progress=False)
     result = {"stopped": stopped, "resumed_from": start, "weights": resumed.learner.model.state_dict()}
     torch.save(result, out / f"rank{trainer.procs.rank}.pt")
+    dist.barrier()  # likewise the evaluation: rank 0 may still be writing the final best.pt
     assert main(["evaluate", str(out / "run"), "--episodes", "7", "--no-progress"]) == 0
 
 
