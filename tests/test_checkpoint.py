@@ -96,6 +96,9 @@ def test_jsonl_reader_drops_only_a_torn_last_line(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"iteration": 1}\n{"iteration": 2}\n{"itera')  # a kill in the middle of an append
     assert read_jsonl(log) == [{"iteration": 1}, {"iteration": 2}]
+    from metasam.analysis import read_metrics
+
+    assert read_metrics(tmp_path) == [{"iteration": 1}, {"iteration": 2}]  # metasam plot reads a killed run too
     log.write_text('{"iteration": 1}\nnot json\n{"iteration": 3}\n')
     with pytest.raises(CheckpointError, match="metrics.jsonl line 2 is not JSON"):
         read_jsonl(log)

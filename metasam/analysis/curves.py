@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from metasam.checkpoint import read_jsonl
 from metasam.errors import ConfigError
 
 ALIGNMENT_KEYS = ("cos_train_val", "outer_cos_train_val")
@@ -16,7 +16,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: not a metasam run folder")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)  # a run killed mid-append leaves a torn last line, which is left out
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
