@@ -33,7 +33,7 @@ from metasam.data.episodes import TaskBatch
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError
 from metasam.meta.distributed import Reducer
 from metasam.meta.presets import PRESETS, RULE_PARAMS
-from metasam.meta.rules import Rule, make_rule
+from metasam.meta.rules import Rule, make_rule, rule_from_spec, rule_spec
 from metasam.models import MODELS
 from metasam.models.conv4 import primitive_batchnorm
 
@@ -129,7 +129,10 @@ class MetaLearner:
         inner_lr: α. inner_steps: K at meta-training; test_inner_steps: K at meta-test (default K).
         first_order: detach inner gradients (default: the preset's; True only for fomaml).
         outer_lr: the outer optimizer's learning rate (Adam unless ``outer_optimizer`` names another class).
-        inner_rule / outer_rule: a :class:`~metasam.meta.rules.Rule` replacing the preset's.
+        inner_rule / outer_rule: a :class:`~metasam.meta.rules.Rule` replacing the preset's (or the
+            plain-data spec :func:`~metasam.meta.rules.rule_spec` gives, as checkpoints store it).
+            metasam's rules are saved with the checkpoint and :meth:`load` rebuilds them; a rule class
+            of your own must be passed to :meth:`load` again.
         test_rule: "same" (the meta-training inner rule, the seed paper's and Sharp-MAML's choice) or "gd".
         val_view: the agnostic inner rule's validation view of the support set, (x, y) → (x', y');
             None duplicates the support set (the seed paper). Never the query set.
@@ -153,8 +156,8 @@ class MetaLearner:
         first_order: bool | None = None,
         outer_lr: float = 1e-3,
         outer_optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
-        inner_rule: Rule | None = None,
-        outer_rule: Rule | None = None,
+        inner_rule: Rule | dict[str, Any] | None = None,
+        outer_rule: Rule | dict[str, Any] | None = None,
         test_rule: str = "same",
         val_view: ValView | None = None,
         path: str = "auto",
@@ -178,8 +181,11 @@ class MetaLearner:
         self.test_rule = test_rule
         self.val_view = val_view
         self.reducer = reducer
-        self.inner_rule = inner_rule or preset_inner
-        self.outer_rule = outer_rule or preset_outer
+        self.inner_rule = preset_inner if inner_rule is None else rule_from_spec(inner_rule, "inner")
+        self.outer_rule = preset_outer if outer_rule is None else rule_from_spec(outer_rule, "outer")
+        for level, rule in (("inner", inner_rule), ("outer", outer_rule)):
+            if rule is not None:  # saved with the checkpoint, so that load() rebuilds the same rules
+                self.hparams[f"{level}_rule"] = rule_spec(getattr(self, f"{level}_rule"))
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.names = list(self.params)
         self.outer_optimizer = outer_optimizer(list(self.params.values()), lr=outer_lr)

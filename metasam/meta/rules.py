@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import Tensor
@@ -143,3 +143,27 @@ def make_rule(kind: str, **params: Any) -> Rule:
         return RULES[kind](**params)
     except TypeError as exc:
         raise ConfigError(f"rule {kind!r} does not take {sorted(params)}: {exc}") from exc
+
+
+def rule_spec(rule: Rule) -> dict[str, Any]:
+    """A plain-data description of ``rule`` that :func:`rule_from_spec` turns back into it (for checkpoints):
+    ``{"kind": name, "params": fields}`` for metasam's rule classes; ``{"class": "module.Name"}`` for others,
+    which a checkpoint cannot rebuild."""
+    if type(rule) is RULES.get(rule.name):
+        return {"kind": rule.name, "params": asdict(rule)}
+    return {"class": f"{type(rule).__module__}.{type(rule).__qualname__}"}
+
+
+def rule_from_spec(spec: Rule | dict[str, Any], level: str) -> Rule:
+    """``spec`` itself if it is a Rule, else the rule :func:`rule_spec` described; ``level`` (inner/outer)
+    names the argument in errors."""
+    if isinstance(spec, Rule):
+        return spec
+    if not isinstance(spec, dict) or ("kind" not in spec and "class" not in spec):
+        raise ConfigError(f"{level}_rule must be a metasam.meta.Rule, got {spec!r}")
+    if "class" in spec:
+        raise ConfigError(
+            f"this learner was trained with a custom {level} rule, {spec['class']}, which a checkpoint cannot "
+            f"rebuild; pass {level}_rule=<an instance of it> to MetaLearner.load"
+        )
+    return make_rule(spec["kind"], **spec.get("params", {}))

@@ -262,3 +262,39 @@ def test_pre_adaptation_metrics_are_optional_and_do_not_change_the_step():
     assert with_before["query_loss_before"] == pytest.approx(expected, rel=1e-12)
     for x, y in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(x, y)
+
+
+def test_custom_rules_are_saved_and_rebuilt_by_load(tmp_path):
+    from dataclasses import dataclass
+
+    from metasam import SAMRule
+    from metasam.meta.rules import Rule
+
+    batch = tasks(seed=6)
+    custom = dict(algo="maml", inner_lr=0.3, inner_rule=SAMRule(rho=0.07), outer_rule=SAMRule(rho=0.02))
+    learner = MetaLearner(mlp(), **custom)
+    learner.meta_step(batch)
+    torch.save({"model": {"name": "_test_mlp", "kwargs": {}}, "hparams": learner.hparams, "learner": learner.state_dict()},
+               tmp_path / "best.pt")
+    from metasam.models import MODELS
+
+    MODELS["_test_mlp"] = mlp
+    try:
+        loaded = MetaLearner.load(tmp_path)
+        assert loaded.inner_rule == SAMRule(rho=0.07) and loaded.outer_rule == SAMRule(rho=0.02)
+        expected = learner.meta_gradient(batch)
+        for n, g in loaded.meta_gradient(batch).items():
+            assert torch.equal(g, expected[n]), n
+
+        @dataclass(frozen=True)
+        class Mine(Rule):
+            name = "gd"
+
+        mine = MetaLearner(mlp(), "maml", inner_lr=0.3, inner_rule=Mine())
+        torch.save({"model": {"name": "_test_mlp", "kwargs": {}}, "hparams": mine.hparams, "learner": mine.state_dict()},
+                   tmp_path / "best.pt")
+        with pytest.raises(ConfigError, match="custom inner rule.*Mine.*pass inner_rule="):
+            MetaLearner.load(tmp_path)
+        assert isinstance(MetaLearner.load(tmp_path, inner_rule=Mine()).inner_rule, Mine)
+    finally:
+        del MODELS["_test_mlp"]
