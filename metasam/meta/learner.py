@@ -33,7 +33,7 @@ from metasam.data.episodes import TaskBatch
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError
 from metasam.meta.distributed import Reducer
 from metasam.meta.presets import PRESETS, RULE_PARAMS
-from metasam.meta.rules import Rule, make_rule, rule_from_spec, rule_spec
+from metasam.meta.rules import GradFn, Rule, make_rule, rule_from_spec, rule_spec
 from metasam.models import MODELS
 from metasam.models.conv4 import primitive_batchnorm
 
@@ -105,6 +105,27 @@ def check_hparams(
         return make_rule(kind, **{k[len(prefix):]: v for k, v in rule_params.items() if k.startswith(prefix)})
 
     return rule(preset.inner, "inner"), rule(preset.outer, "outer")
+
+
+GradMaker = Callable[[Callable[[Sequence[Tensor]], Tensor]], GradFn]
+"""Turns a loss function of parameter values into its gradient function."""
+
+
+def autograd_grad(create_graph: bool) -> GradMaker:
+    """``torch.func.grad``'s contract (values → ∇ loss at values) with ``torch.autograd.grad``: values that
+    do not require grad become leaves; ``create_graph`` keeps the gradient differentiable (second order).
+    Works under ``torch.no_grad`` too, like ``torch.func.grad``."""
+
+    def make(loss_fn: Callable[[Sequence[Tensor]], Tensor]) -> GradFn:
+        def grad_fn(values: Sequence[Tensor]) -> list[Tensor]:
+            with torch.enable_grad():
+                values = [v if v.requires_grad else v.detach().requires_grad_() for v in values]
+                return list(torch.autograd.grad(loss_fn(values), values, create_graph=create_graph,
+                                                allow_unused=True, materialize_grads=True))
+
+        return grad_fn
+
+    return make
 
 
 def _has_torch_batchnorm(model: nn.Module) -> bool:
@@ -210,14 +231,17 @@ class MetaLearner:
         return functional_call(self.model, ({**dict(zip(self.names, values)), **buffers}), (x,))
 
     def _adapt_values(
-        self, theta: Sequence[Tensor], sx: Tensor, sy: Tensor, steps: int, rule: Rule, first_order: bool
+        self, theta: Sequence[Tensor], sx: Tensor, sy: Tensor, steps: int, rule: Rule, first_order: bool,
+        grad_of: GradMaker = grad,
     ) -> list[Tensor]:
-        """φ_K from φ_0 = θ by K steps φ ← φ − α·d of ``rule`` on the support loss."""
-        grad_s = grad(lambda v: self._loss(v, sx, sy))
+        """φ_K from φ_0 = θ by K steps φ ← φ − α·d of ``rule`` on the support loss. ``grad_of`` turns a loss
+        function into its gradient function: ``torch.func.grad`` (composes with vmap, jvp) or
+        :func:`autograd_grad` (the loop path)."""
+        grad_s = grad_of(lambda v: self._loss(v, sx, sy))
         grad_v = None
         if self.val_view is not None and rule.name == "agnostic":
             vx, vy = self.val_view(sx, sy)
-            grad_v = grad(lambda v: self._loss(v, vx, vy))
+            grad_v = grad_of(lambda v: self._loss(v, vx, vy))
         phi, state = list(theta), None
         for _ in range(steps):
             base = [p.detach() for p in phi] if first_order else phi
@@ -225,11 +249,20 @@ class MetaLearner:
             phi = [p - self.inner_lr * g for p, g in zip(phi, d)]
         return phi
 
-    def _task_loss(self, theta, sx, sy, qx, qy):
-        phi = self._adapt_values(theta, sx, sy, self.inner_steps, self.inner_rule, self.first_order)
+    def _task_loss(self, theta, sx, sy, qx, qy, grad_of: GradMaker = grad):
+        phi = self._adapt_values(theta, sx, sy, self.inner_steps, self.inner_rule, self.first_order, grad_of)
         logits = self._logits(phi, qx)
         loss = nn.functional.cross_entropy(logits, qy)
         return loss, (loss.detach(), (logits.argmax(-1) == qy).float().mean().detach())
+
+    def _task_grad(self, theta: Sequence[Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
+        """(∇_θ L_q(φ_K(θ)), (query loss, query accuracy)) of one task with torch.autograd: the loop path.
+        The same graph ``torch.func.grad(_task_loss)`` builds, without its wrapper dispatch on every
+        operation, which cost about a fifth of a Conv4 step on CPU (benchmarks/throughput.py)."""
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in theta]
+            loss, aux = self._task_loss(leaves, sx, sy, qx, qy, autograd_grad(create_graph=not self.first_order))
+            return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True), aux
 
     def _meta_grad(self, theta: Sequence[Tensor], batch: TaskBatch) -> tuple[list[Tensor], Tensor, Tensor]:
         """∇_θ L_meta and the mean post-adaptation query loss and accuracy of ``batch`` (of the whole
@@ -245,10 +278,8 @@ class MetaLearner:
                 grads, (losses, accs) = grad(loss_sum, has_aux=True)(theta)
             sums = [*grads, losses.sum(), accs.sum()]
         else:
-            task_grad = grad(self._task_loss, has_aux=True)
-
             def task_terms(t: int) -> list[Tensor]:
-                g, (loss, acc) = task_grad(theta, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t])
+                g, (loss, acc) = self._task_grad(theta, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t])
                 return [*g, loss, acc]
 
             sums = _sum_over_tasks(task_terms, tasks)
@@ -275,7 +306,8 @@ class MetaLearner:
 
     def _adapt_for_test(self, theta, sx, sy, steps: int | None, first_order: bool) -> list[Tensor]:
         rule = self.inner_rule if self.test_rule == "same" else make_rule("gd")
-        return self._adapt_values(theta, sx, sy, steps or self.test_inner_steps, rule, first_order)
+        return self._adapt_values(theta, sx, sy, steps or self.test_inner_steps, rule, first_order,
+                                  autograd_grad(create_graph=not first_order))
 
     def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """Logits of ``x`` under fast weights ``params`` (BatchNorm: statistics of the batch ``x``)."""
