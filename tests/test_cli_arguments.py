@@ -24,7 +24,7 @@ class DataReached(Exception):
     """The settings passed every check and the run went on to load its data."""
 
 
-INT_FLAGS = {"ways": 2, "shots": 1, "queries": 1, "iterations": 1, "meta_batch": 1, "inner_steps": 1,
+INT_FLAGS = {"ways": 2, "shots": 1, "queries": 1, "iterations": 1, "meta_batch": 1, "outer_val_tasks": 1, "inner_steps": 1,
              "test_inner_steps": 1, "val_every": 1, "val_tasks": 1, "seed": 0, "skip_nonfinite": 0}
 POSITIVE_FLOATS = ("inner_lr", "outer_lr")
 RULE_FLOATS = ("inner_rho", "inner_rho1", "inner_rho2", "inner_eta", "inner_beta",

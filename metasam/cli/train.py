@@ -61,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--path", choices=("auto", "loop", "vmap"), default="auto", help="how tasks of a meta-batch are run")
     p.add_argument("--out", help="run folder (config, metrics.jsonl, last.pt, best.pt)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
+    p.add_argument("--outer-val-tasks", type=int, default=None, metavar="V",
+                   help="tasks in each validation meta-batch of the agnostic outer rule (default: --meta-batch; "
+                   "the seed paper's validation batches are a quarter of the training batch)")
     p.add_argument("--skip-nonfinite", type=int, default=None, metavar="N",
                    help="skip up to N steps whose loss or gradient is NaN/Inf (θ unchanged, counted in metrics.jsonl) "
                    "before stopping; default 0. Also allowed with --resume")
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             outer_lr=args.outer_lr, test_rule=args.test_rule, train_split=args.train_split, val_split=args.val_split,
             test_split=args.test_split, val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed,
             device=args.device, path=args.path, rule=rule, model=args.model, skip_nonfinite=args.skip_nonfinite or 0,
+            outer_val_tasks=args.outer_val_tasks,
         )
         check_new_run_dir(args.out)
         check_device(cfg.device)

@@ -101,6 +101,7 @@ class MetaTrainConfig:
     path: str = "auto"
     rule: dict[str, Any] | None = None
     skip_nonfinite: int = 0
+    outer_val_tasks: int | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DEFAULT_SPLITS:
@@ -127,13 +128,14 @@ class MetaTrainConfig:
         self.inner_steps = steps if self.inner_steps is None else self.inner_steps
         self.test_inner_steps = test_steps if self.test_inner_steps is None else self.test_inner_steps
         self.meta_batch = batch if self.meta_batch is None else self.meta_batch
+        self.outer_val_tasks = self.meta_batch if self.outer_val_tasks is None else self.outer_val_tasks
         self.image_size = (84 if family == "miniimagenet" else 28) if self.image_size is None else self.image_size
         self.hidden = (32 if family == "miniimagenet" else 64) if self.hidden is None else self.hidden
         train, val, test = DEFAULT_SPLITS[self.dataset]
         self.train_split = self.train_split or train
         self.val_split = self.val_split if self.val_split is not None else val
         self.test_split = self.test_split if self.test_split is not None else test
-        for name, low in (("meta_batch", 1), ("seed", 0), ("skip_nonfinite", 0)):
+        for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0)):
             check_int(name, getattr(self, name), low)
         check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,
                       self.test_rule, self.path, **self.rule)
@@ -233,6 +235,11 @@ class MetaTrainer:
         self.out = Path(out_dir)
         check_device(cfg.device)
         self.procs = join(cfg.device, cfg.meta_batch)  # before the model is built: it picks this process's GPU
+        if PRESETS[cfg.algo].outer == "agnostic" and cfg.outer_val_tasks < self.procs.world_size:
+            raise ConfigError(
+                f"--outer-val-tasks {cfg.outer_val_tasks} is smaller than the {self.procs.world_size} processes: each "
+                "process needs at least one validation task; raise it or start fewer processes"
+            )
         self.train_ds, self.val_ds, self.test_ds = load_splits(
             cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, cfg.test_split, cfg.image_size
         )
@@ -246,7 +253,8 @@ class MetaTrainer:
         total = cfg.iterations * cfg.meta_batch
         self.sampler = EpisodeSampler(self.train_ds, cfg.ways, cfg.shots, cfg.queries, cfg.seed, num_tasks=total)
         # the agnostic outer rule's validation meta-batches: other tasks from the meta-training classes
-        self.outer_val_sampler = EpisodeSampler(self.train_ds, cfg.ways, cfg.shots, cfg.queries, cfg.seed + 1, num_tasks=total)
+        self.outer_val_sampler = EpisodeSampler(self.train_ds, cfg.ways, cfg.shots, cfg.queries, cfg.seed + 1,
+                                                num_tasks=cfg.iterations * cfg.outer_val_tasks)
         self.val_set = TaskSet.sample(self.val_ds, cfg.val_tasks, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 2)
         self.learner = build_learner(cfg, self.train_ds.image_shape[0])
         self.learner.reducer = self.procs.reducer
@@ -349,7 +357,10 @@ class MetaTrainer:
                 it = learner.iteration
                 tasks = self.procs.share(range(it * cfg.meta_batch, (it + 1) * cfg.meta_batch))
                 batch = _to(self.sampler.batch(tasks), cfg.device)
-                val_batch = _to(self.outer_val_sampler.batch(tasks), cfg.device) if learner.outer_rule.name == "agnostic" else None
+                val_batch = None
+                if learner.outer_rule.name == "agnostic":
+                    v = cfg.outer_val_tasks
+                    val_batch = _to(self.outer_val_sampler.batch(self.procs.share(range(it * v, (it + 1) * v))), cfg.device)
                 start = time.perf_counter()
                 try:
                     metrics = learner.meta_step(batch, val_batch, pre_adaptation=it % PRE_ADAPTATION_EVERY == 0)

@@ -141,3 +141,25 @@ def test_mean_ci95_by_hand():
     assert mean == pytest.approx(0.75)
     assert ci == pytest.approx(1.96 * 0.25 / 3**0.5)
     assert mean_ci95([0.3]) == (0.3, 0.0)
+
+
+def test_agnostic_outer_rule_gets_validation_meta_batches_of_outer_val_tasks(tmp_path):
+    cfg = MetaTrainConfig(algo="agnostic-sam-up", iterations=3, outer_val_tasks=1, **{**TINY, "meta_batch": 3})
+    assert MetaTrainConfig(algo="agnostic-sam-up", iterations=3, **TINY).outer_val_tasks == TINY["meta_batch"]
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    trainer.start()
+    seen = []
+    step = trainer.learner.meta_step
+
+    def record(batch, val_batch, **kwargs):
+        seen.append((batch.support_x.shape[0], val_batch))
+        return step(batch, val_batch, **kwargs)
+
+    trainer.learner.meta_step = record
+    trainer.train(progress=False)
+    assert [tasks for tasks, _ in seen] == [3, 3, 3]
+    for it, (_, val_batch) in enumerate(seen):  # task `it` of the validation sampler, one per step
+        expected = trainer.outer_val_sampler.batch([it])
+        assert all(torch.equal(a, b) for a, b in zip(val_batch, expected))
+    with pytest.raises(ConfigError, match="--outer-val-tasks must be an int >= 1"):
+        MetaTrainConfig(algo="agnostic-sam-up", outer_val_tasks=0, **TINY)
