@@ -24,7 +24,8 @@ PICKLE_NAMES = {"train": "train", "val": "validation", "test": "test"}
 
 
 class MiniImageNet(FewShotDataset):
-    """One split of MiniImageNet as RGB images resized to ``image_size`` (antialiased BILINEAR).
+    """One split of MiniImageNet as RGB images resized to ``image_size`` (antialiased BILINEAR; None keeps
+    the files' own size, 84×84 in the standard releases).
 
     ``root`` (or ``$METASAM_DATA/miniimagenet``, or ``$METASAM_DATA``) holds one of, tried in this order:
 
@@ -36,7 +37,7 @@ class MiniImageNet(FewShotDataset):
     (c) ``train/``, ``val/``, ``test/`` folders with one subfolder per class.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, split: str = "train", *, image_size: int = 84,
+    def __init__(self, root: str | os.PathLike | None = None, split: str = "train", *, image_size: int | None = 84,
                  cache_dir: str | os.PathLike | None | bool = None) -> None:
         if split not in SPLITS:
             raise ConfigError(f"MiniImageNet: unknown split {split!r}; choose among {list(SPLITS)}")

@@ -76,8 +76,9 @@ def test_miniimagenet_and_folders(roots, root, split, image_size, cache_dir):
     cache = roots["cache"] if cache_dir in (None, "cache") else cache_dir
     for ds in (only_ours(lambda: MiniImageNet(roots[root], split, image_size=image_size, cache_dir=cache)),
                only_ours(lambda: ImageFolderClasses(roots[root], image_size=image_size, mode=split, cache_dir=cache))):
-        if ds is not None:
-            assert positive_int(image_size) and ds.image_shape[1:] == (image_size, image_size)
+        if ds is not None:  # accepted: a real size, or None for the images' native size (8×8 here)
+            side = 8 if image_size is None else image_size
+            assert (image_size is None or positive_int(image_size)) and ds.image_shape[1:] == (side, side)
 
 
 @SETTINGS
