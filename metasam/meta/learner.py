@@ -1,7 +1,8 @@
 """The bilevel learner: MAML, Sharp-MAML and Agnostic-SAM as one loop over an inner and an outer rule.
 
 Parameters are a dict (name → tensor) and the model runs through ``torch.func.functional_call``; the
-inner loop uses ``torch.func.grad``, so a second-order meta-gradient is the plain ``torch.func.grad``
+inner loop differentiates the support loss with a graph kept (``torch.autograd.grad(create_graph=True)``
+on the loop path, ``torch.func.grad`` under vmap), so a second-order meta-gradient is the plain gradient
 of the post-adaptation query loss (ALGORITHMS.md §2):
 
     φ_0 = θ;  φ_k = φ_{k−1} − α · d_k  (d_k from the inner rule on the support loss L_s)
