@@ -62,6 +62,12 @@ class Conv4(nn.Module):
     Omniglot: ``Conv4(ways, in_channels=1, hidden=64, image_size=28)``;
     MiniImageNet: ``Conv4(ways, in_channels=3, hidden=32, image_size=84)``.
     Input [N, in_channels, image_size, image_size] → logits [N, ways].
+
+    Each block applies the max-pool before the ReLU: ReLU is monotone, so maxpool(relu(x)) =
+    relu(maxpool(x)) exactly, and the gradients agree too (a window whose maximum is ≤ 0 passes no
+    gradient either way; otherwise both pick the same element). The ReLU and its backward then touch a
+    quarter of the elements, which makes a CPU meta-training step faster (docs/performance.md). The
+    parameter names are those of the textbook order, so checkpoints and weights carry over.
     """
 
     def __init__(self, ways: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
@@ -69,7 +75,7 @@ class Conv4(nn.Module):
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(4):
-            layers += [nn.Conv2d(channels, hidden, 3, padding=1), BatchNorm(hidden), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(channels, hidden, 3, padding=1), BatchNorm(hidden), nn.MaxPool2d(2), nn.ReLU()]
             channels, size = hidden, size // 2
         if size < 1:
             raise ValueError(f"image_size {image_size} is too small for four 2×2 poolings (need >= 16)")

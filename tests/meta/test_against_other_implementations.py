@@ -1,6 +1,11 @@
 """metasam's second-order MAML meta-gradient against independent implementations on a Conv4 with
 batch-statistics BatchNorm: a hand-written torch.autograd loop, and ``higher`` where it is installed
-(``pip install -e ".[bench]"``). benchmarks/throughput.py runs the same check before it times anything."""
+(``pip install -e ".[bench]"``). benchmarks/throughput.py runs the same check before it times anything.
+
+The references run the textbook Conv4 built from torch's own layers (``nn.BatchNorm2d``, ReLU before
+the max-pool), loaded with the same weights, so the check covers metasam's model as well as its
+learner. The images are binary, like Omniglot's: constant regions give exactly tied maxima in the
+pooling windows, where the two layer orders must still route the gradient identically."""
 
 import pytest
 import torch
@@ -18,12 +23,36 @@ def conv4() -> nn.Module:
     return Conv4(5, hidden=8).double()
 
 
+class TextbookConv4(nn.Module):
+    """Finn et al.'s Conv4 as a user would write it with torch layers: conv, BatchNorm2d, ReLU, max-pool."""
+
+    def __init__(self, hidden: int = 8, ways: int = 5) -> None:
+        super().__init__()
+        layers, channels = [], 1
+        for _ in range(4):
+            layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden, track_running_stats=False),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+            channels = hidden
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(hidden, ways)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def textbook() -> nn.Module:
+    """The textbook Conv4 holding exactly conv4()'s weights."""
+    model = TextbookConv4().double()
+    model.load_state_dict(conv4().state_dict())
+    return model
+
+
 def batch(tasks=3) -> TaskBatch:
     gen = torch.Generator().manual_seed(3)
     sy = torch.arange(5).repeat(tasks, 1)
     qy = torch.arange(5).repeat_interleave(3).repeat(tasks, 1)
-    return TaskBatch(torch.rand(tasks, 5, 1, 28, 28, generator=gen, dtype=torch.float64), sy,
-                     torch.rand(tasks, 15, 1, 28, 28, generator=gen, dtype=torch.float64), qy)
+    strokes = lambda n: (torch.rand(tasks, n, 1, 28, 28, generator=gen) > 0.8).double()  # noqa: E731
+    return TaskBatch(strokes(5), sy, strokes(15), qy)
 
 
 def hand_written(model: nn.Module, b: TaskBatch, steps: int) -> list[torch.Tensor]:
@@ -46,14 +75,14 @@ def hand_written(model: nn.Module, b: TaskBatch, steps: int) -> list[torch.Tenso
 def test_maml_meta_gradient_equals_a_hand_written_autograd_loop(steps):
     b = batch()
     ours = MetaLearner(conv4(), "maml", inner_lr=ALPHA, inner_steps=steps).meta_gradient(b)
-    theirs = hand_written(conv4(), b, steps)
+    theirs = hand_written(textbook(), b, steps)
     for (name, g), h in zip(ours.items(), theirs):
         assert torch.allclose(g, h, rtol=1e-9, atol=1e-12), name
 
 
 def test_maml_meta_gradient_equals_higher():
     higher = pytest.importorskip("higher", reason="higher is not installed (pip install -e '.[bench]')")
-    b, model = batch(), conv4()
+    b, model = batch(), textbook()
     inner_opt = torch.optim.SGD(model.parameters(), lr=ALPHA)
     for t in range(3):
         with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
@@ -62,3 +91,14 @@ def test_maml_meta_gradient_equals_higher():
     ours = MetaLearner(conv4(), "maml", inner_lr=ALPHA).meta_gradient(b)
     for (name, g), p in zip(ours.items(), model.parameters()):
         assert torch.allclose(g, p.grad, rtol=1e-9, atol=1e-12), name
+
+
+def test_conv4_computes_the_textbook_function_with_tied_pooling_windows():
+    b = batch()
+    x = torch.cat([b.support_x.flatten(0, 1), b.query_x.flatten(0, 1)])
+    ours, theirs = conv4(), textbook()
+    pre_pool = theirs.features[:3](x)  # conv, batch norm, ReLU of the first block
+    windows = pre_pool.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
+    top2 = windows.topk(2, dim=-1).values
+    assert ((top2[..., 0] == top2[..., 1]) & (top2[..., 0] > 0)).sum() > 100  # the data really has positive ties
+    assert torch.equal(ours(x), theirs(x))
