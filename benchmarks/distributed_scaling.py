@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -22,7 +23,9 @@ import tempfile
 from pathlib import Path
 
 
-def run(layout: str, args: argparse.Namespace) -> dict:
+def run(layout: str, args: argparse.Namespace, env: dict[str, str] | None = None) -> dict:
+    """One ``metasam train`` in layout PxN (with extra environment ``env``): its median step rate, and the
+    page faults and system CPU seconds of its processes."""
     procs, threads = (int(x) for x in layout.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
@@ -30,30 +33,41 @@ def run(layout: str, args: argparse.Namespace) -> dict:
                  "--algo", args.algo, "--meta-batch", str(args.meta_batch), "--iterations", str(args.iterations),
                  "--val-every", str(args.iterations), "--val-tasks", "2", "--device", args.device,
                  "--out", str(out), "--no-progress"]
-        if args.data_root:
-            train += ["--data-root", args.data_root]
+        for flag in ("data_root", "train_split", "test_split"):
+            if getattr(args, flag):
+                train += ["--" + flag.replace("_", "-"), getattr(args, flag)]
         launcher = ["-m", "metasam"] if procs == 1 else \
             ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "metasam"]
         load_before = os.getloadavg()[0]
-        subprocess.run([sys.executable, *launcher, *train], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([sys.executable, *launcher, *train], env={**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})},
                        check=True, capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tasks_per_s"] for r in lines if "tasks_per_s" in r][2:]
     return {"layout": layout, "tasks_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
-            "load_before": load_before, "load_after": os.getloadavg()[0]}
+            "load_before": load_before, "load_after": os.getloadavg()[0],
+            "page_faults": after.ru_minflt - before.ru_minflt, "system_s": after.ru_stime - before.ru_stime}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_train_arguments(parser: argparse.ArgumentParser, iterations: int) -> None:
+    """The ``metasam train`` settings that :func:`run` passes on."""
     parser.add_argument("--dataset", default="glyphs")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--train-split", default=None, help="e.g. images_background_small1 for the shared Omniglot subsets")
+    parser.add_argument("--test-split", default=None)
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--algo", default="maml")
     parser.add_argument("--meta-batch", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=12)
-    parser.add_argument("--layouts", default="1x1,1x2,2x1", help="PxN: P processes of N threads each")
+    parser.add_argument("--iterations", type=int, default=iterations)
     parser.add_argument("--device", default="cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(parser, iterations=12)
+    parser.add_argument("--layouts", default="1x1,1x2,2x1", help="PxN: P processes of N threads each")
     args = parser.parse_args()
     print(f"{args.dataset} {args.ways}-way {args.shots}-shot, {args.algo}, meta-batch {args.meta_batch}, "
           f"{os.cpu_count()} CPUs visible")

@@ -1,15 +1,20 @@
 """Meta-training throughput: metasam against the libraries researchers use, in the same process.
 
-Every implementation trains the same Conv4 (same initial weights) on the same pre-loaded episodes of
-the shared Omniglot data (``images_background_small1``; ``--dataset glyphs`` runs offline anywhere):
+Every implementation trains the same Conv4 function (same initial weights) on the same pre-loaded
+episodes of the shared Omniglot data (``images_background_small1``; ``--dataset glyphs`` runs offline
+anywhere):
 
 * metasam: maml, fomaml, sharp-maml-low, agnostic-sam, sharp-maml-up, agnostic-sam-both at the first
-  setting (the overhead of each rule), maml at the others (``MetaLearner.meta_step``, without the optional
-  pre-adaptation metrics);
-* baselines, second-order MAML: ``higher.innerloop_ctx``; learn2learn's ``MAML.clone().adapt()`` where it
-  imports (its release on the package index does not build on Python 3.11: it is then skipped, and the
-  table says so); a hand-written per-task ``torch.autograd.grad(create_graph=True)`` loop, the style of
-  the papers' own scripts.
+  setting (the overhead of each rule; agnostic-sam-both also with a validation meta-batch of a quarter
+  of the tasks, the seed paper's setting, ``--outer-val-tasks``), maml at the others
+  (``MetaLearner.meta_step``, without the optional pre-adaptation metrics), on ``metasam.models.Conv4``;
+* baselines, second-order MAML on the textbook Conv4 written with torch's layers (``nn.BatchNorm2d``,
+  ReLU before the max-pool), as their users write it: ``higher.innerloop_ctx``; learn2learn's
+  ``MAML.clone().adapt()`` where it imports (its release on the package index does not build on
+  Python 3.11: it is then skipped, and the table says so); a hand-written per-task
+  ``torch.autograd.grad(create_graph=True)`` loop, the style of the papers' own scripts;
+* for attribution, not a baseline: the hand-written loop on metasam's Conv4, which separates what the
+  model's implementation gains from what the learner gains.
 
 Before timing, each baseline's meta-gradient is compared with metasam's maml on the same task batch
 from the same weights (the max absolute and relative differences are printed and written). Timing
@@ -23,6 +28,7 @@ measured on this machine in the same process.
     PYTHONPATH=. python benchmarks/throughput.py                  # writes docs/results/throughput.md
     PYTHONPATH=. python benchmarks/throughput.py --quick --out /tmp/t.md
     PYTHONPATH=. python benchmarks/throughput.py --device cuda     # on a GPU machine
+    PYTHONPATH=. python benchmarks/throughput.py --retain-freed-memory   # as `metasam train` runs on a CPU
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metasam.data import EpisodeSampler, TaskBatch, collate_tasks
 from metasam.meta import MetaLearner
 from metasam.models import Conv4
+from metasam.train.memory import retain_freed_memory
 from metasam.train.splits import load_split
 
 PRESETS = ["maml", "fomaml", "sharp-maml-low", "agnostic-sam", "sharp-maml-up", "agnostic-sam-both"]
@@ -75,16 +82,22 @@ class Impl:
 
 
 class Metasam(Impl):
-    def __init__(self, model: nn.Module, algo: str, inner_lr: float, path: str) -> None:
+    """A metasam preset; ``val_fraction`` < 1 shrinks the validation meta-batch (``--outer-val-tasks``)."""
+
+    def __init__(self, model: nn.Module, algo: str, inner_lr: float, path: str, val_fraction: float = 1.0) -> None:
         self.second_order = algo != "fomaml"
         self.learner = MetaLearner(model, algo, inner_lr=inner_lr, inner_steps=1, path=path, **RULES.get(algo, {}))
+        self.val_fraction = val_fraction
         self.name = f"metasam {algo} ({self.learner.path})"
+        if val_fraction < 1:
+            self.name += f", validation meta-batch × {val_fraction:g}"
 
     def meta_grad(self, batch):
         return list(self.learner.meta_gradient(batch).values())
 
     def step(self, batch, val_batch):
-        self.learner.meta_step(batch, val_batch, pre_adaptation=False)
+        keep = max(1, round(val_batch.support_x.shape[0] * self.val_fraction))
+        self.learner.meta_step(batch, TaskBatch(*(t[:keep] for t in val_batch)), pre_adaptation=False)
 
 
 class TorchBaseline(Impl):
@@ -179,15 +192,44 @@ class Learn2LearnBaseline(AccumulatingBaseline):
 BASELINES: dict[str, Callable[[nn.Module, float], Impl]] = {
     "higher": HigherBaseline, "learn2learn": Learn2LearnBaseline, "torch": TorchBaseline,
 }
+ATTRIBUTION = "torch on metasam Conv4"  # the hand-written loop on metasam's model: not a baseline
+
+
+class TextbookConv4(nn.Module):
+    """Conv4 as learn2learn's and higher's users write it: 4 × [conv 3×3, ``nn.BatchNorm2d`` (batch
+    statistics), ReLU, max-pool 2×2] + linear head. Same function and parameter names as metasam's Conv4,
+    which pools before the ReLU and uses its own batch norm."""
+
+    def __init__(self, ways: int, hidden: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 1
+        for _ in range(4):
+            layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden, track_running_stats=False),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+            channels = hidden
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(hidden, ways)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
 
 
 def build(key: str, ways: int, device: str, path: str) -> Impl:
-    """A fresh implementation ``key`` ("metasam:<preset>" or a BASELINES key) on the seeded Conv4."""
+    """A fresh implementation ``key`` ("metasam:<preset>[:val4]", a BASELINES key or ATTRIBUTION) with
+    the seeded Conv4's weights."""
     torch.manual_seed(0)
     model = Conv4(ways).to(device)
     if key.startswith("metasam:"):
-        return Metasam(model, key.split(":", 1)[1], INNER_LR[ways], path)
-    return BASELINES[key](model, INNER_LR[ways])
+        _, algo, *option = key.split(":")
+        return Metasam(model, algo, INNER_LR[ways], path, val_fraction=0.25 if option == ["val4"] else 1.0)
+    if key == ATTRIBUTION:
+        impl = TorchBaseline(model, INNER_LR[ways])
+        impl.name = "torch.autograd loop (hand-written) on metasam's Conv4 (attribution, not a baseline)"
+        return impl
+    textbook = TextbookConv4(ways).to(device)
+    textbook.load_state_dict(model.state_dict())
+    return BASELINES[key](textbook, INNER_LR[ways])
 
 
 def available_baselines() -> tuple[list[str], dict[str, str]]:
@@ -233,8 +275,10 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, queue) -> None:
+def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, queue, retain: bool) -> None:
     torch.set_num_threads(int(os.environ.get("METASAM_BENCH_THREADS", torch.get_num_threads())))
+    if retain:
+        retain_freed_memory()
     impl = build(key, ways, device, path)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -250,7 +294,7 @@ def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, que
     queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
 
 
-def peak_memory(key: str, ways: int, device: str, path: str, batches) -> int:
+def peak_memory(key: str, ways: int, device: str, path: str, batches, retain: bool) -> int:
     """Peak memory of two outer steps above the baseline of a fresh process (spawned, so nothing leaks
     in from the measurements before it)."""
     ctx = mp.get_context("spawn")
@@ -259,7 +303,7 @@ def peak_memory(key: str, ways: int, device: str, path: str, batches) -> int:
     if device.startswith("cuda"):
         cpu = [(TaskBatch(*(t.to(device) for t in b)), TaskBatch(*(t.to(device) for t in v))) for b, v in cpu]
     os.environ["METASAM_BENCH_THREADS"] = str(torch.get_num_threads())
-    proc = ctx.Process(target=_peak_memory_child, args=(key, ways, device, path, cpu, queue))
+    proc = ctx.Process(target=_peak_memory_child, args=(key, ways, device, path, cpu, queue, retain))
     proc.start()
     result = queue.get()
     proc.join()
@@ -268,7 +312,7 @@ def peak_memory(key: str, ways: int, device: str, path: str, batches) -> int:
 
 def count_flops(ways: int, device: str, batch: TaskBatch) -> tuple[float, float]:
     """(FLOPs of one second-order MAML outer step per task, FLOPs of its query forward+backward per task)."""
-    impl = build("torch", ways, device, "loop")
+    impl = build(ATTRIBUTION, ways, device, "loop")
     with FlopCounterMode(display=False) as counter:
         impl.meta_grad(batch)
     total = counter.get_total_flops()
@@ -313,12 +357,14 @@ def data_rate(ds, ways: int, queries: int, tasks: int, workers: int, batches: in
 def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list[str]) -> dict:
     print(f"\n== {ways}-way 1-shot, meta-batch {tasks}, {args.queries} queries/class, device {args.device} ==", flush=True)
     ds, batches = episodes(args.dataset, args.data_root, ways, tasks, args.batches, args.queries, args.device)
-    keys = [f"metasam:{p}" for p in presets] + baselines
+    keys = [f"metasam:{p}" for p in presets] + baselines + [ATTRIBUTION]
+    if "agnostic-sam-both" in presets:
+        keys.insert(keys.index("metasam:agnostic-sam-both") + 1, "metasam:agnostic-sam-both:val4")
     impls = {k: build(k, ways, args.device, args.path) for k in keys}
 
     reference = impls["metasam:maml"].meta_grad(batches[0][0])
     agreement = {}
-    for k in baselines:
+    for k in baselines + [ATTRIBUTION]:
         agreement[k] = max_difference(impls[k].meta_grad(batches[0][0]), reference)
         print(f"meta-gradient of {impls[k].name} vs metasam maml: max abs {agreement[k][0]:.2e}, "
               f"max rel {agreement[k][1]:.2e}", flush=True)
@@ -332,7 +378,8 @@ def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list
             rates[k].append(time_steps(impls[k], batches, args.device))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k.split(':')[-1]} {rates[k][-1]:.2f}" for k in keys), flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
-    memory = {k: peak_memory(k, ways, args.device, args.path, batches) for k in keys} if args.memory else {}
+    memory = ({k: peak_memory(k, ways, args.device, args.path, batches, args.retain_freed_memory) for k in keys}
+              if args.memory else {})
     flops_task, flops_query = count_flops(ways, args.device, batches[0][0])
     data = {w: data_rate(ds, ways, args.queries, tasks, w) for w in (0, 2)} if args.device == "cpu" else {}
     return {"ways": ways, "tasks": tasks, "names": {k: impls[k].name for k in keys}, "rates": rates, "median": median,
@@ -346,17 +393,18 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
     lines += [f"Measured {datetime.date.today().isoformat()} on {machine(args.device)}; torch {torch.__version__}, "
               f"Python {platform.python_version()}, {torch.get_num_threads()} threads, device {args.device}. "
               f"Best float32 matmul measured here: {peak:.1f} GFLOP/s (the practical peak the GFLOP/s column is "
-              f"compared with).", ""]
+              f"compared with). Freed memory {'kept in the process (`--retain-freed-memory`, as `metasam train` runs)' if args.retain_freed_memory else 'returned to the OS (glibc defaults)'}.", ""]
     lines += [f"Command: `{command}`", ""]
     lines += [("Conv4 (64 filters, batch-statistics BatchNorm), Omniglot 28×28 from `images_background_small1`"
                if args.dataset == "omniglot" else "Conv4 (64 filters) on the synthetic glyph set") +
+              " (metasam rows: `metasam.models.Conv4`; baselines: the textbook Conv4 of torch layers with the same weights)" +
               f", 1-shot, {args.queries} queries per class, one inner step (α = 0.4 at 5-way, 0.1 at 20-way), Adam outer "
               f"step; median tasks/s of {args.repeats} interleaved repeats over {args.batches} meta-batches each.", ""]
     for key, why in skipped.items():
         lines += [f"- **{key} skipped**: it does not import here ({why}).", ""]
     for res in results:
         names, median = res["names"], res["median"]
-        best_key = max((k for k in median if not k.startswith("metasam:")), key=median.get)
+        best_key = max((k for k in median if k in BASELINES), key=median.get)
         best = median[best_key]
         lines += [f"## {res['ways']}-way 1-shot, meta-batch {res['tasks']}", ""]
         lines += ["| implementation | tasks/s | × best baseline | × metasam maml | GFLOP/s | % of matmul peak | peak memory (MB) | meta-gradient vs metasam maml (max abs / max rel) |",
@@ -409,12 +457,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--path", choices=("loop", "vmap", "auto"), default="auto", help="metasam's path over tasks")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="keep freed memory in the process (glibc), as `metasam train` does on a CPU; it applies to "
+                             "every implementation in the process")
     parser.add_argument("--quick", action="store_true", help="5:4 only, 1 repeat, presets maml and sharp-maml-low")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results" / "throughput.md"))
     args = parser.parse_args()
     if args.quick:
         args.settings, args.repeats, args.batches, args.presets = "5:4", 1, 1, "maml,sharp-maml-low"
     args.presets = [p.strip() for p in args.presets.split(",")]
+    if args.retain_freed_memory:
+        retain_freed_memory()
     if "maml" not in args.presets:
         parser.error("--presets must include maml (the reference for the meta-gradient check)")
     baselines, skipped = available_baselines()
