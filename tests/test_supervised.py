@@ -72,3 +72,14 @@ def test_bad_config_values_raise_config_error():
         SupervisedConfig(optimizer="adam")
     with pytest.raises(ConfigError, match="batch_size"):
         SupervisedConfig(batch_size=0)
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("lr", float("inf"), "--lr"), ("lr", float("nan"), "--lr"), ("lr", 0.0, "--lr"),
+    ("weight_decay", float("inf"), "--weight-decay"), ("weight_decay", -1e-4, "--weight-decay"),
+    ("eta", float("nan"), "--eta"), ("momentum", 1.0, "--momentum"), ("momentum", -0.1, "--momentum"),
+    ("beta", float("nan"), "--beta"),
+])
+def test_non_finite_or_out_of_range_hyperparameters_name_their_flag(field, value, flag):
+    with pytest.raises(ConfigError, match=flag):
+        SupervisedConfig(**{field: value})

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from metasam.checkpoint import replace_atomically
 from metasam.data._cache import load_or_build
 from metasam.data._checks import check_flag, check_int, names
 from metasam.data._decode import is_image_name, to_array
@@ -169,7 +170,6 @@ def _source(folder: Path, subset: str) -> Path | None:
 
 def _download(folder: Path, subset: str) -> None:
     url, dest = URL.format(subset), folder / f"{subset}.zip"
-    tmp = dest.with_suffix(".zip.part")
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             data = response.read()
@@ -183,8 +183,7 @@ def _download(folder: Path, subset: str) -> None:
             f"Omniglot: {url} has MD5 {digest}, expected {MD5[subset]}; the download is corrupt or the file changed. "
             f"Fetch {subset}.zip by hand into {folder}."
         )
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    replace_atomically(dest, lambda f: f.write(data))
 
 
 def _items(sources: list[Path]) -> list[Item]:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from metasam.checkpoint import write_text_atomic
 from metasam.data.base import FewShotDataset
 from metasam.data.episodes import EpisodeSampler, Task, TaskBatch, TaskSpec, build_task, collate_tasks
 from metasam.errors import ConfigError, DatasetError
@@ -71,10 +72,8 @@ class TaskSet:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
+        """Write the task set as JSON, atomically (a crash leaves the old file or the new one, never half)."""
+        write_text_atomic(json.dumps(self.to_json(), indent=1), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, dataset: FewShotDataset) -> "TaskSet":

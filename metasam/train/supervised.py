@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from metasam.checkpoint import save_atomic
+from metasam.core import check_nonnegative
 from metasam.data.label_noise import symmetric_label_noise
 from metasam.data.supervised import SupervisedSplits, load_cifar_splits, load_digits_splits
 from metasam.errors import ConfigError
@@ -67,8 +68,13 @@ class SupervisedConfig:
         for name in ("epochs", "batch_size", "val_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
+        check_nonnegative(self.weight_decay, "--weight-decay")
+        check_nonnegative(self.eta, "--eta")
+        for name in ("momentum", "beta"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
         if self.rho1 is None:
             self.rho1 = DEFAULT_RHO1[self.optimizer]
         if self.rho2 is None:
