@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from metasam.checkpoint import write_text_atomic
 from metasam.errors import ConfigError
 from metasam.meta.learner import mean_ci95
 from metasam.train.meta import MetaTrainConfig, MetaTrainer, check_int, evaluate_run
@@ -60,9 +61,10 @@ def run_grid(
             trainer.train(progress=progress)
         results.append(evaluate_run(run_dir, episodes, seed, progress=progress))
     table = render_table(results, algos, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(table)
+    if trainer.procs.is_main:  # under torchrun every process has the results; rank 0 writes them
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(results, indent=2), out / "results.json")
+        write_text_atomic(table, out / "results.md")
     return {"results": results, "table": table}
 
 

@@ -414,7 +414,7 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
               "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": steps or cfg.test_inner_steps,
               "accuracy": mean, "ci95": ci, "task_accuracies": accuracies}
     if procs.is_main:
-        (run_dir / f"eval_{which}_{episodes}_seed{seed}.json").write_text(json.dumps(result, indent=2))
+        write_text_atomic(json.dumps(result, indent=2), run_dir / f"eval_{which}_{episodes}_seed{seed}.json")
     return result
 
 

@@ -180,3 +180,24 @@ def test_launch_settings_that_cannot_work_are_refused_before_any_process_group(m
 
 if __name__ == "__main__":
     stop_resume_evaluate(Path(sys.argv[1]))
+
+
+@pytest.mark.parametrize("command", [["analyze", "RUN"], ["plot", "RUN"], ["supervised", "--epochs", "1"]])
+def test_single_process_commands_refuse_to_run_under_torchrun(command, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"metasam {command[0]} [rank 1/2]: error: metasam {command[0]} runs in one process: "
+                          "start it without torchrun"), err
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing was written
+
+
+def test_an_error_under_torchrun_names_the_process_that_raised_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--dataset", "glyphs", "--meta-batch", "0", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metasam train [rank 1/2]: error: ") and "--meta-batch" in err, err
+    assert err.count("\n") == 1
