@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from metasam.cli import analyze, bench, evaluate, plot, supervised, train
 from metasam.errors import ConfigError, MetaSAMError
+from metasam.train.distributed import launched_as
 from metasam.train.memory import retain_freed_memory
 
 COMMANDS = {"train": train, "evaluate": evaluate, "bench": bench, "supervised": supervised,
             "analyze": analyze, "plot": plot}
 DISTRIBUTED = {"train", "evaluate", "bench"}  # the commands that share their work under torchrun
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) torchrun gave this process; (0, 1) outside torchrun."""
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:  # a malformed value is reported by the command that joins the job
-        return 0, 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one sub-command; our errors print one line and return 2, Ctrl-C outside training returns 130."""
     args = build_parser().parse_args(argv)
     retain_freed_memory()  # fewer page faults on CPU; changes no result (metasam/train/memory.py)
-    rank, world_size = _world()
-    who = f"metasam {args.command}" + (f" [rank {rank}/{world_size}]" if world_size > 1 else "")
+    who = f"metasam {args.command}"  # under torchrun, its rank is added once known
 
     def one_line(message, category, filename, lineno, file=None, line=None):
         print(f"{who}: warning: {message}", file=sys.stderr)
@@ -47,9 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("once")  # a setting checked twice (config, then learner) warns once
         warnings.showwarning = one_line
         try:
-            if world_size > 1 and args.command not in DISTRIBUTED:
-                raise ConfigError(f"metasam {args.command} runs in one process: start it without torchrun "
-                                  f"(only {', '.join(sorted(DISTRIBUTED))} share their work between processes)")
+            rank, world_size = launched_as()
+            if world_size > 1:
+                who += f" [rank {rank}/{world_size}]"
+                if args.command not in DISTRIBUTED:
+                    raise ConfigError(f"metasam {args.command} runs in one process: start it without torchrun "
+                                      f"(only {', '.join(sorted(DISTRIBUTED))} share their work between processes)")
             return COMMANDS[args.command].run(args)
         except MetaSAMError as exc:
             print(f"{who}: error: {exc}", file=sys.stderr)

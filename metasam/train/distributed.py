@@ -79,12 +79,10 @@ def join(device: str = "cpu", meta_batch: int | None = None) -> Processes:
     (made the current device). ``meta_batch``: the tasks per outer step, at least one per process.
     The process group is created once per process and destroyed when it exits.
     """
-    world_size = _env_int("WORLD_SIZE", default=1)
+    rank, world_size = launched_as()
     if world_size == 1:
         return Processes()
-    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"WORLD_SIZE={world_size} and RANK={rank} do not describe a process of a job; launch with torchrun")
+    local_rank = _env_int("LOCAL_RANK")
     if meta_batch is not None and meta_batch < world_size:
         raise ConfigError(
             f"--meta-batch {meta_batch} is smaller than the {world_size} processes: each process needs at least one "
@@ -120,6 +118,19 @@ def join(device: str = "cpu", meta_batch: int | None = None) -> Processes:
 def main_process() -> bool:
     """True unless this process is a rank other than 0 of an initialised process group."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def launched_as() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) of this process in the torchrun job that started it; (0, 1) outside torchrun.
+    Reads the environment only (no process group is joined); values torchrun would not set raise
+    :class:`ConfigError`."""
+    world_size = _env_int("WORLD_SIZE", default=1)
+    if world_size == 1:
+        return 0, 1
+    rank = _env_int("RANK")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"WORLD_SIZE={world_size} and RANK={rank} do not describe a process of a job; launch with torchrun")
+    return rank, world_size
 
 
 def _env_int(name: str, default: int | None = None) -> int:
