@@ -1,12 +1,15 @@
 """What keeping freed memory in the process (``metasam.train.memory.retain_freed_memory``) is worth.
 
 The setting is process-wide, so the two arms cannot share a process: each round runs ``metasam train``
-twice, with ``METASAM_RETAIN_FREED_MEMORY=0`` (glibc's defaults) and without it (the default: memory
-kept), in alternating order, and reports the median step rate each arm reaches (the trainer's
+twice, with ``METASAM_RETAIN_FREED_MEMORY=0`` (glibc's defaults) and ``=1`` (the CLI's default: freed
+memory kept), in alternating order, and reports the median step rate each arm reaches (the trainer's
 ``tasks_per_s``, first two steps skipped), their ratio per round, and the page faults and system CPU
 time of each process per task trained.
 
-    PYTHONPATH=. python benchmarks/allocator.py --dataset omniglot --data-root ../shared/data [--rounds 3]
+    PYTHONPATH=. python benchmarks/allocator.py --dataset omniglot --data-root ../shared/data \
+        --train-split images_background_small1 \
+        --test-split "images_background_small2:Japanese_(katakana),Sanskrit,Tagalog" [--rounds 3]
+    PYTHONPATH=. python benchmarks/allocator.py          # the synthetic glyph set, offline
 """
 
 from __future__ import annotations
