@@ -16,12 +16,15 @@ anywhere):
 * for attribution, not a baseline: the hand-written loop on metasam's Conv4, which separates what the
   model's implementation gains from what the learner gains.
 
-Before timing, each baseline's meta-gradient is compared with metasam's maml on the same task batch
-from the same weights (the max absolute and relative differences are printed and written). Timing
+Before timing, each implementation's meta-gradient on the same task batch from the same weights is
+compared with metasam's maml and with the truth: the hand-written loop on the textbook Conv4 in float64.
+The float32 implementations differ by rounding (metasam's CPU Conv4 computes its first block in another
+order, ``metasam.models.conv4.first_block``); the run stops if any of them is further than
+``MAX_RELATIVE_ERROR`` from the float64 truth. Timing
 interleaves the implementations (rotating their order every repeat) and reports the median tasks/s;
 peak memory is measured in a fresh subprocess per implementation (peak RSS above the process's
 baseline on CPU, ``torch.cuda.max_memory_allocated`` on a GPU). FLOPs are counted with
-``torch.utils.flop_counter`` on the hand-written loop (every correct second-order implementation does
+``torch.utils.flop_counter`` on the hand-written loop over the textbook Conv4 (every correct second-order implementation does
 the same arithmetic) and reported as achieved GFLOP/s against the best float32 matrix-multiply rate
 measured on this machine in the same process.
 
@@ -65,6 +68,7 @@ RULES = {  # the radii of the Omniglot runs (docs/results/omniglot_small.md); co
     "agnostic-sam-both": {"inner_rho1": 0.05, "inner_rho2": 0.025, "outer_rho1": 0.05, "outer_rho2": 0.025},
 }
 INNER_LR = {5: 0.4, 20: 0.1}  # ALGORITHMS.md §2 standard settings
+MAX_RELATIVE_ERROR = 1e-4  # float32 rounding gives about 1e-6
 
 
 # -- implementations ---------------------------------------------------------------------------------
@@ -312,7 +316,7 @@ def peak_memory(key: str, ways: int, device: str, path: str, batches, retain: bo
 
 def count_flops(ways: int, device: str, batch: TaskBatch) -> tuple[float, float]:
     """(FLOPs of one second-order MAML outer step per task, FLOPs of its query forward+backward per task)."""
-    impl = build(ATTRIBUTION, ways, device, "loop")
+    impl = build("torch", ways, device, "loop")
     with FlopCounterMode(display=False) as counter:
         impl.meta_grad(batch)
     total = counter.get_total_flops()
@@ -337,11 +341,25 @@ def matmul_peak(device: str, size: int = 2048, repeats: int = 5) -> float:
     return best
 
 
-def max_difference(a: list[Tensor], b: list[Tensor]) -> tuple[float, float]:
-    """(max |a − b|, max over tensors of ‖a − b‖ / ‖b‖)."""
-    absolute = max(float((x - y).abs().max()) for x, y in zip(a, b))
-    relative = max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a, b))
+def max_difference(a: list[Tensor], b: list[Tensor], compared: list[int]) -> tuple[float, float]:
+    """(max |a − b|, max ‖a − b‖ / ‖b‖) over the tensors numbered ``compared``."""
+    absolute = max(float((a[i].double() - b[i].double()).abs().max()) for i in compared)
+    relative = max(float((a[i].double() - b[i].double()).norm() / b[i].double().norm()) for i in compared)
     return absolute, relative
+
+
+def nonzero_tensors(truth: list[Tensor]) -> list[int]:
+    """Tensors whose float64 meta-gradient is not zero up to rounding. The conv biases' are (batch norm
+    subtracts the bias): any float32 value of theirs is rounding noise, meaningless as a relative error."""
+    largest = max(float(t.norm()) for t in truth)
+    return [i for i, t in enumerate(truth) if float(t.norm()) > 1e-9 * largest]
+
+
+def float64_truth(ways: int, device: str, batch: TaskBatch) -> list[Tensor]:
+    """The meta-gradient of the hand-written loop on the textbook Conv4 in float64, from the same weights."""
+    impl = build("torch", ways, device, "loop")
+    impl.model.double()
+    return impl.meta_grad(TaskBatch(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y))
 
 
 def data_rate(ds, ways: int, queries: int, tasks: int, workers: int, batches: int = 20) -> float:
@@ -362,12 +380,21 @@ def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list
         keys.insert(keys.index("metasam:agnostic-sam-both") + 1, "metasam:agnostic-sam-both:val4")
     impls = {k: build(k, ways, args.device, args.path) for k in keys}
 
+    truth = float64_truth(ways, args.device, batches[0][0])
+    compared = nonzero_tensors(truth)
     reference = impls["metasam:maml"].meta_grad(batches[0][0])
-    agreement = {}
-    for k in baselines + [ATTRIBUTION]:
-        agreement[k] = max_difference(impls[k].meta_grad(batches[0][0]), reference)
-        print(f"meta-gradient of {impls[k].name} vs metasam maml: max abs {agreement[k][0]:.2e}, "
-              f"max rel {agreement[k][1]:.2e}", flush=True)
+    agreement, error = {}, {}
+    for k in ["metasam:maml"] + baselines + [ATTRIBUTION]:
+        grad = reference if k == "metasam:maml" else impls[k].meta_grad(batches[0][0])
+        error[k] = max_difference(grad, truth, compared)[1]
+        if k != "metasam:maml":
+            agreement[k] = max_difference(grad, reference, compared)
+        print(f"meta-gradient of {impls[k].name}: relative difference from the float64 truth {error[k]:.1e}"
+              + ("" if k == "metasam:maml" else f"; from metasam maml max abs {agreement[k][0]:.1e}, max rel {agreement[k][1]:.1e}"),
+              flush=True)
+    wrong = {impls[k].name: e for k, e in error.items() if not e <= MAX_RELATIVE_ERROR}
+    if wrong:
+        raise SystemExit(f"meta-gradients further than {MAX_RELATIVE_ERROR:g} from the float64 truth: {wrong}; nothing was timed")
 
     for impl in impls.values():  # warm-up: allocator, kernels, lazy imports
         impl.step(*batches[0])
@@ -383,7 +410,7 @@ def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list
     flops_task, flops_query = count_flops(ways, args.device, batches[0][0])
     data = {w: data_rate(ds, ways, args.queries, tasks, w) for w in (0, 2)} if args.device == "cpu" else {}
     return {"ways": ways, "tasks": tasks, "names": {k: impls[k].name for k in keys}, "rates": rates, "median": median,
-            "memory": memory, "agreement": agreement, "flops_task": flops_task, "flops_query": flops_query,
+            "memory": memory, "agreement": agreement, "error": error, "flops_task": flops_task, "flops_query": flops_query,
             "data": data, "second_order": {k: impls[k].second_order for k in keys}}
 
 
@@ -407,8 +434,8 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
         best_key = max((k for k in median if k in BASELINES), key=median.get)
         best = median[best_key]
         lines += [f"## {res['ways']}-way 1-shot, meta-batch {res['tasks']}", ""]
-        lines += ["| implementation | tasks/s | × best baseline | × metasam maml | GFLOP/s | % of matmul peak | peak memory (MB) | meta-gradient vs metasam maml (max abs / max rel) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| implementation | tasks/s | × best baseline | × metasam maml | GFLOP/s | % of matmul peak | peak memory (MB) | meta-gradient vs float64 truth (rel) | vs metasam maml (max abs / max rel) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for k, rate in median.items():
             gflops = rate * res["flops_task"] / 1e9 if res["second_order"][k] else float("nan")
             mem = f"{res['memory'][k] / 2**20:.0f}" if k in res["memory"] else "–"
@@ -416,11 +443,15 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
                 "{:.1e} / {:.1e}".format(*res["agreement"][k]) if k in res["agreement"] else "–")
             g = "–" if gflops != gflops else f"{gflops:.1f}"
             pct = "–" if gflops != gflops else f"{100 * gflops / peak:.0f} %"
-            lines.append(f"| {names[k]} | {rate:.2f} | {rate / best:.2f} | {rate / median['metasam:maml']:.2f} | {g} | {pct} | {mem} | {agree} |")
+            truth = f"{res['error'][k]:.1e}" if k in res["error"] else "–"
+            lines.append(f"| {names[k]} | {rate:.2f} | {rate / best:.2f} | {rate / median['metasam:maml']:.2f} | {g} | {pct} | {mem} | {truth} | {agree} |")
         lines += ["", f"Best baseline: {names[best_key]}. FLOPs per task of a second-order step: "
                   f"{res['flops_task'] / 1e9:.2f} GFLOP, of which the query forward+backward is "
                   f"{res['flops_query'] / 1e9:.2f} GFLOP ({100 * res['flops_query'] / res['flops_task']:.0f} %). "
-                  "GFLOP/s is left out for first-order rows (they do less arithmetic)."]
+                  "GFLOP/s is left out for first-order rows (they do less arithmetic). The float64 truth is the "
+                  "hand-written loop on the textbook Conv4 in float64; relative differences are the largest per-tensor "
+                  "‖a − b‖ / ‖b‖, leaving out the conv biases, whose meta-gradient is zero up to rounding "
+                  "(batch norm subtracts them)."]
         if res["data"]:
             train = median["metasam:maml"]
             lines += ["", "Episodes per second from the cached dataset (DataLoader over EpisodeSampler): " + ", ".join(

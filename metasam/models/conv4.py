@@ -7,6 +7,10 @@ kernel normally (fast, and exact without vmap) and, inside :func:`primitive_batc
 learner's vmap path enters), the same normalisation written from mean, biased variance, rsqrt and an
 affine map, which batches exactly. Either way it has no buffers for adaptation to write: it always
 uses the statistics of the batch it sees (MAML's transductive choice, at meta-training and meta-test).
+
+On the CPU, Conv4 computes its first block with :func:`first_block`, the same function re-associated so
+that no full-resolution tensor is normalised, re-laid-out or reduced (a meta-training step runs about
+1.3× faster; docs/performance.md). Elsewhere (CUDA, and under vmap) it runs the layers in order.
 """
 
 from __future__ import annotations
@@ -56,6 +60,49 @@ class BatchNorm(nn.Module):
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
+def first_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
+    """relu(maxpool₂ₓ₂(BN_γ,β(z))), z = conv₃ₓ₃(x; W, b) with padding 1: Conv4's first block, arranged for a CPU.
+
+    x [N, C, H, W] → [N, C_out, ⌊H/2⌋, ⌊W/2⌋] (contiguous NCHW). Three exact identities:
+
+    * z is linear in the 3×3 input patches p (C·9 values, zero padding included): z_c = w_c·p + b_c.
+      Its batch mean and biased variance are therefore μ_c = w_c·m + b_c and σ²_c = w_cᵀ Σ w_c, with m and
+      Σ the mean and covariance of the patches over the N·H·W positions, computed in float64. No pass
+      over the [N, C_out, H, W] activations computes statistics.
+    * BN(z) = a_c (s_c z − s_c μ_c) + β_c with s_c = sign γ_c (+1 at 0) and a_c = γ_c s_c / √(σ²_c + ε) ≥ 0.
+      A non-negative affine map is monotone, so maxpool(BN(z)) = a (maxpool(s z) − s μ) + β: the
+      pooling runs on s z (the conv with weights s W and bias s b; s = ±1 is exact), and the
+      normalisation runs on the pooled quarter of the elements.
+    * The conv is one matrix product, patches [N·H·W, C·9] × (s W)ᵀ, whose output rows are positions:
+      channels-last memory, where torch's CPU max-pool is an order of magnitude faster than on NCHW.
+
+    Value, gradient and second-order gradient (every operation is differentiable, x included) are those
+    of the layers in order; at tied maxima both route the gradient to the first element of the window.
+    They differ by rounding: σ² comes from float64 patch moments rather than a float32 reduction, and two
+    float32 values that BN's rounding would make equal stay ordered here, so the gradient follows the
+    exact maximum. At γ_c = 0 exactly, where the block is not differentiable in γ_c, the gradient in γ_c
+    is the right derivative (the layers in order give the tied window's first element).
+    """
+    n, channels, height, width = x.shape
+    out = weight.shape[0]
+    sign = torch.where(gamma >= 0, 1.0, -1.0).to(x.dtype)
+    w = (weight * sign.view(-1, 1, 1, 1)).reshape(out, -1)
+    b = bias * sign
+    patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(n * height * width, channels * 9)
+    z = torch.addmm(b, patches, w.t().contiguous())  # contiguous so that the backward is patchesᵀ·dz (fast)
+    z = z.view(n, height, width, out).permute(0, 3, 1, 2)  # [N, C_out, H, W] in channels-last memory
+    p64, w64 = patches.double(), w.double()
+    m = p64.mean(0)
+    centred = p64 - m
+    sigma = centred.t() @ centred / p64.shape[0]
+    mean = (w64 @ m + b.double()).to(x.dtype)
+    var = ((w64 @ sigma) * w64).sum(1)
+    scale = gamma * sign * torch.rsqrt(var + eps).to(x.dtype)
+    pooled = nn.functional.max_pool2d(z, 2)
+    y = scale.view(1, -1, 1, 1) * (pooled - mean.view(1, -1, 1, 1)) + beta.view(1, -1, 1, 1)
+    return torch.relu(y).contiguous()  # NCHW again: the next block's BatchNorm is precise in NCHW
+
+
 class Conv4(nn.Module):
     """4 × [conv 3×3 (hidden filters), BatchNorm, ReLU, max-pool 2×2] + linear head (Finn et al. 2017).
 
@@ -66,9 +113,9 @@ class Conv4(nn.Module):
     Each block applies the max-pool before the ReLU: ReLU is monotone, so maxpool(relu(x)) =
     relu(maxpool(x)) exactly, and the gradients agree too (a window whose maximum is ≤ 0 passes no
     gradient either way; otherwise both pick the same element). The ReLU and its backward then touch a
-    quarter of the elements: a CPU meta-training step ran 1.11–1.14× faster with glibc's default
-    allocator, within the noise once freed memory is kept (docs/performance.md). The parameter names
-    are those of the textbook order, so checkpoints and weights carry over.
+    quarter of the elements. On the CPU the first block is :func:`first_block`, the same function
+    with its batch norm moved after the pooling (docs/performance.md). The parameter names are those of
+    the textbook order, so checkpoints and weights carry over.
     """
 
     def __init__(self, ways: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
@@ -85,4 +132,8 @@ class Conv4(nn.Module):
         self.config = {"ways": ways, "in_channels": in_channels, "hidden": hidden, "image_size": image_size}
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and not getattr(_state, "primitive", False):
+            conv, bn = self.features[0], self.features[1]
+            h = first_block(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps)
+            return self.head(self.features[4:](h))
         return self.head(self.features(x))

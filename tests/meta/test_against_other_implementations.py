@@ -101,4 +101,4 @@ def test_conv4_computes_the_textbook_function_with_tied_pooling_windows():
     windows = pre_pool.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
     top2 = windows.topk(2, dim=-1).values
     assert ((top2[..., 0] == top2[..., 1]) & (top2[..., 0] > 0)).sum() > 100  # the data really has positive ties
-    assert torch.equal(ours(x), theirs(x))
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)  # rounding: the CPU first block
