@@ -68,7 +68,7 @@ RULES = {  # the radii of the Omniglot runs (docs/results/omniglot_small.md); co
     "agnostic-sam-both": {"inner_rho1": 0.05, "inner_rho2": 0.025, "outer_rho1": 0.05, "outer_rho2": 0.025},
 }
 INNER_LR = {5: 0.4, 20: 0.1}  # ALGORITHMS.md §2 standard settings
-MAX_RELATIVE_ERROR = 1e-4  # float32 rounding gives about 1e-6
+MAX_RELATIVE_ERROR = 1e-3  # float32 rounding: 1e-6 to 3e-4 here (most for cancelling sums, such as a batch norm β)
 
 
 # -- implementations ---------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ learner's vmap path enters), the same normalisation written from mean, biased va
 affine map, which batches exactly. Either way it has no buffers for adaptation to write: it always
 uses the statistics of the batch it sees (MAML's transductive choice, at meta-training and meta-test).
 
-On the CPU, Conv4 computes its first block with :func:`first_block`, the same function re-associated so
-that no full-resolution tensor is normalised, re-laid-out or reduced (a meta-training step runs about
-1.3× faster; docs/performance.md). Elsewhere (CUDA, and under vmap) it runs the layers in order.
+On the CPU and for grayscale input (Omniglot), Conv4 computes its first block with :func:`first_block`,
+the same function re-associated so that no full-resolution tensor is normalised, re-laid-out or reduced
+(a second-order meta-training step runs about 1.3× faster; docs/performance.md). Elsewhere it runs the
+layers in order: under vmap, on CUDA (never measured), and for RGB input, where the 27×27 patch
+covariance over MiniImageNet's 84×84 positions cost as much as it saved (measured at parity).
 """
 
 from __future__ import annotations
@@ -113,8 +115,8 @@ class Conv4(nn.Module):
     Each block applies the max-pool before the ReLU: ReLU is monotone, so maxpool(relu(x)) =
     relu(maxpool(x)) exactly, and the gradients agree too (a window whose maximum is ≤ 0 passes no
     gradient either way; otherwise both pick the same element). The ReLU and its backward then touch a
-    quarter of the elements. On the CPU the first block is :func:`first_block`, the same function
-    with its batch norm moved after the pooling (docs/performance.md). The parameter names are those of
+    quarter of the elements. On the CPU, for grayscale input, the first block is :func:`first_block`,
+    the same function with its batch norm moved after the pooling (docs/performance.md). The parameter names are those of
     the textbook order, so checkpoints and weights carry over.
     """
 
@@ -132,7 +134,7 @@ class Conv4(nn.Module):
         self.config = {"ways": ways, "in_channels": in_channels, "hidden": hidden, "image_size": image_size}
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and not getattr(_state, "primitive", False):
+        if x.device.type == "cpu" and x.shape[1] == 1 and not getattr(_state, "primitive", False):
             conv, bn = self.features[0], self.features[1]
             h = first_block(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps)
             return self.head(self.features[4:](h))
