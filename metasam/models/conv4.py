@@ -134,8 +134,15 @@ class Conv4(nn.Module):
         self.config = {"ways": ways, "in_channels": in_channels, "hidden": hidden, "image_size": image_size}
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.shape[1] == 1 and not getattr(_state, "primitive", False):
+        if self._runs_first_block(x):
             conv, bn = self.features[0], self.features[1]
             h = first_block(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps)
             return self.head(self.features[4:](h))
         return self.head(self.features(x))
+
+    def _runs_first_block(self, x: Tensor) -> bool:
+        """:func:`first_block` for grayscale [N, 1, H, W] input on the CPU, outside the vmap path, and only
+        while no forward hook watches the first block's layers (it does not call them)."""
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.features[:4])
+        return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == 1 and not hooked
+                and not getattr(_state, "primitive", False))

@@ -85,3 +85,49 @@ def test_conv4_runs_the_first_block_for_grayscale_on_cpu_and_the_layers_in_order
     torch.testing.assert_close(fast, in_order, rtol=1e-10, atol=1e-12)
     Conv4(5, in_channels=3, hidden=8, image_size=16)(torch.rand(4, 3, 16, 16))  # RGB: measured no faster
     assert calls == [1]
+    seen = []
+    model.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    torch.testing.assert_close(model(x), in_order, rtol=1e-10, atol=1e-12)
+    assert calls == [1] and seen == [(10, 8, 28, 28)]  # a hook on the first conv fires: the layers run in order
+
+
+def test_first_block_gradient_in_a_zero_gamma_is_the_right_derivative():
+    """At γ_c = 0 the block is not differentiable in γ_c (the pooling turns from min to max): first_block
+    returns the right derivative, checked by a one-sided finite difference."""
+    x, params = inputs(1, 12, binary=False, seed=2)
+    gamma = params[2].detach().clone()
+    gamma[2] = 0.0
+    params[2] = gamma.requires_grad_()
+    u = torch.linspace(-1, 1, 6 * 5 * 36, dtype=D).view(6, 5, 6, 6)
+    (grad,) = torch.autograd.grad((first_block(x, *params) * u).sum(), params[2])
+    h = 1e-7
+    with torch.no_grad():
+        right = first_block(x, params[0], params[1], gamma + h * torch.eye(5, dtype=D)[2], params[3])
+        f0 = first_block(x, *params)
+    assert abs(float(((right - f0) * u).sum() / h) - float(grad[2])) < 1e-5 * max(1.0, abs(float(grad[2])))
+
+
+def test_hessian_vector_products_through_the_first_block_equal_double_backward_through_the_layers():
+    """``metasam analyze`` differentiates Conv4 forward-over-reverse (jvp of grad): every operation of
+    the first block needs a forward-mode derivative of its backward."""
+    from torch.func import functional_call
+
+    from metasam.analysis.hessian import hessian_vector_product
+
+    torch.manual_seed(0)
+    model = Conv4(5, hidden=6).double()
+    x, y = (torch.rand(10, 1, 28, 28) > 0.8).double(), torch.arange(5).repeat(2)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    vector = {n: torch.randn_like(p) for n, p in params.items()}
+
+    def loss(p):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    hv = hessian_vector_product(loss, params, vector)
+    leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+    with primitive_batchnorm():  # the layers in order
+        grads = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=True)
+        reference = torch.autograd.grad(sum((g * vector[n]).sum() for n, g in zip(leaves, grads)), list(leaves.values()))
+    largest = max(float(r.norm()) for r in reference)
+    for (name, h), r in zip(hv.items(), reference):
+        torch.testing.assert_close(h, r, rtol=1e-8, atol=1e-10 * largest, msg=name)
