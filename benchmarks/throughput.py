@@ -16,17 +16,20 @@ anywhere):
 * for attribution, not a baseline: the hand-written loop on metasam's Conv4, which separates what the
   model's implementation gains from what the learner gains.
 
-Before timing, each implementation's meta-gradient on the same task batch from the same weights is
-compared with metasam's maml and with the truth: the hand-written loop on the textbook Conv4 in float64.
+Before timing, the second-order MAML meta-gradient of metasam, of each baseline and of the attribution
+row on the same task batch from the same weights is compared with metasam's and with the truth: the
+hand-written loop on the textbook Conv4 in float64 (the other presets' meta-gradients are checked by
+the test suite, against finite differences and their definitions).
 The float32 implementations differ by rounding (metasam's CPU Conv4 computes its first block in another
-order, ``metasam.models.conv4.first_block``); the run stops if any of them is further than
-``MAX_RELATIVE_ERROR`` from the float64 truth. Timing
+order, ``metasam.models.conv4.first_block``); the run stops if metasam's is further from the float64
+truth than ``MAX_RELATIVE_ERROR`` or twice the closest baseline's distance, whichever is larger. Timing
 interleaves the implementations (rotating their order every repeat) and reports the median tasks/s;
-peak memory is measured in a fresh subprocess per implementation (peak RSS above the process's
-baseline on CPU, ``torch.cuda.max_memory_allocated`` on a GPU). FLOPs are counted with
-``torch.utils.flop_counter`` on the hand-written loop over the textbook Conv4 (every correct second-order implementation does
-the same arithmetic) and reported as achieved GFLOP/s against the best float32 matrix-multiply rate
-measured on this machine in the same process.
+peak memory is measured in a fresh subprocess per implementation (on CPU the kernel's high-water mark
+of its RSS, restarted once the model is built, minus the RSS then; ``getrusage`` would report at least
+the size of this process, which forked it; ``torch.cuda.max_memory_allocated`` on a GPU). FLOPs are counted with
+``torch.utils.flop_counter`` on the hand-written loop over the textbook Conv4 (metasam's first block does
+the same multiply-adds in another order, plus a 9×9 patch covariance) and reported as achieved GFLOP/s against the best float32 matrix-multiply rate
+measured on this machine in the same process (before the first setting and after each one).
 
     PYTHONPATH=. python benchmarks/throughput.py                  # writes docs/results/throughput.md
     PYTHONPATH=. python benchmarks/throughput.py --quick --out /tmp/t.md
@@ -68,7 +71,7 @@ RULES = {  # the radii of the Omniglot runs (docs/results/omniglot_small.md); co
     "agnostic-sam-both": {"inner_rho1": 0.05, "inner_rho2": 0.025, "outer_rho1": 0.05, "outer_rho2": 0.025},
 }
 INNER_LR = {5: 0.4, 20: 0.1}  # ALGORITHMS.md §2 standard settings
-MAX_RELATIVE_ERROR = 1e-3  # float32 rounding: 1e-6 to 3e-4 here (most for cancelling sums, such as a batch norm β)
+MAX_RELATIVE_ERROR = 1e-3  # float32 rounding gives 2e-5 (5-way) to 5e-4 (20-way, meta-batch 16) here, baselines alike
 
 
 # -- implementations ---------------------------------------------------------------------------------
@@ -279,6 +282,23 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def reset_peak_rss() -> None:
+    """Restart the kernel's high-water mark of this process's RSS (Linux ≥ 4.0).
+
+    Needed because ``getrusage``'s ``ru_maxrss`` carries over the parent's RSS at the fork that precedes
+    the spawned child's exec: every child would report at least the (large) benchmark process's size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: the peak RSS since the last :func:`reset_peak_rss`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
 def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, queue, retain: bool) -> None:
     torch.set_num_threads(int(os.environ.get("METASAM_BENCH_THREADS", torch.get_num_threads())))
     if retain:
@@ -293,9 +313,10 @@ def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, que
         queue.put(torch.cuda.max_memory_allocated() - base)
         return
     base = rss_bytes()
+    reset_peak_rss()
     for batch, val in batches:
         impl.step(batch, val)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    queue.put(peak_rss_bytes() - base)
 
 
 def peak_memory(key: str, ways: int, device: str, path: str, batches, retain: bool) -> int:
@@ -392,9 +413,11 @@ def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list
         print(f"meta-gradient of {impls[k].name}: relative difference from the float64 truth {error[k]:.1e}"
               + ("" if k == "metasam:maml" else f"; from metasam maml max abs {agreement[k][0]:.1e}, max rel {agreement[k][1]:.1e}"),
               flush=True)
-    wrong = {impls[k].name: e for k, e in error.items() if not e <= MAX_RELATIVE_ERROR}
+    bound = max(MAX_RELATIVE_ERROR, 2 * min(error[k] for k in baselines))
+    wrong = {impls[k].name: e for k, e in error.items() if k not in baselines and not e <= bound}
     if wrong:
-        raise SystemExit(f"meta-gradients further than {MAX_RELATIVE_ERROR:g} from the float64 truth: {wrong}; nothing was timed")
+        raise SystemExit(f"metasam's meta-gradient is further than {bound:.1e} from the float64 truth (the bound: "
+                         f"{MAX_RELATIVE_ERROR:g} or twice the closest baseline's distance): {wrong}; nothing was timed")
 
     for impl in impls.values():  # warm-up: allocator, kernels, lazy imports
         impl.step(*batches[0])
@@ -510,6 +533,7 @@ def main() -> None:
     for i, item in enumerate(args.settings.split(",")):
         ways, tasks = (int(v) for v in item.split(":"))
         results.append(run_setting(args, ways, tasks, args.presets if i == 0 else ["maml"], baselines))
+        peak = max(peak, matmul_peak(args.device))  # the best of several moments: a shared machine is noisy
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
     text = render(results, args, peak, skipped, command.strip())
     Path(args.out).write_text(text)
