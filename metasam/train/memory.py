@@ -6,9 +6,9 @@ Conv4's first block on 75 query images holds 15 MB per tensor). glibc serves blo
 kernel and pays a page fault per page to have each zeroed again: 4,000–8,600 faults and 11–28 ms of
 system time per 5-way 1-shot task here (docs/performance.md). :func:`retain_freed_memory` sets
 ``M_MMAP_MAX = 0`` and a 2 GiB ``M_TRIM_THRESHOLD``: blocks come from the heap and freed ones stay
-there for reuse, and training ran 1.1–1.4× faster. The price is memory: the process keeps its peak
-heap until it exits, and the heap fragments; the peak RSS rose by 1 % at 5-way and by 28 % at 20-way
-1-shot (605 → 773 MB).
+there for reuse, and training ran 1.14× faster at 5-way and 1.31× at 20-way 1-shot. The price is
+memory: the process keeps its peak heap until it exits, and the heap fragments; the peak RSS of two
+outer steps rose by 13 % at 5-way and by 10 % at 20-way (413 → 456 MB).
 
 ``metasam`` commands call it at start-up (``METASAM_RETAIN_FREED_MEMORY=0`` opts out); library users
 who want it call it once, early, themselves. It is a process-wide allocator setting: it changes no
