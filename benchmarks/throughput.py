@@ -26,10 +26,11 @@ truth than ``MAX_RELATIVE_ERROR`` or twice the closest baseline's distance, whic
 interleaves the implementations (rotating their order every repeat) and reports the median tasks/s;
 peak memory is measured in a fresh subprocess per implementation (on CPU the kernel's high-water mark
 of its RSS, restarted once the model is built, minus the RSS then; ``getrusage`` would report at least
-the size of this process, which forked it; ``torch.cuda.max_memory_allocated`` on a GPU). FLOPs are counted with
-``torch.utils.flop_counter`` on the hand-written loop over the textbook Conv4 (metasam's first block does
-the same multiply-adds in another order, plus a 9×9 patch covariance) and reported as achieved GFLOP/s against the best float32 matrix-multiply rate
-measured on this machine in the same process (before the first setting and after each one).
+the size of this process, which forked it; ``torch.cuda.max_memory_allocated`` on a GPU). FLOPs are
+counted with ``torch.utils.flop_counter`` on the hand-written loop over the textbook Conv4 (metasam's
+first block does the same multiply-adds in another order, plus a 9×9 patch covariance) and reported as
+achieved GFLOP/s against the best float32 matrix-multiply rate measured on this machine in the same
+process (before the first setting and after each one).
 
     PYTHONPATH=. python benchmarks/throughput.py                  # writes docs/results/throughput.md
     PYTHONPATH=. python benchmarks/throughput.py --quick --out /tmp/t.md

@@ -116,8 +116,8 @@ class Conv4(nn.Module):
     relu(maxpool(x)) exactly, and the gradients agree too (a window whose maximum is ≤ 0 passes no
     gradient either way; otherwise both pick the same element). The ReLU and its backward then touch a
     quarter of the elements. On the CPU, for grayscale input, the first block is :func:`first_block`,
-    the same function with its batch norm moved after the pooling (docs/performance.md). The parameter names are those of
-    the textbook order, so checkpoints and weights carry over.
+    the same function with its batch norm moved after the pooling (docs/performance.md). The parameter
+    names are those of the textbook order, so checkpoints and weights carry over.
     """
 
     def __init__(self, ways: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
