@@ -30,11 +30,15 @@ the size of this process, which forked it; ``torch.cuda.max_memory_allocated`` o
 counted with ``torch.utils.flop_counter`` on the hand-written loop over the textbook Conv4 (metasam's
 first block does the same multiply-adds in another order, plus a 9×9 patch covariance) and reported as
 achieved GFLOP/s against the best float32 matrix-multiply rate measured on this machine in the same
-process (before the first setting and after each one).
+process (before the first setting and after each one), for whole steps and for the query passes alone
+(each task's query forward+backward at fixed weights, metasam's Conv4 against the textbook one).
+``--compare-paths`` adds metasam's maml on the other path over tasks (vmap where ``auto`` takes the
+loop, the loop where it takes vmap), checked against the float64 truth and timed like the rest: how
+the path is chosen per device.
 
     PYTHONPATH=. python benchmarks/throughput.py                  # writes docs/results/throughput.md
     PYTHONPATH=. python benchmarks/throughput.py --quick --out /tmp/t.md
-    PYTHONPATH=. python benchmarks/throughput.py --device cuda     # on a GPU machine
+    PYTHONPATH=. python benchmarks/throughput.py --device cuda --compare-paths --out docs/results/throughput-cuda.md
     PYTHONPATH=. python benchmarks/throughput.py --retain-freed-memory   # as `metasam train` runs on a CPU
 """
 
@@ -224,13 +228,14 @@ class TextbookConv4(nn.Module):
 
 
 def build(key: str, ways: int, device: str, path: str) -> Impl:
-    """A fresh implementation ``key`` ("metasam:<preset>[:val4]", a BASELINES key or ATTRIBUTION) with
-    the seeded Conv4's weights."""
+    """A fresh implementation ``key`` ("metasam:<preset>[:val4][:loop|:vmap]", a BASELINES key or
+    ATTRIBUTION) with the seeded Conv4's weights; a path token overrides ``path``."""
     torch.manual_seed(0)
     model = Conv4(ways).to(device)
     if key.startswith("metasam:"):
-        _, algo, *option = key.split(":")
-        return Metasam(model, algo, INNER_LR[ways], path, val_fraction=0.25 if option == ["val4"] else 1.0)
+        _, algo, *options = key.split(":")
+        path = next((o for o in options if o in ("loop", "vmap")), path)
+        return Metasam(model, algo, INNER_LR[ways], path, val_fraction=0.25 if "val4" in options else 1.0)
     if key == ATTRIBUTION:
         impl = TorchBaseline(model, INNER_LR[ways])
         impl.name = "torch.autograd loop (hand-written) on metasam's Conv4 (attribution, not a baseline)"
@@ -305,6 +310,7 @@ def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, que
     if retain:
         retain_freed_memory()
     impl = build(key, ways, device, path)
+    batches = [(TaskBatch(*(t.to(device) for t in b)), TaskBatch(*(t.to(device) for t in v))) for b, v in batches]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -325,9 +331,7 @@ def peak_memory(key: str, ways: int, device: str, path: str, batches, retain: bo
     in from the measurements before it)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    cpu = [(TaskBatch(*(t.cpu() for t in b)), TaskBatch(*(t.cpu() for t in v))) for b, v in batches[:2]]
-    if device.startswith("cuda"):
-        cpu = [(TaskBatch(*(t.to(device) for t in b)), TaskBatch(*(t.to(device) for t in v))) for b, v in cpu]
+    cpu = [(TaskBatch(*(t.cpu() for t in b)), TaskBatch(*(t.cpu() for t in v))) for b, v in batches[:2]]  # the child moves them
     os.environ["METASAM_BENCH_THREADS"] = str(torch.get_num_threads())
     proc = ctx.Process(target=_peak_memory_child, args=(key, ways, device, path, cpu, queue, retain))
     proc.start()
@@ -348,6 +352,33 @@ def count_flops(ways: int, device: str, batch: TaskBatch) -> tuple[float, float]
             nn.functional.cross_entropy(model(batch.query_x[t]), batch.query_y[t]).backward()
     tasks = batch.support_x.shape[0]
     return total / tasks, counter.get_total_flops() / tasks
+
+
+def query_pass_rates(ways: int, device: str, batch: TaskBatch, repeats: int) -> dict[str, float]:
+    """Median tasks/s of the query forward+backward alone, at fixed weights (the target's "FLOP/s in the
+    query passes"): ∇ of each task's query loss in the weights, for metasam's Conv4 and the textbook Conv4
+    with the same weights, interleaved. A meta-training step runs the same pass at φ instead of θ."""
+    torch.manual_seed(0)
+    models = {"metasam": Conv4(ways).to(device), "textbook": TextbookConv4(ways).to(device)}
+    models["textbook"].load_state_dict(models["metasam"].state_dict())
+    tasks = batch.query_x.shape[0]
+
+    def one_pass(model: nn.Module) -> float:
+        params = list(model.parameters())
+        sync(device)
+        start = time.perf_counter()
+        for t in range(tasks):
+            torch.autograd.grad(nn.functional.cross_entropy(model(batch.query_x[t]), batch.query_y[t]), params)
+        sync(device)
+        return tasks / (time.perf_counter() - start)
+
+    rates: dict[str, list[float]] = {k: [] for k in models}
+    for k in models:  # warm-up
+        one_pass(models[k])
+    for r in range(repeats):
+        for k in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            rates[k].append(one_pass(models[k]))
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def matmul_peak(device: str, size: int = 2048, repeats: int = 5) -> float:
@@ -401,12 +432,18 @@ def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list
     if "agnostic-sam-both" in presets:
         keys.insert(keys.index("metasam:agnostic-sam-both") + 1, "metasam:agnostic-sam-both:val4")
     impls = {k: build(k, ways, args.device, args.path) for k in keys}
+    checked = ["metasam:maml"]
+    if args.compare_paths:  # maml on the path that "auto" did not take, checked and timed like the rest
+        other = "vmap" if impls["metasam:maml"].learner.path == "loop" else "loop"
+        checked.append(f"metasam:maml:{other}")
+        keys.insert(1, checked[1])
+        impls[checked[1]] = build(checked[1], ways, args.device, args.path)
 
     truth = float64_truth(ways, args.device, batches[0][0])
     compared = nonzero_tensors(truth)
     reference = impls["metasam:maml"].meta_grad(batches[0][0])
     agreement, error = {}, {}
-    for k in ["metasam:maml"] + baselines + [ATTRIBUTION]:
+    for k in checked + baselines + [ATTRIBUTION]:
         grad = reference if k == "metasam:maml" else impls[k].meta_grad(batches[0][0])
         error[k] = max_difference(grad, truth, compared)[1]
         if k != "metasam:maml":
@@ -432,10 +469,11 @@ def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list
     memory = ({k: peak_memory(k, ways, args.device, args.path, batches, args.retain_freed_memory) for k in keys}
               if args.memory else {})
     flops_task, flops_query = count_flops(ways, args.device, batches[0][0])
+    query = query_pass_rates(ways, args.device, batches[0][0], args.repeats)
     data = {w: data_rate(ds, ways, args.queries, tasks, w) for w in (0, 2)} if args.device == "cpu" else {}
     return {"ways": ways, "tasks": tasks, "names": {k: impls[k].name for k in keys}, "rates": rates, "median": median,
             "memory": memory, "agreement": agreement, "error": error, "flops_task": flops_task, "flops_query": flops_query,
-            "data": data, "second_order": {k: impls[k].second_order for k in keys}}
+            "query": query, "data": data, "second_order": {k: impls[k].second_order for k in keys}}
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -476,6 +514,11 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
                   "hand-written loop on the textbook Conv4 in float64; relative differences are the largest per-tensor "
                   "‖a − b‖ / ‖b‖, leaving out the conv biases, whose meta-gradient is zero up to rounding "
                   "(batch norm subtracts them)."]
+        lines += ["", "Query passes alone (each task's query forward+backward at fixed weights, interleaved, median of "
+                  f"{args.repeats}): " + ", ".join(
+                      f"{name} {rate * res['flops_query'] / 1e9:.1f} GFLOP/s ({100 * rate * res['flops_query'] / 1e9 / peak:.0f} % of matmul peak)"
+                      for name, rate in (("metasam's Conv4", res["query"]["metasam"]), ("the textbook Conv4", res["query"]["textbook"])))
+                  + f"; {res['query']['metasam'] / res['query']['textbook']:.2f}× the textbook's rate."]
         if res["data"]:
             train = median["metasam:maml"]
             lines += ["", "Episodes per second from the cached dataset (DataLoader over EpisodeSampler): " + ", ".join(
@@ -511,6 +554,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2, help="meta-batches per timed pass")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--path", choices=("loop", "vmap", "auto"), default="auto", help="metasam's path over tasks")
+    parser.add_argument("--compare-paths", action="store_true",
+                        help="also time metasam maml on the path over tasks that --path auto did not take (vmap on CPU, "
+                             "the loop on CUDA)")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="keep freed memory in the process (glibc), as `metasam train` does on a CPU; it applies to "

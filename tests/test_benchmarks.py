@@ -1,0 +1,59 @@
+"""The throughput benchmark runs end to end, and its correctness gate stops a wrong meta-gradient.
+
+The benchmark is the one command a GPU session gets to run once (docs/performance.md), so it must not
+rot between such sessions. These tests run it on the offline glyph set with tiny settings (timings are
+meaningless here and not asserted): its meta-gradient check must pass on both paths over tasks against
+the float64 truth of an independent hand-written loop, and must refuse to time anything when metasam's
+meta-gradient is wrong.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "glyphs", "--settings", "5:2", "--presets", "maml", "--repeats", "1", "--batches", "1",
+        "--no-memory"]
+
+
+def _row(table: str, name: str) -> list[str]:
+    rows = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
+    assert len(rows) == 1, f"no single row {name!r} in:\n{table}"
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_throughput_benchmark_checks_both_paths_and_reports(tmp_path):
+    out = tmp_path / "throughput.md"
+    run = subprocess.run([sys.executable, "benchmarks/throughput.py", *TINY, "--compare-paths", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = out.read_text()
+    for name in ("metasam maml (loop)", "metasam maml (vmap)"):
+        cells = _row(table, name)
+        assert float(cells[1]) > 0  # tasks/s
+        assert float(cells[7]) <= 1e-3, f"{name}: meta-gradient {cells[7]} from the float64 truth"
+    baseline = _row(table, "torch.autograd loop (hand-written)")
+    assert float(baseline[7]) <= 1e-3
+    query = re.search(r"Query passes alone .*?metasam's Conv4 ([\d.]+) GFLOP/s .*?the textbook Conv4 ([\d.]+) GFLOP/s", table)
+    assert query and float(query.group(1)) > 0 and float(query.group(2)) > 0, table
+
+
+def test_throughput_benchmark_refuses_to_time_a_wrong_meta_gradient(tmp_path, monkeypatch, capsys):
+    """A meta-gradient 1 % off (scaled by 1.01) is 10× the gate's 1e-3: the run stops before timing."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    throughput = importlib.import_module("throughput")
+    right = throughput.Metasam.meta_grad
+    monkeypatch.setattr(throughput.Metasam, "meta_grad", lambda self, batch: [1.01 * g for g in right(self, batch)])
+    monkeypatch.setattr(sys, "argv", ["throughput.py", *TINY, "--out", str(tmp_path / "t.md")])
+    with pytest.raises(SystemExit, match="further than .* from the float64 truth.*nothing was timed"):
+        throughput.main()
+    assert "repeat 1/1" not in capsys.readouterr().out
+    assert not (tmp_path / "t.md").exists()
