@@ -66,6 +66,7 @@ from metasam.data import EpisodeSampler, TaskBatch, collate_tasks
 from metasam.meta import MetaLearner
 from metasam.models import Conv4
 from metasam.train.memory import retain_freed_memory
+from metasam.train.precision import use_tf32
 from metasam.train.splits import load_split
 
 PRESETS = ["maml", "fomaml", "sharp-maml-low", "agnostic-sam", "sharp-maml-up", "agnostic-sam-both"]
@@ -305,10 +306,11 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
 
 
-def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, queue, retain: bool) -> None:
+def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, queue, retain: bool, tf32: bool) -> None:
     torch.set_num_threads(int(os.environ.get("METASAM_BENCH_THREADS", torch.get_num_threads())))
     if retain:
         retain_freed_memory()
+    use_tf32(tf32)
     impl = build(key, ways, device, path)
     batches = [(TaskBatch(*(t.to(device) for t in b)), TaskBatch(*(t.to(device) for t in v))) for b, v in batches]
     if device.startswith("cuda"):
@@ -326,14 +328,14 @@ def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, que
     queue.put(peak_rss_bytes() - base)
 
 
-def peak_memory(key: str, ways: int, device: str, path: str, batches, retain: bool) -> int:
+def peak_memory(key: str, ways: int, device: str, path: str, batches, retain: bool, tf32: bool) -> int:
     """Peak memory of two outer steps above the baseline of a fresh process (spawned, so nothing leaks
     in from the measurements before it)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     cpu = [(TaskBatch(*(t.cpu() for t in b)), TaskBatch(*(t.cpu() for t in v))) for b, v in batches[:2]]  # the child moves them
     os.environ["METASAM_BENCH_THREADS"] = str(torch.get_num_threads())
-    proc = ctx.Process(target=_peak_memory_child, args=(key, ways, device, path, cpu, queue, retain))
+    proc = ctx.Process(target=_peak_memory_child, args=(key, ways, device, path, cpu, queue, retain, tf32))
     proc.start()
     result = queue.get()
     proc.join()
@@ -466,7 +468,7 @@ def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list
             rates[k].append(time_steps(impls[k], batches, args.device))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k.split(':')[-1]} {rates[k][-1]:.2f}" for k in keys), flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
-    memory = ({k: peak_memory(k, ways, args.device, args.path, batches, args.retain_freed_memory) for k in keys}
+    memory = ({k: peak_memory(k, ways, args.device, args.path, batches, args.retain_freed_memory, args.tf32) for k in keys}
               if args.memory else {})
     flops_task, flops_query = count_flops(ways, args.device, batches[0][0])
     query = query_pass_rates(ways, args.device, batches[0][0], args.repeats)
@@ -482,7 +484,9 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
     lines += [f"Measured {datetime.date.today().isoformat()} on {machine(args.device)}; torch {torch.__version__}, "
               f"Python {platform.python_version()}, {torch.get_num_threads()} threads, device {args.device}. "
               f"Best float32 matmul measured here: {peak:.1f} GFLOP/s (the practical peak the GFLOP/s column is "
-              f"compared with). Freed memory {'kept in the process (`--retain-freed-memory`, as `metasam train` runs)' if args.retain_freed_memory else 'returned to the OS (glibc defaults)'}.", ""]
+              f"compared with). " + (f"Float32 convolutions and matrix products {'in TF32 (`--tf32`)' if args.tf32 else 'in full float32 (TF32 off, as metasam runs)'}."
+                                   if args.device.startswith("cuda") else
+                                   f"Freed memory {'kept in the process (`--retain-freed-memory`, as `metasam train` runs)' if args.retain_freed_memory else 'returned to the OS (glibc defaults)'}."), ""]
     lines += [f"Command: `{command}`", ""]
     lines += [("Conv4 (64 filters, batch-statistics BatchNorm), Omniglot 28×28 from `images_background_small1`"
                if args.dataset == "omniglot" else "Conv4 (64 filters) on the synthetic glyph set") +
@@ -557,6 +561,9 @@ def main() -> None:
     parser.add_argument("--compare-paths", action="store_true",
                         help="also time metasam maml on the path over tasks that --path auto did not take (vmap on CPU, "
                              "the loop on CUDA)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="let CUDA convolutions and matrix products use TF32, for every implementation in the process "
+                             "(default: full float32, as metasam's commands run)")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="keep freed memory in the process (glibc), as `metasam train` does on a CPU; it applies to "
@@ -569,6 +576,7 @@ def main() -> None:
     args.presets = [p.strip() for p in args.presets.split(",")]
     if args.retain_freed_memory:
         retain_freed_memory()
+    use_tf32(args.tf32)
     if "maml" not in args.presets:
         parser.error("--presets must include maml (the reference for the meta-gradient check)")
     baselines, skipped = available_baselines()
@@ -577,13 +585,13 @@ def main() -> None:
     peak = matmul_peak(args.device)
     print(f"best float32 matmul here: {peak:.1f} GFLOP/s", flush=True)
     results = []
+    command = ("python benchmarks/throughput.py " + " ".join(sys.argv[1:])).strip()
     for i, item in enumerate(args.settings.split(",")):
         ways, tasks = (int(v) for v in item.split(":"))
         results.append(run_setting(args, ways, tasks, args.presets if i == 0 else ["maml"], baselines))
         peak = max(peak, matmul_peak(args.device))  # the best of several moments: a shared machine is noisy
-    command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
-    text = render(results, args, peak, skipped, command.strip())
-    Path(args.out).write_text(text)
+        text = render(results, args, peak, skipped, command)
+        Path(args.out).write_text(text)  # after every setting: a run cut short keeps what it measured
     print("\n" + text)
     print(f"wrote {args.out}")
 

@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=int, default=600, help="test tasks per cell (the same for every method)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tf32", action="store_true", default=None,
+                   help="let CUDA convolutions and matrix products use TF32 (default: full float32)")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     settings = parse_settings(args.settings)
     keys = ("dataset", "data_root", "iterations", "meta_batch", "queries", "train_split", "val_split", "test_split",
-            "val_every", "val_tasks", "seed", "device")
+            "val_every", "val_tasks", "seed", "device", "tf32")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     grid = run_grid(overrides, algos, settings, args.out, episodes=args.episodes, progress=not args.no_progress)
     print(grid["table"])

@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default="data", help="folder holding CIFAR (digits needs none)")
     p.add_argument("--download", action="store_true", help="download CIFAR (needs a network)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tf32", action="store_true",
+                   help="let CUDA convolutions and matrix products use TF32 (default: full float32, as on the CPU)")
     p.add_argument("--out", default=None, help="folder for config.json, metrics.jsonl and result.json")
     p.add_argument("--no-progress", action="store_true")
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, val_batch_size=args.val_batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, rho1=args.rho1, rho2=args.rho2,
         beta=args.beta, eta=args.eta, data_root=args.data_root, download=args.download, device=args.device,
+        tf32=args.tf32,
     )
     result = train_supervised(cfg, out_dir=args.out, progress=not args.no_progress)
     summary = {k: v for k, v in result.items() if k != "history"}

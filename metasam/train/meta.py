@@ -49,6 +49,7 @@ from metasam.meta.learner import check_hparams, mean_ci95
 from metasam.meta.presets import RULE_PARAMS
 from metasam.models import MODELS
 from metasam.train.distributed import join
+from metasam.train.precision import use_tf32
 from metasam.train.splits import load_splits
 
 # ALGORITHMS.md §2, standard settings: (inner_lr, inner_steps, test_inner_steps, meta_batch)
@@ -102,6 +103,7 @@ class MetaTrainConfig:
     rule: dict[str, Any] | None = None
     skip_nonfinite: int = 0
     outer_val_tasks: int | None = None
+    tf32: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset not in DEFAULT_SPLITS:
@@ -234,6 +236,7 @@ class MetaTrainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         check_device(cfg.device)
+        use_tf32(cfg.tf32)
         self.procs = join(cfg.device, cfg.meta_batch)  # before the model is built: it picks this process's GPU
         if PRESETS[cfg.algo].outer == "agnostic" and cfg.outer_val_tasks < self.procs.world_size:
             raise ConfigError(

@@ -26,6 +26,7 @@ from metasam.data.supervised import SupervisedSplits, load_cifar_splits, load_di
 from metasam.errors import ConfigError
 from metasam.models import DigitsCNN, resnet18_cifar
 from metasam.optim import SAM, AgnosticSAM
+from metasam.train.precision import use_tf32
 
 OPTIMIZERS = ("sgd", "sam", "asam", "agnostic-sam", "agnostic-asam")
 DATASETS = ("digits", "cifar10", "cifar100")
@@ -57,6 +58,7 @@ class SupervisedConfig:
     data_root: str = "data"
     download: bool = False
     device: str = "cpu"
+    tf32: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -156,6 +158,7 @@ def train_supervised(
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
+    use_tf32(cfg.tf32)
     splits = splits or load_splits(cfg)
     (x, y_clean), (xv, yv_clean), (xt, yt) = splits.train, splits.val, splits.test
     y = symmetric_label_noise(y_clean, cfg.label_noise, splits.num_classes, seed=cfg.seed + 1)
