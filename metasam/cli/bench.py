@@ -6,6 +6,7 @@ import argparse
 
 from metasam.meta import PRESETS
 from metasam.train.bench import parse_settings, run_grid
+from metasam.train.precision import TF32_HELP
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,8 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=int, default=600, help="test tasks per cell (the same for every method)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tf32", action="store_true", default=None,
-                   help="let CUDA convolutions and matrix products use TF32 (default: full float32)")
+    p.add_argument("--tf32", action="store_true", default=None, help=TF32_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
 

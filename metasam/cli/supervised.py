@@ -6,6 +6,7 @@ import argparse
 import json
 
 from metasam.train.supervised import DATASETS, OPTIMIZERS, SupervisedConfig, train_supervised
+from metasam.train.precision import TF32_HELP
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default="data", help="folder holding CIFAR (digits needs none)")
     p.add_argument("--download", action="store_true", help="download CIFAR (needs a network)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tf32", action="store_true",
-                   help="let CUDA convolutions and matrix products use TF32 (default: full float32, as on the CPU)")
+    p.add_argument("--tf32", action="store_true", help=TF32_HELP)
     p.add_argument("--out", default=None, help="folder for config.json, metrics.jsonl and result.json")
     p.add_argument("--no-progress", action="store_true")
 

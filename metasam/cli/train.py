@@ -20,6 +20,7 @@ from metasam.train.meta import (
     datasets_summary,
     load_run_checkpoint,
 )
+from metasam.train.precision import TF32_HELP
 
 DEFAULTS: dict[str, object] = {}
 """The parser's defaults: with --resume, any other value is a setting the saved run would ignore."""
@@ -59,9 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--path", choices=("auto", "loop", "vmap"), default="auto", help="how tasks of a meta-batch are run")
-    p.add_argument("--tf32", action="store_true",
-                   help="let CUDA convolutions and matrix products use TF32 tensor cores (faster on Ampere and later, "
-                   "about 1e-3 relative error per product); default: full float32, as on the CPU")
+    p.add_argument("--tf32", action="store_true", help=TF32_HELP)
     p.add_argument("--out", help="run folder (config, metrics.jsonl, last.pt, best.pt)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
     p.add_argument("--outer-val-tasks", type=int, default=None, metavar="V",
