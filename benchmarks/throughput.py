@@ -20,15 +20,16 @@ Before timing, the second-order MAML meta-gradient of metasam, of each baseline 
 row on the same task batch from the same weights is compared with metasam's and with the truth: the
 hand-written loop on the textbook Conv4 in float64 (the other presets' meta-gradients are checked by
 the test suite, against finite differences and their definitions).
-The float32 implementations differ by rounding (metasam's CPU Conv4 computes its first block in another
-order, ``metasam.models.conv4.first_block``); the run stops if metasam's is further from the float64
+The float32 implementations differ by rounding (metasam's CPU Conv4 computes its blocks in another
+order, ``metasam.models.conv4.first_block`` and ``conv_block``); the run stops if metasam's is further from the float64
 truth than ``MAX_RELATIVE_ERROR`` or twice the closest baseline's distance, whichever is larger. Timing
 interleaves the implementations (rotating their order every repeat) and reports the median tasks/s;
 peak memory is measured in a fresh subprocess per implementation (on CPU the kernel's high-water mark
 of its RSS, restarted once the model is built, minus the RSS then; ``getrusage`` would report at least
 the size of this process, which forked it; ``torch.cuda.max_memory_allocated`` on a GPU). FLOPs are
 counted with ``torch.utils.flop_counter`` on the hand-written loop over the textbook Conv4 (metasam's
-first block does the same multiply-adds in another order, plus a 9×9 patch covariance) and reported as
+blocks do the same multiply-adds in another order, plus a 9×9 patch covariance in the first and
+float64 batch statistics) and reported as
 achieved GFLOP/s against the best float32 matrix-multiply rate measured on this machine in the same
 process (before the first setting and after each one), for whole steps and for the query passes alone
 (each task's query forward+backward at fixed weights, metasam's Conv4 against the textbook one).

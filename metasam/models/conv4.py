@@ -8,11 +8,11 @@ learner's vmap path enters), the same normalisation written from mean, biased va
 affine map, which batches exactly. Either way it has no buffers for adaptation to write: it always
 uses the statistics of the batch it sees (MAML's transductive choice, at meta-training and meta-test).
 
-On the CPU and for grayscale input (Omniglot), Conv4 computes its first block with :func:`first_block`,
-the same function re-associated so that no full-resolution tensor is normalised, re-laid-out or reduced
-(a second-order meta-training step runs about 1.3× faster; docs/performance.md). Elsewhere it runs the
-layers in order: under vmap, on CUDA (never measured), and for RGB input, where the 27×27 patch
-covariance over MiniImageNet's 84×84 positions cost as much as it saved (measured at parity).
+On the CPU, Conv4 computes each block with the batch norm moved after the max-pool, in channels-last
+memory (:func:`conv_block`; the grayscale first block as :func:`first_block`, with its statistics from
+patch moments): the same function and derivatives, so that no full-resolution tensor is normalised or
+pooled in NCHW (a second-order meta-training step runs about 1.4× faster than the layers in order;
+docs/performance.md). Under vmap and on CUDA (never measured there) it runs the layers in order.
 """
 
 from __future__ import annotations
@@ -62,32 +62,42 @@ class BatchNorm(nn.Module):
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
-def first_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
-    """relu(maxpool₂ₓ₂(BN_γ,β(z))), z = conv₃ₓ₃(x; W, b) with padding 1: Conv4's first block, arranged for a CPU.
+def _sign(gamma: Tensor, dtype: torch.dtype) -> Tensor:
+    """s = sign γ, +1 at γ = 0."""
+    return torch.where(gamma >= 0, 1.0, -1.0).to(dtype)
 
-    x [N, C, H, W] → [N, C_out, ⌊H/2⌋, ⌊W/2⌋] (contiguous NCHW). Three exact identities:
+
+def _pool_then_normalise(z: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor, sign: Tensor,
+                         eps: float) -> Tensor:
+    """relu(a · (maxpool₂ₓ₂(z) − μ) + β), a = γ s / √(σ² + ε) ≥ 0, which equals relu(maxpool₂ₓ₂(BN_γ,β(s z))).
+
+    z is a sign-folded convolution output s·conv (s = sign γ per channel), μ (in z's dtype) and σ² (any
+    float dtype) its batch mean and biased variance per channel. BN(s z) = a (z − μ) + β is a non-negative
+    affine map of z, so it commutes with the max-pool: the normalisation runs on the pooled quarter.
+    """
+    scale = gamma * sign * torch.rsqrt(var + eps).to(z.dtype)
+    pooled = nn.functional.max_pool2d(z, 2)
+    return torch.relu(scale.view(1, -1, 1, 1) * (pooled - mean.view(1, -1, 1, 1)) + beta.view(1, -1, 1, 1))
+
+
+def first_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
+    """relu(maxpool₂ₓ₂(BN_γ,β(z))), z = conv₃ₓ₃(x; W, b) with padding 1: Conv4's grayscale first block on a CPU.
+
+    x [N, C, H, W] → [N, C_out, ⌊H/2⌋, ⌊W/2⌋] in channels-last memory. :func:`conv_block` with two more
+    exact identities, which pay when C is 1:
 
     * z is linear in the 3×3 input patches p (C·9 values, zero padding included): z_c = w_c·p + b_c.
       Its batch mean and biased variance are therefore μ_c = w_c·m + b_c and σ²_c = w_cᵀ Σ w_c, with m and
       Σ the mean and covariance of the patches over the N·H·W positions, computed in float64. No pass
       over the [N, C_out, H, W] activations computes statistics.
-    * BN(z) = a_c (s_c z − s_c μ_c) + β_c with s_c = sign γ_c (+1 at 0) and a_c = γ_c s_c / √(σ²_c + ε) ≥ 0.
-      A non-negative affine map is monotone, so maxpool(BN(z)) = a (maxpool(s z) − s μ) + β: the
-      pooling runs on s z (the conv with weights s W and bias s b; s = ±1 is exact), and the
-      normalisation runs on the pooled quarter of the elements.
     * The conv is one matrix product, patches [N·H·W, C·9] × (s W)ᵀ, whose output rows are positions:
-      channels-last memory, where torch's CPU max-pool is an order of magnitude faster than on NCHW.
+      channels-last memory, without oneDNN's layout conversions for a one-channel input.
 
-    Value, gradient and second-order gradient (every operation is differentiable, x included) are those
-    of the layers in order; at tied maxima both route the gradient to the first element of the window.
-    They differ by rounding: σ² comes from float64 patch moments rather than a float32 reduction, and two
-    float32 values that BN's rounding would make equal stay ordered here, so the gradient follows the
-    exact maximum. At γ_c = 0 exactly, where the block is not differentiable in γ_c, the gradient in γ_c
-    is the right derivative (the layers in order give the tied window's first element).
+    Value, gradient and second-order gradient are those of the layers in order, as for :func:`conv_block`.
     """
     n, channels, height, width = x.shape
     out = weight.shape[0]
-    sign = torch.where(gamma >= 0, 1.0, -1.0).to(x.dtype)
+    sign = _sign(gamma, x.dtype)
     w = (weight * sign.view(-1, 1, 1, 1)).reshape(out, -1)
     b = bias * sign
     patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(n * height * width, channels * 9)
@@ -99,10 +109,40 @@ def first_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Te
     sigma = centred.t() @ centred / p64.shape[0]
     mean = (w64 @ m + b.double()).to(x.dtype)
     var = ((w64 @ sigma) * w64).sum(1)
-    scale = gamma * sign * torch.rsqrt(var + eps).to(x.dtype)
-    pooled = nn.functional.max_pool2d(z, 2)
-    y = scale.view(1, -1, 1, 1) * (pooled - mean.view(1, -1, 1, 1)) + beta.view(1, -1, 1, 1)
-    return torch.relu(y).contiguous()  # NCHW again: the next block's BatchNorm is precise in NCHW
+    return _pool_then_normalise(z, mean, var, gamma, beta, sign, eps)
+
+
+def conv_block(h: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
+    """relu(maxpool₂ₓ₂(BN_γ,β(conv₃ₓ₃(h; W, b)))) with padding 1: a Conv4 block arranged for a CPU.
+
+    h [N, C, H, W] → [N, C_out, ⌊H/2⌋, ⌊W/2⌋], both in channels-last memory (h is converted if it is not).
+    With s = sign γ (+1 at 0) folded into the convolution (exact: s = ±1),
+    z = conv(h; s W, s b), and BN_γ,β(conv) = a (z − μ) + β with a = γ s / √(σ² + ε) ≥ 0, a monotone map
+    that commutes with the max-pool (:func:`_pool_then_normalise`). Hence:
+
+    * the batch norm runs after the pooling, on a quarter of the elements, and the pooling decides on the
+      convolution's output itself, not on a rounded normalisation of it;
+    * μ and σ² are reduced over the [N·H·W, C] rows of channels-last z with float64 accumulation, in two
+      passes: μ₃₂ (μ rounded to z's dtype), then σ² = Σ (z − μ₃₂)² / (N·H·W), which exceeds the biased
+      variance by (μ − μ₃₂)², relatively about 1e-14. torch's fused channels-last batch norm accumulates
+      in float32, and its rounding flips near-tied maxima of the pooling (docs/performance.md);
+    * channels-last memory is where torch's CPU max-pool and batch norm are fast (NCHW max-pool: 6 ms
+      against 0.3 ms on a 5-way query set's second block).
+
+    Value, gradient and second-order gradient (every operation is differentiable, h included) are those
+    of the layers in order; at tied maxima both route the gradient to the first element of the window.
+    They differ by rounding: σ² is accumulated in float64, and two float32 values that the batch norm's
+    rounding would make equal stay ordered here, so the gradient follows the exact maximum. At γ_c = 0
+    exactly, where the block is not differentiable in γ_c, the gradient in γ_c is the right derivative
+    (the layers in order give the tied window's first element).
+    """
+    sign = _sign(gamma, h.dtype)
+    h = h.contiguous(memory_format=torch.channels_last)
+    z = nn.functional.conv2d(h, weight * sign.view(-1, 1, 1, 1), bias * sign, padding=1)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # a view when z is channels-last
+    mean = (rows.sum(0, dtype=torch.float64) / rows.shape[0]).to(z.dtype)
+    var = ((rows - mean) ** 2).sum(0, dtype=torch.float64) / rows.shape[0]
+    return _pool_then_normalise(z, mean, var, gamma, beta, sign, eps)
 
 
 class Conv4(nn.Module):
@@ -115,9 +155,10 @@ class Conv4(nn.Module):
     Each block applies the max-pool before the ReLU: ReLU is monotone, so maxpool(relu(x)) =
     relu(maxpool(x)) exactly, and the gradients agree too (a window whose maximum is ≤ 0 passes no
     gradient either way; otherwise both pick the same element). The ReLU and its backward then touch a
-    quarter of the elements. On the CPU, for grayscale input, the first block is :func:`first_block`,
-    the same function with its batch norm moved after the pooling (docs/performance.md). The parameter
-    names are those of the textbook order, so checkpoints and weights carry over.
+    quarter of the elements. On the CPU the blocks are :func:`first_block` (grayscale input) and
+    :func:`conv_block`, the same functions with the batch norm moved after the pooling, in channels-last
+    memory (docs/performance.md). The parameter names are those of the textbook order, so checkpoints
+    and weights carry over.
     """
 
     def __init__(self, ways: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
@@ -134,15 +175,18 @@ class Conv4(nn.Module):
         self.config = {"ways": ways, "in_channels": in_channels, "hidden": hidden, "image_size": image_size}
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._runs_first_block(x):
-            conv, bn = self.features[0], self.features[1]
-            h = first_block(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps)
-            return self.head(self.features[4:](h))
-        return self.head(self.features(x))
+        if not self._runs_blocks(x):
+            return self.head(self.features(x))
+        h = x
+        for i in range(0, 16, 4):
+            conv, bn = self.features[i], self.features[i + 1]
+            block = first_block if i == 0 and x.shape[1] == 1 else conv_block
+            h = block(h, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps)
+        return self.head(h.flatten(1))
 
-    def _runs_first_block(self, x: Tensor) -> bool:
-        """:func:`first_block` for grayscale [N, 1, H, W] input on the CPU, outside the vmap path, and only
-        while no forward hook watches the first block's layers (it does not call them)."""
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.features[:4])
-        return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == 1 and not hooked
-                and not getattr(_state, "primitive", False))
+    def _runs_blocks(self, x: Tensor) -> bool:
+        """The blocks as :func:`first_block` and :func:`conv_block` for [N, C, H, W] input on the CPU,
+        outside the vmap path, and only while no forward hook watches a layer of ``features`` (they do
+        not call them)."""
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.features)
+        return x.device.type == "cpu" and x.dim() == 4 and not hooked and not getattr(_state, "primitive", False)

@@ -1,15 +1,17 @@
-"""Conv4's CPU first block (:func:`metasam.models.conv4.first_block`) against the layers in order.
+"""Conv4's CPU blocks (:func:`metasam.models.conv4.first_block` and :func:`~metasam.models.conv4.conv_block`)
+against the layers in order.
 
-The reference is torch's own layers (conv2d, batch_norm with batch statistics, ReLU, max_pool2d), so
-the check is independent of the re-association it tests: batch norm moved after the pooling, its
-statistics from patch moments, the convolution as a matrix product."""
+The reference is torch's own layers (conv2d, batch_norm with batch statistics, ReLU, max_pool2d in
+NCHW memory), so the check is independent of the re-association it tests: batch norm moved after the
+pooling, its statistics from patch moments (first_block) or float64 sums over channels-last rows
+(conv_block), the convolution as a matrix product (first_block)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from metasam.models import Conv4
-from metasam.models.conv4 import first_block, primitive_batchnorm
+from metasam.models.conv4 import conv_block, first_block, primitive_batchnorm
 
 D = torch.float64
 
@@ -22,7 +24,11 @@ def layers_in_order(x, weight, bias, gamma, beta):
 def inputs(channels: int, size: int, binary: bool, dtype=D, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     shape = (6, channels, size, size)
-    x = (torch.rand(shape, generator=gen) > 0.7).to(dtype) if binary else torch.randn(shape, generator=gen).to(dtype)
+    if binary:  # strokes on a blank background, whose identical patches tie in the pooling windows
+        x = (torch.rand(shape, generator=gen) > 0.7).to(dtype)
+        x[..., : size // 2] = 0
+    else:
+        x = torch.randn(shape, generator=gen).to(dtype)
     params = [torch.randn(5, channels, 3, 3, generator=gen), torch.randn(5, generator=gen),
               torch.tensor([1.3, -0.7, 0.1, 0.4, -2.0]), torch.randn(5, generator=gen)]  # γ of both signs
     return x.requires_grad_(), [p.to(dtype).requires_grad_() for p in params]
@@ -37,17 +43,32 @@ def value_gradient_and_second_order(block, x, params):
     return y, grads, second
 
 
-@pytest.mark.parametrize("channels,size,binary", [(1, 28, True), (3, 15, False), (1, 9, True)],
-                         ids=["omniglot-like binary 28x28 (tied windows)", "rgb odd 15x15", "binary odd 9x9"])
-def test_first_block_equals_the_layers_in_order_in_value_gradient_and_second_order(channels, size, binary):
+CHANNELS_LAST = torch.channels_last
+BLOCKS = [  # (block, input channels, size, binary input, input memory format)
+    (first_block, 1, 28, True, torch.contiguous_format),
+    (first_block, 3, 15, False, torch.contiguous_format),
+    (first_block, 1, 9, True, torch.contiguous_format),
+    (conv_block, 4, 14, True, CHANNELS_LAST),
+    (conv_block, 3, 15, False, CHANNELS_LAST),
+    (conv_block, 4, 7, True, torch.contiguous_format),
+    (conv_block, 1, 3, False, CHANNELS_LAST),
+]
+BLOCK_IDS = ["first_block omniglot-like binary 28x28 (tied windows)", "first_block rgb odd 15x15",
+             "first_block binary odd 9x9", "conv_block binary 14x14 channels-last (tied windows)",
+             "conv_block rgb odd 15x15 channels-last", "conv_block binary odd 7x7 nchw", "conv_block 3x3 to 1x1"]
+
+
+@pytest.mark.parametrize("block,channels,size,binary,memory_format", BLOCKS, ids=BLOCK_IDS)
+def test_block_equals_the_layers_in_order_in_value_gradient_and_second_order(block, channels, size, binary, memory_format):
     x, params = inputs(channels, size, binary)
-    if binary:  # the case that matters for gradient routing: exactly tied maxima in the pooling windows
+    x = x.detach().contiguous(memory_format=memory_format).requires_grad_()
+    if binary and size > 9:  # the case that matters for gradient routing: exactly tied maxima in the pooling windows
         z = F.conv2d(x, params[0], params[1], padding=1)
         windows = z.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2).topk(2, dim=-1).values
         assert (windows[..., 0] == windows[..., 1]).sum() > 5
-    ours = value_gradient_and_second_order(first_block, x, params)
+    ours = value_gradient_and_second_order(block, x, params)
     theirs = value_gradient_and_second_order(layers_in_order, x, params)
-    assert ours[0].shape == theirs[0].shape and ours[0].is_contiguous()
+    assert ours[0].shape == theirs[0].shape and ours[0].is_contiguous(memory_format=CHANNELS_LAST)
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-10, atol=1e-12)
     for name, a, b in zip(["x", "W", "b", "γ", "β"], ours[1], theirs[1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"gradient in {name}")
@@ -58,58 +79,66 @@ def test_first_block_equals_the_layers_in_order_in_value_gradient_and_second_ord
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=f"second-order gradient in {name}")
 
 
-def test_first_block_in_float32_is_within_float32_rounding_of_float64():
-    x64, params64 = inputs(1, 12, binary=False, seed=1)
-    x32, params32 = inputs(1, 12, binary=False, dtype=torch.float32, seed=1)
+@pytest.mark.parametrize("block,channels,memory_format", [(first_block, 1, torch.contiguous_format),
+                                                          (conv_block, 4, CHANNELS_LAST)], ids=["first_block", "conv_block"])
+def test_block_in_float32_is_within_float32_rounding_of_float64(block, channels, memory_format):
+    x64, params64 = inputs(channels, 12, binary=False, seed=1)
+    x32, params32 = inputs(channels, 12, binary=False, dtype=torch.float32, seed=1)
+    x32 = x32.detach().contiguous(memory_format=memory_format).requires_grad_()
     truth = value_gradient_and_second_order(layers_in_order, x64, params64)
-    ours = value_gradient_and_second_order(first_block, x32, params32)
+    ours = value_gradient_and_second_order(block, x32, params32)
     relative = lambda a, b: float((a.detach().double() - b.detach()).norm() / b.detach().norm())  # noqa: E731
     assert relative(ours[0], truth[0]) < 1e-6
     for name, a, b in zip(["x", "W", "b", "γ", "β"], ours[1], truth[1]):
         if name != "b":  # the conv bias's gradient is zero up to rounding (batch norm subtracts it)
             assert relative(a, b) < 1e-5, name
+    for name, a, b in zip(["x", "W", "γ"], [ours[2][i] for i in (0, 1, 3)], [truth[2][i] for i in (0, 1, 3)]):
+        assert relative(a, b) < 1e-4, f"second-order gradient in {name}"
 
 
-def test_conv4_runs_the_first_block_for_grayscale_on_cpu_and_the_layers_in_order_otherwise(monkeypatch):
+def test_conv4_runs_the_cpu_blocks_on_cpu_and_the_layers_in_order_under_vmap_or_a_hook(monkeypatch):
     torch.manual_seed(0)
-    model = Conv4(5, hidden=8).double()
-    x = (torch.rand(10, 1, 28, 28) > 0.8).double()
     calls = []
     monkeypatch.setattr("metasam.models.conv4.first_block",
-                        lambda *args, **kw: calls.append(1) or first_block(*args, **kw))
-    fast = model(x)
-    assert calls == [1]
-    with primitive_batchnorm():  # the learner's vmap path
-        in_order = model(x)
-    assert calls == [1]
-    torch.testing.assert_close(fast, in_order, rtol=1e-10, atol=1e-12)
-    Conv4(5, in_channels=3, hidden=8, image_size=16)(torch.rand(4, 3, 16, 16))  # RGB: measured no faster
-    assert calls == [1]
+                        lambda *args, **kw: calls.append("first") or first_block(*args, **kw))
+    monkeypatch.setattr("metasam.models.conv4.conv_block",
+                        lambda *args, **kw: calls.append("conv") or conv_block(*args, **kw))
+    for channels, size, first in [(1, 28, "first"), (3, 20, "conv")]:  # Omniglot-like; RGB, 20 → 1 after four pools
+        model = Conv4(5, in_channels=channels, hidden=8, image_size=size).double()
+        x = (torch.rand(10, channels, size, size) > 0.8).double()
+        calls.clear()
+        fast = model(x)
+        assert calls == [first, "conv", "conv", "conv"]
+        with primitive_batchnorm():  # the learner's vmap path
+            in_order = model(x)
+        assert len(calls) == 4
+        torch.testing.assert_close(fast, in_order, rtol=1e-10, atol=1e-12)
     seen = []
-    model.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    model.features[9].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
     torch.testing.assert_close(model(x), in_order, rtol=1e-10, atol=1e-12)
-    assert calls == [1] and seen == [(10, 8, 28, 28)]  # a hook on the first conv fires: the layers run in order
+    assert len(calls) == 4 and seen == [(10, 8, 5, 5)]  # a hook on block 3's batch norm fires: the layers run in order
 
 
-def test_first_block_gradient_in_a_zero_gamma_is_the_right_derivative():
-    """At γ_c = 0 the block is not differentiable in γ_c (the pooling turns from min to max): first_block
-    returns the right derivative, checked by a one-sided finite difference."""
-    x, params = inputs(1, 12, binary=False, seed=2)
+@pytest.mark.parametrize("block,channels", [(first_block, 1), (conv_block, 4)], ids=["first_block", "conv_block"])
+def test_block_gradient_in_a_zero_gamma_is_the_right_derivative(block, channels):
+    """At γ_c = 0 the block is not differentiable in γ_c (the pooling turns from min to max): it returns
+    the right derivative, checked by a one-sided finite difference."""
+    x, params = inputs(channels, 12, binary=False, seed=2)
     gamma = params[2].detach().clone()
     gamma[2] = 0.0
     params[2] = gamma.requires_grad_()
     u = torch.linspace(-1, 1, 6 * 5 * 36, dtype=D).view(6, 5, 6, 6)
-    (grad,) = torch.autograd.grad((first_block(x, *params) * u).sum(), params[2])
+    (grad,) = torch.autograd.grad((block(x, *params) * u).sum(), params[2])
     h = 1e-7
     with torch.no_grad():
-        right = first_block(x, params[0], params[1], gamma + h * torch.eye(5, dtype=D)[2], params[3])
-        f0 = first_block(x, *params)
+        right = block(x, params[0], params[1], gamma + h * torch.eye(5, dtype=D)[2], params[3])
+        f0 = block(x, *params)
     assert abs(float(((right - f0) * u).sum() / h) - float(grad[2])) < 1e-5 * max(1.0, abs(float(grad[2])))
 
 
-def test_hessian_vector_products_through_the_first_block_equal_double_backward_through_the_layers():
+def test_hessian_vector_products_through_the_cpu_blocks_equal_double_backward_through_the_layers():
     """``metasam analyze`` differentiates Conv4 forward-over-reverse (jvp of grad): every operation of
-    the first block needs a forward-mode derivative of its backward."""
+    the CPU blocks needs a forward-mode derivative of its backward."""
     from torch.func import functional_call
 
     from metasam.analysis.hessian import hessian_vector_product
