@@ -91,7 +91,7 @@ def first_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Te
       Σ the mean and covariance of the patches over the N·H·W positions, computed in float64. No pass
       over the [N, C_out, H, W] activations computes statistics.
     * The conv is one matrix product, patches [N·H·W, C·9] × (s W)ᵀ, whose output rows are positions:
-      channels-last memory, without oneDNN's layout conversions for a one-channel input.
+      channels-last memory, as the pooling wants it.
 
     Value, gradient and second-order gradient are those of the layers in order, as for :func:`conv_block`.
     """
