@@ -12,7 +12,8 @@ On the CPU, Conv4 computes each block with the batch norm moved after the max-po
 memory (:func:`conv_block`; the grayscale first block as :func:`first_block`, with its statistics from
 patch moments): the same function and derivatives, so that no full-resolution tensor is normalised or
 pooled in NCHW (a second-order meta-training step runs about 1.4× faster than the layers in order;
-docs/performance.md). Under vmap and on CUDA (never measured there) it runs the layers in order.
+docs/performance.md). Under vmap, on CUDA (never measured there), while a hook watches its layers and
+once a layer is swapped for another, it runs the layers in order.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import TransformType  # private: whether a vmap transform is active
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.nn.modules import module as _module
 
 _state = threading.local()
 
@@ -185,8 +189,31 @@ class Conv4(nn.Module):
         return self.head(h.flatten(1))
 
     def _runs_blocks(self, x: Tensor) -> bool:
-        """The blocks as :func:`first_block` and :func:`conv_block` for [N, C, H, W] input on the CPU,
-        outside the vmap path, and only while no forward hook watches a layer of ``features`` (they do
-        not call them)."""
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.features)
-        return x.device.type == "cpu" and x.dim() == 4 and not hooked and not getattr(_state, "primitive", False)
+        """The blocks as :func:`first_block` and :func:`conv_block` only for [N, C, H, W] input on the CPU,
+        outside vmap (the learner's vmap path, and any ``torch.func.vmap``: channels-last memory cannot
+        be asked for under vmap), while no hook watches ``features`` or its layers (the blocks do not
+        call them), and while the layers are those ``__init__`` built (one swapped for another module
+        runs in order, as written)."""
+        in_vmap = getattr(_state, "primitive", False) or any(
+            i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+        return x.device.type == "cpu" and x.dim() == 4 and not in_vmap and not self._hooked() and self._as_built()
+
+    def _hooked(self) -> bool:
+        hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        return any(getattr(_module, "_global" + h) for h in hooks) or any(
+            getattr(layer, h) for layer in (self.features, *self.features) for h in hooks)
+
+    def _as_built(self) -> bool:
+        if len(self.features) != 17 or type(self.features[16]) is not nn.Flatten:
+            return False
+        for i in range(0, 16, 4):
+            conv, bn, pool, relu = self.features[i : i + 4]
+            if (type(conv), type(bn), type(pool), type(relu)) != (nn.Conv2d, BatchNorm, nn.MaxPool2d, nn.ReLU):
+                return False
+            conv_as_built = ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros", True)
+            if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
+                    conv.bias is not None) != conv_as_built:
+                return False
+            if (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) != (2, 2, 0, 1, False):
+                return False
+        return True

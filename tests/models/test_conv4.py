@@ -103,7 +103,7 @@ def test_conv4_runs_the_cpu_blocks_on_cpu_and_the_layers_in_order_under_vmap_or_
                         lambda *args, **kw: calls.append("first") or first_block(*args, **kw))
     monkeypatch.setattr("metasam.models.conv4.conv_block",
                         lambda *args, **kw: calls.append("conv") or conv_block(*args, **kw))
-    for channels, size, first in [(1, 28, "first"), (3, 20, "conv")]:  # Omniglot-like; RGB, 20 → 1 after four pools
+    for channels, size, first in [(1, 28, "first"), (3, 40, "conv")]:  # Omniglot-like; RGB, 40 → 2×2 for the head
         model = Conv4(5, in_channels=channels, hidden=8, image_size=size).double()
         x = (torch.rand(10, channels, size, size) > 0.8).double()
         calls.clear()
@@ -114,9 +114,36 @@ def test_conv4_runs_the_cpu_blocks_on_cpu_and_the_layers_in_order_under_vmap_or_
         assert len(calls) == 4
         torch.testing.assert_close(fast, in_order, rtol=1e-10, atol=1e-12)
     seen = []
-    model.features[9].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    handle = model.features[9].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
     torch.testing.assert_close(model(x), in_order, rtol=1e-10, atol=1e-12)
-    assert len(calls) == 4 and seen == [(10, 8, 5, 5)]  # a hook on block 3's batch norm fires: the layers run in order
+    assert len(calls) == 4 and seen == [(10, 8, 10, 10)]  # a hook on block 3's batch norm fires: the layers run in order
+    handle.remove()
+    model.features.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    torch.testing.assert_close(model(x), in_order, rtol=1e-10, atol=1e-12)
+    assert len(calls) == 4 and seen[1:] == [(10, 32)]  # a hook on the whole feature stack fires too
+
+
+def test_conv4_with_a_swapped_layer_runs_the_layers_as_written():
+    """The CPU blocks compute the layers Conv4 built; a researcher's replacement must not be bypassed."""
+    torch.manual_seed(0)
+    model = Conv4(5, hidden=8).double()
+    x = torch.randn(6, 1, 28, 28, dtype=D)
+    model.features[5] = torch.nn.GroupNorm(2, 8).double()  # block 2's batch norm
+    torch.testing.assert_close(model(x), model.head(model.features(x)), rtol=0, atol=0)
+    model = Conv4(5, hidden=8).double()
+    model.features[8] = torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2).double()  # same shapes, another conv
+    torch.testing.assert_close(model(x), model.head(model.features(x)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_conv4_under_torch_func_vmap_equals_a_loop(channels):
+    """Under ``torch.func.vmap`` (outside the learner, which also selects the primitive batch norm) Conv4
+    runs the layers in order: the blocks' channels-last memory cannot be asked for there."""
+    torch.manual_seed(0)
+    model = Conv4(5, in_channels=channels, hidden=8, image_size=28).double()
+    xs = torch.randn(3, 4, channels, 28, 28, dtype=D)
+    batched = torch.func.vmap(model)(xs)
+    torch.testing.assert_close(batched, torch.stack([model(x) for x in xs]), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("block,channels", [(first_block, 1), (conv_block, 4)], ids=["first_block", "conv_block"])
@@ -127,6 +154,9 @@ def test_block_gradient_in_a_zero_gamma_is_the_right_derivative(block, channels)
     gamma = params[2].detach().clone()
     gamma[2] = 0.0
     params[2] = gamma.requires_grad_()
+    beta = params[3].detach().clone()
+    beta[2] = 0.5  # above 0: the ReLU passes channel 2 on both sides of γ = 0, so left and right derivatives differ
+    params[3] = beta.requires_grad_()
     u = torch.linspace(-1, 1, 6 * 5 * 36, dtype=D).view(6, 5, 6, 6)
     (grad,) = torch.autograd.grad((block(x, *params) * u).sum(), params[2])
     h = 1e-7
