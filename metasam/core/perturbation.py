@@ -49,11 +49,14 @@ def sam_perturbation(
     rho: float,
     adaptive: bool = False,
     eta: float = 0.0,
+    scaled: Sequence[bool] | None = None,
 ) -> list[Tensor]:
     """The ascent perturbation ε of SAM (Foret et al. 2021) or ASAM (Kwon et al. 2021).
 
     SAM:   ε = ρ · g / (‖g‖ + 1e-12)
-    ASAM:  ε = ρ · T² g / (‖T g‖ + 1e-12),   T = |θ| + η   (element-wise)
+    ASAM:  ε = ρ · T² g / (‖T g‖ + 1e-12),   T_i = |θ_i| + η on a scaled tensor i, T_i = 1 on the others
+
+    The norms run over all tensors together, never tensor by tensor.
 
     Args:
         params: θ, one tensor per parameter (used by ASAM only; its values, never modified).
@@ -61,6 +64,9 @@ def sam_perturbation(
         rho: the radius ρ ≥ 0 (ASAM's is typically about 10× SAM's).
         adaptive: ASAM's scale-invariant form instead of SAM's.
         eta: η ≥ 0 of T (0.01 in the ASAM paper, 0 in the davda54/sam port).
+        scaled: ASAM only: one flag per tensor, whether T = |θ| + η scales it. None (the default)
+            scales every tensor, as the ASAM paper writes T; the ASAM authors' code scales only the
+            weight tensors and leaves the biases at T = 1 (see :func:`asam_scaled`).
 
     Returns:
         ε as a new list of tensors shaped like ``grads``; ‖ε‖ = ρ for SAM, ‖T⁻¹ε‖ = ρ for ASAM.
@@ -69,12 +75,21 @@ def sam_perturbation(
     _check_same_length(params, grads, "params", "grads")
     check_nonnegative(eta, "eta", "(ASAM's T = |θ| + η)")
     if adaptive:
-        scales = [p.abs() + eta for p in params]
+        if scaled is not None and len(scaled) != len(params):
+            raise ConfigError(f"scaled has {len(scaled)} flags for {len(params)} tensors: pass one flag per parameter")
+        scales = [p.abs() + eta if scaled is None or s else torch.ones_like(p) for p, s in zip(params, scaled or params)]
         scaled = [t * g for t, g in zip(scales, grads)]  # T g
         coef = rho / (global_norm(scaled) + EPS)
         return [coef * t * tg for t, tg in zip(scales, scaled)]  # ρ T (T g) / ‖T g‖
     coef = rho / (global_norm(grads) + EPS)
     return [coef * g for g in grads]
+
+
+def asam_scaled(names: Sequence[str]) -> list[bool]:
+    """The ASAM authors' choice of scaled tensors: those whose parameter name contains "weight"
+    (convolution, linear and normalisation weights); biases keep T = 1. For ``scaled=`` of
+    :func:`sam_perturbation`, given the parameter names in the same order as the tensors."""
+    return ["weight" in name for name in names]
 
 
 def agnostic_perturbation(
@@ -85,6 +100,7 @@ def agnostic_perturbation(
     rho2: float,
     adaptive: bool = False,
     eta: float = 0.0,
+    scaled: Sequence[bool] | None = None,
 ) -> list[Tensor]:
     """The perturbation ε of Agnostic-SAM (Nguyen et al. 2024) or Agnostic-ASAM.
 
@@ -102,30 +118,36 @@ def agnostic_perturbation(
             :func:`momentum_update`).
         rho1: ascent radius ρ1 ≥ 0.
         rho2: descent radius ρ2 ≥ 0; the paper keeps ρ2 < ρ1 (typically ρ1 / 2). ρ2 = 0 gives SAM.
-        adaptive, eta: as in :func:`sam_perturbation`.
+        adaptive, eta, scaled: as in :func:`sam_perturbation`.
     """
     check_nonnegative(rho2, "rho2")
-    ascent = sam_perturbation(params, train_grads, rho1, adaptive, eta)
-    descent = sam_perturbation(params, val_grads, rho2, adaptive, eta)
+    ascent = sam_perturbation(params, train_grads, rho1, adaptive, eta, scaled)
+    descent = sam_perturbation(params, val_grads, rho2, adaptive, eta, scaled)
     return [a - d for a, d in zip(ascent, descent)]
 
 
 def momentum_update(
-    momentum: Sequence[Tensor] | None, grads: Sequence[Tensor], beta: float
+    momentum: Sequence[Tensor | None] | None, grads: Sequence[Tensor], beta: float
 ) -> list[Tensor]:
     """Agnostic-SAM's validation momentum: m ← β·m + (1 − β)·g_V, and m = g_V on the first step.
 
     Args:
-        momentum: the previous m, or None on the first step.
+        momentum: the previous m, or None on the first step; a None entry starts that tensor's m
+            (a parameter that has its first gradient now) at its g_V.
         grads: g_V, the newest validation gradient.
         beta: β in [0, 1); β = 0 makes m = g_V.
     """
-    if not 0.0 <= beta < 1.0:
-        raise ConfigError(f"beta must lie in [0, 1) (m <- beta*m + (1-beta)*g_V), got {beta}")
+    check_beta(beta)
     if momentum is None:
         return list(grads)
     _check_same_length(momentum, grads, "momentum", "grads")
-    return [beta * m + (1.0 - beta) * g for m, g in zip(momentum, grads)]
+    return [g if m is None else beta * m + (1.0 - beta) * g for m, g in zip(momentum, grads)]
+
+
+def check_beta(beta: float) -> None:
+    """Raise :class:`ConfigError` unless β, the validation momentum of Agnostic-SAM, lies in [0, 1)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        raise ConfigError(f"beta must lie in [0, 1) (m <- beta*m + (1-beta)*g_V), got {beta!r}")
 
 
 def add(a: Sequence[Tensor], b: Sequence[Tensor], alpha: float = 1.0) -> list[Tensor]:

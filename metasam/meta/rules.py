@@ -26,6 +26,7 @@ from torch import Tensor
 from metasam.core import (
     add,
     agnostic_perturbation,
+    check_beta,
     check_nonnegative,
     cosine_similarity,
     global_norm,
@@ -69,9 +70,10 @@ class Rule:
 class SAMRule(Rule):
     """d = ∇L(φ + ε), ε = ρ · unit(∇L(φ)) (adaptive: ρ T²g/‖Tg‖). Sharp-MAML's rule at either level.
 
-    ``detach_perturbation``: ε is computed from a detached gradient, so a second-order meta-gradient
-    flows through ∇L(φ + ε) but not through ε (a cheaper approximation; off by default, as in the
-    Sharp-MAML reference code, which differentiates through the perturbation).
+    ``detach_perturbation``: ε is computed from detached values (the gradient, and for ASAM the scale
+    T = |φ| + η), so a second-order meta-gradient flows through ∇L(φ + ε) but not through ε (a cheaper
+    approximation; off by default, as in the Sharp-MAML reference code, which differentiates through
+    the perturbation).
     """
 
     rho: float = 0.05
@@ -85,8 +87,9 @@ class SAMRule(Rule):
             check_nonnegative(getattr(self, key), f"sam rule: {key}")
 
     def perturbation(self, params, grads, state, val_grad_fn):
-        source = [g.detach() for g in grads] if self.detach_perturbation else grads
-        return sam_perturbation(params, source, self.rho, self.adaptive, self.eta), state, {}
+        if self.detach_perturbation:
+            params, grads = _detached(params), _detached(grads)
+        return sam_perturbation(params, grads, self.rho, self.adaptive, self.eta), state, {}
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,7 @@ class AgnosticRule(Rule):
     def __post_init__(self) -> None:
         for key in ("rho1", "rho2", "eta"):
             check_nonnegative(getattr(self, key), f"agnostic rule: {key}")
-        if not 0.0 <= self.beta < 1.0:
-            raise ConfigError(f"agnostic rule: beta must lie in [0, 1), got {self.beta}")
+        check_beta(self.beta)
         if self.rho2 > self.rho1:
             warnings.warn(
                 f"agnostic rule: rho2={self.rho2} > rho1={self.rho1}; the paper finds rho1 > rho2 works best "
@@ -121,15 +123,19 @@ class AgnosticRule(Rule):
     def perturbation(self, params, grads, state, val_grad_fn):
         val_grads = grads if val_grad_fn is None else list(val_grad_fn(params))
         momentum = momentum_update(state, val_grads, self.beta)
-        g_s, m = (grads, momentum)
+        at, g_s, m = params, grads, momentum
         if self.detach_perturbation:
-            g_s, m = [g.detach() for g in g_s], [x.detach() for x in m]
-        eps = agnostic_perturbation(params, g_s, m, self.rho1, self.rho2, self.adaptive, self.eta)
+            at, g_s, m = _detached(at), _detached(g_s), _detached(m)
+        eps = agnostic_perturbation(at, g_s, m, self.rho1, self.rho2, self.adaptive, self.eta)
         stats = {
             "val_grad_norm": global_norm(val_grads).detach(),
             "cos_train_val": cosine_similarity(grads, val_grads).detach(),
         }
         return eps, momentum, stats
+
+
+def _detached(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [t.detach() for t in tensors]
 
 
 RULES: dict[str, type[Rule]] = {"gd": Rule, "plain": Rule, "sam": SAMRule, "agnostic": AgnosticRule}

@@ -26,11 +26,24 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from metasam.core import agnostic_perturbation, check_nonnegative, cosine_similarity, global_norm, momentum_update, sam_perturbation
+from metasam.core import (
+    agnostic_perturbation,
+    asam_scaled,
+    check_beta,
+    check_nonnegative,
+    cosine_similarity,
+    global_norm,
+    momentum_update,
+    sam_perturbation,
+)
 from metasam.errors import ConfigError, NonFiniteError
 from metasam.optim.batchnorm import preserve_bn_stats
 
 Closure = Callable[[], Tensor]
+
+ASAM_SCOPES = ("all", "weights")
+"""Which tensors ASAM's T = |θ| + η scales: "all" (the ASAM paper's T) or "weights" (the ASAM authors'
+code: tensors whose parameter name contains "weight"; biases keep T = 1)."""
 
 
 class _SharpnessOptimizer(Optimizer):
@@ -46,6 +59,7 @@ class _SharpnessOptimizer(Optimizer):
         base_optimizer: type[Optimizer],
         adaptive: bool,
         eta: float,
+        asam_scope: str,
         model: nn.Module | None,
         base_kwargs: dict[str, Any],
     ) -> None:
@@ -55,6 +69,8 @@ class _SharpnessOptimizer(Optimizer):
                 f"{base_optimizer!r}; pass the class, not an instance, and its arguments as keywords"
             )
         check_nonnegative(eta, "eta", "(ASAM's T = |θ| + η)")
+        if asam_scope not in ASAM_SCOPES:
+            raise ConfigError(f"asam_scope must be one of {', '.join(ASAM_SCOPES)}, got {asam_scope!r}")
         super().__init__(params, {})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -62,10 +78,29 @@ class _SharpnessOptimizer(Optimizer):
         self.state = self.base_optimizer.state
         self.adaptive = adaptive
         self.eta = eta
+        self.asam_scope = asam_scope
+        self._scaled_of = self._asam_scaled_of(model) if adaptive and asam_scope == "weights" else None
         self.model = model
         self.step_count = 0
         self.last_stats: dict[str, Tensor] = {}
         self._origin: list[tuple[Tensor, Tensor]] | None = None
+
+    def _asam_scaled_of(self, model: nn.Module | None) -> dict[Tensor, bool]:
+        """Parameter → whether ASAM scales it, from the parameter names of ``model`` (asam_scope="weights")."""
+        if model is None:
+            raise ConfigError('asam_scope="weights" tells weights from biases by parameter name: pass model=')
+        name_of = {p: n for n, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(self._param_list()) if p not in name_of]
+        if missing:
+            raise ConfigError(
+                f'asam_scope="weights": parameters {missing} of the optimizer are not parameters of model=; '
+                "pass the model that owns them"
+            )
+        return dict(zip(name_of, asam_scaled(list(name_of.values()))))
+
+    def _scaled(self, params: Sequence[Tensor]) -> list[bool] | None:
+        """``scaled=`` of the core perturbations for ``params``: None (every tensor) unless asam_scope="weights"."""
+        return None if self._scaled_of is None else [self._scaled_of[p] for p in params]
 
     # -- parameters and gradients -------------------------------------------------------------
     def _params_and_grads(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -157,6 +192,9 @@ class SAM(_SharpnessOptimizer):
         rho: radius ρ ≥ 0 (SAM ≈ 0.05; ASAM ≈ 0.5 to 2).
         adaptive: ASAM's scale-invariant perturbation.
         eta: η of T = |θ| + η (ASAM paper 0.01).
+        asam_scope: which tensors T scales: "all" (default, the ASAM paper's T) or "weights" (the
+            ASAM authors' code: parameters whose name contains "weight"; biases keep T = 1; needs
+            ``model``).
         model: the module whose BatchNorm running statistics the perturbed pass must not change;
             give it whenever the model has BatchNorm.
         **base_kwargs: arguments of ``base_optimizer`` (lr, momentum, weight_decay, ...).
@@ -172,11 +210,12 @@ class SAM(_SharpnessOptimizer):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.0,
+        asam_scope: str = "all",
         model: nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_nonnegative(rho, "rho")
-        super().__init__(params, base_optimizer, adaptive, eta, model, base_kwargs)
+        super().__init__(params, base_optimizer, adaptive, eta, asam_scope, model, base_kwargs)
         self.rho = rho
 
     @torch.no_grad()
@@ -186,7 +225,7 @@ class SAM(_SharpnessOptimizer):
         norm = global_norm(grads)
         self.last_stats = {"grad_norm": norm}
         self._check_finite(norm, "training")
-        perturbation = sam_perturbation(params, grads, self.rho, self.adaptive, self.eta)
+        perturbation = sam_perturbation(params, grads, self.rho, self.adaptive, self.eta, self._scaled(params))
         self._ascend(params, perturbation)
         if zero_grad:
             self.zero_grad()
@@ -233,31 +272,37 @@ class AgnosticSAM(_SharpnessOptimizer):
         beta: float = 0.9,
         adaptive: bool = False,
         eta: float = 0.0,
+        asam_scope: str = "all",
         model: nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
         for name, value in (("rho1", rho1), ("rho2", rho2)):
             check_nonnegative(value, name)
-        if not 0.0 <= beta < 1.0:
-            raise ConfigError(f"beta must lie in [0, 1), got {beta}")
+        check_beta(beta)
         if rho2 > rho1:
             warnings.warn(
                 f"rho2={rho2} > rho1={rho1}: Agnostic-SAM's paper finds rho1 > rho2 works best "
                 "(typically rho2 = rho1 / 2)",
                 stacklevel=2,
             )
-        super().__init__(params, base_optimizer, adaptive, eta, model, base_kwargs)
+        super().__init__(params, base_optimizer, adaptive, eta, asam_scope, model, base_kwargs)
         self.rho1 = rho1
         self.rho2 = rho2
         self.beta = beta
         self.momentum: dict[Tensor, Tensor] = {}
+        self._pending_momentum: dict[Tensor, Tensor] = {}
 
     @torch.no_grad()
     def first_step(self, val_grads: Sequence[Tensor | None], zero_grad: bool = False) -> list[Tensor]:
-        """Move to θ + ε from g_S in ``p.grad`` and g_V given, updating m; returns ε.
+        """Move to θ + ε from g_S in ``p.grad`` and g_V given; returns ε.
 
         ``val_grads`` holds one gradient (or None for none) per parameter of the optimizer, in
-        ``param_groups`` order: the gradients of the validation batch at the same θ.
+        ``param_groups`` order: the gradients of the validation batch at the same θ. The new m is
+        kept aside and becomes the optimizer's only when :meth:`second_step` completes the step, so a
+        step refused for a non-finite gradient leaves m as it was.
+
+        m is kept per parameter: the parameters that have a gradient now are updated (a parameter's
+        first gradient starts its m at g_V); the others keep theirs.
         """
         all_params = self._param_list()
         if len(val_grads) != len(all_params):
@@ -267,10 +312,6 @@ class AgnosticSAM(_SharpnessOptimizer):
         val_of = dict(zip(all_params, val_grads))
         params, train_grads = self._params_and_grads()
         val = [val_of[p] if val_of[p] is not None else torch.zeros_like(p) for p in params]
-        previous = [self.momentum[p] for p in params] if all(p in self.momentum for p in params) else None
-        momentum = momentum_update(previous, val, self.beta)
-        self.momentum = {p: m for p, m in zip(params, momentum)}
-
         norm, val_norm = global_norm(train_grads), global_norm(val)
         self.last_stats = {
             "grad_norm": norm,
@@ -279,13 +320,22 @@ class AgnosticSAM(_SharpnessOptimizer):
         }
         self._check_finite(norm, "training")
         self._check_finite(val_norm, "validation")
+        momentum = momentum_update([self.momentum.get(p) for p in params], val, self.beta)
+        self._pending_momentum = dict(zip(params, momentum))
         perturbation = agnostic_perturbation(
-            params, train_grads, momentum, self.rho1, self.rho2, self.adaptive, self.eta
+            params, train_grads, momentum, self.rho1, self.rho2, self.adaptive, self.eta, self._scaled(params)
         )
         self._ascend(params, perturbation)
         if zero_grad:
             self.zero_grad()
         return perturbation
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """As :meth:`SAM.second_step`; once the base optimizer has stepped, the new m counts."""
+        super().second_step(zero_grad)
+        self.momentum.update(self._pending_momentum)
+        self._pending_momentum = {}
 
     def step(self, closure: Closure | None = None, val_closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """One Agnostic-SAM step: ``closure`` on B_S, ``val_closure`` on B_V; returns L_{B_S}(θ)."""

@@ -1,0 +1,104 @@
+"""Inject each algorithmic bug the reference tests are about, one at a time, and show which tests fail.
+
+    python tests/mutants.py            # every mutant
+    python tests/mutants.py beta-flip  # one
+
+Each mutant replaces one exact piece of source text (the run stops if the text is gone, so a mutant cannot
+silently rot), runs the tests named with it, and restores the file whatever happens. A mutant that no test
+catches makes the run exit 1. Not collected by pytest (the name does not start with test_): it edits the
+package's files, so run it by hand on a clean tree, with nothing else running.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ["tests/meta/test_reference_gradients.py", "tests/test_optim_reference.py"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...] = tuple(REFERENCE)
+
+
+MUTANTS = [
+    Mutant("beta-flip", "metasam/core/perturbation.py",
+           "beta * m + (1.0 - beta) * g for m, g", "(1.0 - beta) * m + beta * g for m, g"),
+    Mutant("inner-momentum-frozen", "metasam/meta/learner.py",
+           "d, state, _ = rule.direction(grad_s, base, state, grad_v)",
+           "d, new_state, _ = rule.direction(grad_s, base, state, grad_v)\n"
+           "            state = new_state if state is None else state"),
+    Mutant("outer-momentum-not-carried", "metasam/meta/learner.py",
+           "self.outer_momentum = None if state is None else [m.detach() for m in state]",
+           "self.outer_momentum = None"),
+    Mutant("first-order-ignored-on-vmap", "metasam/meta/learner.py",
+           "base = [p.detach() for p in phi] if first_order else phi",
+           "base = [p.detach() for p in phi] if first_order and grad_of is not grad else phi"),
+    Mutant("asam-norm-per-tensor", "metasam/core/perturbation.py",
+           "return [coef * t * tg for t, tg in zip(scales, scaled)]",
+           "return [rho / (torch.linalg.vector_norm(tg) + EPS) * t * tg for t, tg in zip(scales, scaled)]"),
+    Mutant("sam-norm-per-tensor", "metasam/core/perturbation.py",
+           "return [coef * g for g in grads]",
+           "return [rho / (torch.linalg.vector_norm(g) + EPS) * g for g in grads]"),
+    Mutant("agnostic-descent-sign", "metasam/core/perturbation.py",
+           "return [a - d for a, d in zip(ascent, descent)]", "return [a + d for a, d in zip(ascent, descent)]"),
+    Mutant("asam-scale-not-squared", "metasam/core/perturbation.py",
+           "return [coef * t * tg for t, tg in zip(scales, scaled)]", "return [coef * tg for t, tg in zip(scales, scaled)]"),
+    Mutant("asam-weights-scope-ignored", "metasam/optim/sam.py",
+           'return None if self._scaled_of is None else [self._scaled_of[p] for p in params]', "return None"),
+    Mutant("detach-keeps-asam-scale", "metasam/meta/rules.py",
+           "at, g_s, m = _detached(at), _detached(g_s), _detached(m)", "g_s, m = _detached(g_s), _detached(m)"),
+    Mutant("detach-ignored", "metasam/meta/rules.py",
+           "params, grads = _detached(params), _detached(grads)", "pass"),
+    Mutant("val-view-ignored", "metasam/meta/learner.py",
+           'if self.val_view is not None and rule.name == "agnostic":', "if False:"),
+    Mutant("optimizer-momentum-reset-when-params-change", "metasam/optim/sam.py",
+           "self.momentum.update(self._pending_momentum)", "self.momentum = dict(self._pending_momentum)"),
+    Mutant("optimizer-momentum-stored-before-check", "metasam/optim/sam.py",
+           "        self._check_finite(norm, \"training\")\n        self._check_finite(val_norm, \"validation\")\n"
+           "        momentum = momentum_update([self.momentum.get(p) for p in params], val, self.beta)\n"
+           "        self._pending_momentum = dict(zip(params, momentum))\n",
+           "        momentum = momentum_update([self.momentum.get(p) for p in params], val, self.beta)\n"
+           "        self.momentum.update(zip(params, momentum))\n"
+           "        self._check_finite(norm, \"training\")\n        self._check_finite(val_norm, \"validation\")\n"),
+    Mutant("optimizer-momentum-committed-before-second-step", "metasam/optim/sam.py",
+           "        self._pending_momentum = dict(zip(params, momentum))\n",
+           "        self._pending_momentum = dict(zip(params, momentum))\n"
+           "        self.momentum.update(self._pending_momentum)\n"),
+]
+
+
+def run(mutant: Mutant) -> bool:
+    """Apply ``mutant``, run its tests, restore; True when at least one test failed (the mutant is caught)."""
+    path = ROOT / mutant.path
+    original = path.read_text()
+    if original.count(mutant.old) != 1:
+        raise SystemExit(f"{mutant.name}: the text to replace occurs {original.count(mutant.old)} times in {mutant.path}")
+    try:
+        path.write_text(original.replace(mutant.old, mutant.new))
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *mutant.tests],
+                                cwd=ROOT, capture_output=True, text=True)
+    finally:
+        path.write_text(original)
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    print(f"{mutant.name}: " + (f"caught by {len(failed)} tests, e.g. {failed[0][7:].split(' - ')[0]}" if failed else "NOT CAUGHT"),
+          flush=True)
+    return bool(failed)
+
+
+def main(names: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not names or m.name in names]
+    caught = [run(m) for m in chosen]
+    return 0 if all(caught) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
