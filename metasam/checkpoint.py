@@ -4,18 +4,24 @@ Every file a run writes in place goes through :func:`replace_atomically`: the ne
 temporary file in the same folder, is flushed and fsync'ed, and only then ``os.replace``-d onto the
 target (and the folder fsync'ed). A reader, or a run resumed after ``SIGKILL`` at any moment, sees the
 previous complete file or the new complete file, never a partial one. If writing fails (disk full, a
-signal) the previous file is untouched, the temporary one removed, and the error says so.
+read-only folder, a signal) the previous file is untouched, the temporary one removed, and the error says so.
+Temporary files are named ``.<name>.<random>.metasam.tmp``, so that a resumed run deletes only its own.
+Objects are serialised in memory first: the file system's errors reach the writer as ``OSError``, not as
+whatever the serialiser makes of them. A checkpoint saved with ``digest=True`` carries a SHA-256 of its
+contents (:func:`content_digest`), which :func:`load_checkpoint` checks.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
+import hashlib
 import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,19 +30,26 @@ import torch
 from metasam.errors import CheckpointError
 
 
+TEMPORARY_SUFFIX = ".metasam.tmp"
+DIGEST_KEY = "content_sha256"
+
+
 def replace_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then ``os.replace`` it onto ``path``.
 
-    Raises :class:`CheckpointError` when the file system refuses the write (e.g. no space left): the
-    message names the file, says the previous version is intact, and how many bytes were needed where.
+    The new file gets the mode of the one it replaces, or the mode the umask gives a new file. Raises
+    :class:`CheckpointError` when the file system refuses the write (no space left, a read-only folder):
+    the message names the file, says the previous version is intact, and what to do.
     """
     path = Path(path)
+    mode = path.stat().st_mode & 0o777 if path.is_file() else new_file_mode()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     except OSError as exc:
         raise _write_error(path, exc, write) from exc
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -49,19 +62,36 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], Non
     _fsync_folder(path.parent)
 
 
+def new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file under this process's umask (0644 under umask 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_error(path: Path, exc: OSError, write: Callable[[IO[bytes]], None]) -> CheckpointError:
-    size = io.BytesIO()
-    write(size)
-    try:
-        free = f"{_mib(shutil.disk_usage(path.parent).free)} free"
-    except OSError:
-        free = "free space unknown"
     kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} existed"
-    reason = "no space left on device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"{exc.strerror or exc}"
-    return CheckpointError(
-        f"cannot write {path}: {reason}; {kept}. It needs {_mib(size.tell())} in {path.parent} ({free}): "
-        "free space there (or choose another folder) and try again"
-    )
+    reason, remedy = write_failure(path.parent, exc, write)
+    return CheckpointError(f"cannot write {path}: {reason}; {kept}. {remedy}")
+
+
+def write_failure(folder: Path, exc: OSError, write: Callable[[IO[bytes]], None] | None = None) -> tuple[str, str]:
+    """(what went wrong, what to do) when writing into ``folder`` failed with ``exc``: for a full disk the
+    space ``write`` needs and the space free, for a refused write the folder to make writable."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        needed = ""
+        if write is not None:
+            size = io.BytesIO()
+            write(size)
+            needed = f"It needs {_mib(size.tell())} in {folder} "
+        try:
+            free = f"{_mib(shutil.disk_usage(folder).free)} free"
+        except OSError:
+            free = "free space unknown"
+        return "no space left on device", f"{needed}({free}): free space there (or choose another folder) and try again"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (exc.strerror or str(exc)).lower(), f"Make {folder} writable (or choose another folder) and try again"
+    return exc.strerror or str(exc), f"Check {folder} and try again"
 
 
 def _mib(n: int) -> str:
@@ -82,9 +112,17 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj)`` onto ``path`` through :func:`replace_atomically`."""
-    replace_atomically(path, lambda f: torch.save(obj, f))
+def save_atomic(obj: Any, path: str | os.PathLike, *, digest: bool = False) -> None:
+    """``torch.save(obj)`` onto ``path`` through :func:`replace_atomically`, serialised in memory first.
+
+    ``digest=True`` (``obj`` a dict) stores :func:`content_digest` of ``obj`` under ``"content_sha256"``.
+    """
+    if digest:
+        obj = {**obj, DIGEST_KEY: content_digest(obj)}
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
+    replace_atomically(path, lambda f: f.write(data))
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> None:
@@ -92,26 +130,69 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     replace_atomically(path, lambda f: f.write(text.encode()))
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary files that a writer killed before ``os.replace`` left in ``folder``; return them.
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files that :func:`replace_atomically`, killed before ``os.replace``, left in
+    ``folder`` for the files ``names``; return them. No other file is touched.
 
-    Call it only where no other process writes into ``folder`` (a run folder has one writer).
+    Call it only where no other process writes into ``folder`` (a locked run folder).
     """
-    stale = sorted(Path(folder).glob(".*.tmp"))
+    stale = sorted(p for name in names for p in Path(folder).glob(f".{glob.escape(name)}.*{TEMPORARY_SUFFIX}"))
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load with ``weights_only=True``: tensors and plain containers only, no code from the file."""
+def content_digest(obj: Any) -> str:
+    """SHA-256 over the contents of ``obj`` (nested dicts, lists and tuples of tensors and plain values):
+    each tensor's dtype, shape and bytes, each plain value's type and ``repr``. A ``"content_sha256"`` key
+    of a dict is left out, so a saved digest can be checked against its own checkpoint."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor {t.dtype} {tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for key in sorted((k for k in obj if k != DIGEST_KEY), key=repr):
+            _feed(h, key)
+            _feed(h, obj[key])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[" if isinstance(obj, list) else b"(")
+        for item in obj:
+            _feed(h, item)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__} {obj!r};".encode())
+
+
+def load_checkpoint(path: str | os.PathLike, *, require_digest: bool = False, mmap: bool = False) -> Any:
+    """Load with ``weights_only=True`` (tensors and plain containers only, no code from the file) and check
+    the content digest of a file saved with ``digest=True`` (it stays in the returned dict).
+
+    ``require_digest``: refuse a file without one. Raises :class:`CheckpointError` naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {exc})") from exc
+    saved = obj.get(DIGEST_KEY) if isinstance(obj, dict) else None
+    if saved is None and require_digest:
+        raise CheckpointError(f"checkpoint {path} has no content hash: it was damaged, or not written by metasam")
+    if saved is not None and saved != content_digest(obj):
+        raise CheckpointError(
+            f"checkpoint {path} fails its content check (its tensors or values differ from what was saved): the file "
+            "is damaged or was edited; restore it from a copy, or use the run's other checkpoint"
+        )
+    return obj
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

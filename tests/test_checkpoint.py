@@ -20,26 +20,20 @@ from metasam.checkpoint import (
 from metasam.errors import CheckpointError
 
 
-def disk_full_after(monkeypatch, fraction: float = 0.5) -> None:
-    """Make torch.save into a real file write ``fraction`` of its bytes, then fail with ENOSPC (as a full disk does)."""
-    real = torch.save
-
-    def save(obj, f, *args, **kwargs):
-        if isinstance(f, io.BytesIO):
-            return real(obj, f, *args, **kwargs)
-        buffer = io.BytesIO()
-        real(obj, buffer, *args, **kwargs)
-        f.write(buffer.getvalue()[: int(len(buffer.getvalue()) * fraction)])
+def disk_full_at_fsync(monkeypatch) -> None:
+    """Make every fsync fail with ENOSPC, as a full disk with delayed allocation does (the real thing, a full
+    tmpfs failing the write itself, is tests/test_full_disk.py)."""
+    def fsync(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(os, "fsync", fsync)
 
 
 def test_disk_full_keeps_the_old_checkpoint_and_says_what_is_needed_where(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_atomic({"w": torch.arange(4.0)}, path)
     before = path.read_bytes()
-    disk_full_after(monkeypatch)
+    disk_full_at_fsync(monkeypatch)
     big = {"w": torch.zeros(300_000)}
     serialized = io.BytesIO()
     torch.save(big, serialized)
@@ -53,7 +47,7 @@ def test_disk_full_keeps_the_old_checkpoint_and_says_what_is_needed_where(tmp_pa
 
 
 def test_disk_full_on_a_first_write_says_there_was_nothing_to_keep(tmp_path, monkeypatch):
-    disk_full_after(monkeypatch, fraction=0.0)
+    disk_full_at_fsync(monkeypatch)
     with pytest.raises(CheckpointError, match="no earlier best.pt existed"):
         save_atomic({"w": torch.ones(3)}, tmp_path / "best.pt")
     assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from metasam.train.distributed import main_process
-from metasam.train.meta import evaluate_run
+from metasam.train.evaluation import evaluate_run
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

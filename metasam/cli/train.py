@@ -10,16 +10,9 @@ from pathlib import Path
 
 from metasam.errors import CheckpointError, ConfigError
 from metasam.meta import PRESETS
-from metasam.train.meta import (
-    RESUME_OVERRIDES,
-    RULE_KEYS,
-    MetaTrainConfig,
-    MetaTrainer,
-    check_device,
-    check_new_run_dir,
-    datasets_summary,
-    load_run_checkpoint,
-)
+from metasam.train.config import RESUME_OVERRIDES, RULE_KEYS, MetaTrainConfig, check_device
+from metasam.train.meta import MetaTrainer, datasets_summary, load_run_checkpoint
+from metasam.train.run_folder import check_new_run_dir, check_writable
 from metasam.train.precision import TF32_HELP
 
 DEFAULTS: dict[str, object] = {}
@@ -37,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--queries", type=int, default=15, help="query images per class")
     p.add_argument("--algo", choices=tuple(PRESETS), default="maml")
-    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--iterations", type=int, default=None,
+                   help="outer steps (default: 1000; the papers train 60,000). With --resume: continue the run to N")
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per outer step")
     p.add_argument("--inner-lr", type=float, default=None, help="alpha")
     p.add_argument("--inner-steps", type=int, default=None)
@@ -75,53 +69,71 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check every setting (and the run folder) first, then load the data and train."""
-    if args.resume:
-        ignored = [k for k, v in vars(args).items()
-                   if k in DEFAULTS and k not in ("resume", "no_progress", *RESUME_OVERRIDES) and v != DEFAULTS[k]]
-        if ignored:
-            raise ConfigError(
-                f"--resume continues {args.resume} with its saved config.json; drop "
-                f"{', '.join('--' + k.replace('_', '-') for k in ignored)} (only --skip-nonfinite and --no-progress "
-                "may be given), or start a new run with --out"
-            )
-        cfg = MetaTrainConfig.load(args.resume)
-        if not (Path(args.resume) / "last.pt").exists():
-            raise CheckpointError(
-                f"{args.resume} has a config.json but no last.pt: the run stopped before its first checkpoint, so "
-                f"nothing was trained; start it again with metasam train --out {args.resume} and the same settings"
-            )
-        if args.skip_nonfinite is not None:
-            cfg = dataclasses.replace(cfg, skip_nonfinite=args.skip_nonfinite)
-        ckpt = load_run_checkpoint(Path(args.resume) / "last.pt", cfg)
-        check_device(cfg.device)
-        trainer = MetaTrainer(cfg, args.resume)
-        trainer.resume(ckpt)
-    else:
-        if not args.out:
-            raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
-        rule = {k: getattr(args, k) for k in RULE_KEYS if getattr(args, k) is not None}
-        cfg = MetaTrainConfig(
-            dataset=args.dataset, data_root=args.data_root, ways=args.ways, shots=args.shots, queries=args.queries,
-            algo=args.algo, iterations=args.iterations, meta_batch=args.meta_batch, inner_lr=args.inner_lr,
-            inner_steps=args.inner_steps, test_inner_steps=args.test_inner_steps, first_order=args.first_order,
-            outer_lr=args.outer_lr, test_rule=args.test_rule, train_split=args.train_split, val_split=args.val_split,
-            test_split=args.test_split, val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed,
-            device=args.device, path=args.path, rule=rule, model=args.model, skip_nonfinite=args.skip_nonfinite or 0,
-            outer_val_tasks=args.outer_val_tasks, tf32=args.tf32,
-        )
-        check_new_run_dir(args.out)
-        check_device(cfg.device)
-        trainer = MetaTrainer(cfg, args.out)
-        trainer.start()
-    say = trainer.procs.is_main  # under torchrun, rank 0 speaks for all processes
-    if say:
-        print(f"metasam train: {datasets_summary(trainer.train_ds, trainer.val_ds, trainer.test_ds)}", file=sys.stderr)
-    try:
-        summary = trainer.train(progress=not args.no_progress)
-    except KeyboardInterrupt as exc:
+    trainer = _resume(args) if args.resume else _start(args)
+    with trainer:
+        say = trainer.procs.is_main  # under torchrun, rank 0 speaks for all processes
         if say:
-            print(f"metasam train: {exc}", file=sys.stderr)
-        return 130
+            print(f"metasam train: {datasets_summary(trainer.train_ds, trainer.val_ds, trainer.test_ds)}", file=sys.stderr)
+        try:
+            summary = trainer.train(progress=not args.no_progress)
+        except KeyboardInterrupt as exc:
+            if say:
+                print(f"metasam train: {exc}", file=sys.stderr)
+            return 130
     if say:
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _start(args: argparse.Namespace) -> MetaTrainer:
+    if not args.out:
+        raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(MetaTrainConfig)
+                if getattr(args, f.name, None) is not None}
+    rule = {k: getattr(args, k) for k in RULE_KEYS if getattr(args, k) is not None}
+    cfg = MetaTrainConfig(**settings, rule=rule)
+    check_new_run_dir(args.out)
+    check_device(cfg.device)
+    trainer = MetaTrainer(cfg, args.out)
+    trainer.start()
+    return trainer
+
+
+def _resume(args: argparse.Namespace) -> MetaTrainer:
+    run_dir = Path(args.resume)
+    if run_dir.is_file():
+        raise ConfigError(f"--resume takes the run folder, not a file in it: use --resume {run_dir.parent}")
+    ignored = [k for k, v in vars(args).items()
+               if k in DEFAULTS and k not in ("resume", "no_progress", *RESUME_OVERRIDES) and v != DEFAULTS[k]]
+    if ignored:
+        raise ConfigError(
+            f"--resume continues {run_dir} with its saved config.json; drop "
+            f"{', '.join('--' + k.replace('_', '-') for k in ignored)} (only --iterations, --skip-nonfinite and "
+            "--no-progress may be given), or start a new run with --out"
+        )
+    cfg = MetaTrainConfig.load(run_dir)
+    overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    ckpt = None
+    if (run_dir / "last.pt").exists():
+        ckpt = load_run_checkpoint(run_dir / "last.pt", cfg)
+        done = ckpt["learner"]["iteration"]
+        if cfg.iterations < done:
+            raise ConfigError(f"--iterations {cfg.iterations} is below the {done} iterations {run_dir} has done; "
+                              f"pass --iterations {done} or more")
+    else:
+        trained = [n for n in ("best.pt", "metrics.jsonl", "train_summary.json") if (run_dir / n).exists()]
+        if trained:
+            raise CheckpointError(f"{run_dir} has no last.pt but has {', '.join(trained)}: its last.pt was moved or "
+                                  "deleted; put it back to continue the run")
+    check_device(cfg.device)
+    check_writable(run_dir)
+    trainer = MetaTrainer(cfg, run_dir)
+    if ckpt is None:
+        if trainer.procs.is_main:
+            print(f"metasam train: {run_dir} stopped before its first checkpoint; starting it from iteration 0 "
+                  "with its config.json", file=sys.stderr)
+        trainer.start(restart=True)
+    else:
+        trainer.resume(ckpt)
+    return trainer

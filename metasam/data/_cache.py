@@ -4,7 +4,8 @@ A cache file is named by a SHA-256 key over (dataset kind, format version, optio
 file's path, size and modification time), so editing, adding or touching a source file makes a new key
 and the stale file is simply never read again. Files are written atomically (temporary file in the
 same folder, fsync, then ``os.replace``), so a crashed or concurrent writer never leaves a half-written
-cache that a reader could pick up. Cached loads are memory-mapped, which makes them nearly free.
+cache that a reader could pick up. Each file carries a SHA-256 of its contents, checked on every load (about
+a second per GB): a damaged or edited cache is rebuilt, with a warning, instead of being used.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from metasam.checkpoint import save_atomic
+from metasam.checkpoint import load_checkpoint, save_atomic
 from metasam.errors import CheckpointError, ConfigError
 
-CACHE_VERSION = 1  # bump when the decoding of any dataset changes, so old caches are never reused
+CACHE_VERSION = 2  # 2: files carry a content hash. Bump when the decoding of any dataset changes, so old caches are never reused
 
 
 def default_cache_dir() -> Path:
@@ -67,7 +68,8 @@ def load_or_build(
 ) -> tuple[torch.Tensor, dict]:
     """Return ``(images uint8 tensor, metadata dict)`` from the cache, or build them and cache them.
 
-    ``metadata`` must be JSON-serialisable. A cache file that cannot be read is rebuilt with a warning.
+    ``metadata`` must be JSON-serialisable. A cache file that cannot be read or fails its content check is
+    rebuilt with a warning; one that cannot be written is skipped with a warning.
     """
     folder = resolve_cache_dir(cache_dir)
     if folder is None:
@@ -75,9 +77,9 @@ def load_or_build(
     path = folder / f"{kind}-{cache_key(kind, options, sources)}.pt"
     if path.exists():
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            blob = load_checkpoint(path, require_digest=True, mmap=True)
             return blob["images"], json.loads(blob["meta"])
-        except Exception as exc:  # a truncated or foreign file: rebuild rather than fail
+        except Exception as exc:  # a truncated, damaged or foreign file: rebuild rather than fail
             warnings.warn(f"ignoring unreadable cache file {path} ({exc}); rebuilding it", stacklevel=3)
     images, meta = build()
     _atomic_save({"images": images.contiguous(), "meta": json.dumps(meta)}, path)
@@ -89,6 +91,6 @@ def _atomic_save(obj: dict, path: Path) -> None:
     a cache that cannot be written (no space, read-only folder) is skipped with a warning."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(obj, path)
+        save_atomic(obj, path, digest=True)
     except (OSError, CheckpointError) as exc:
         warnings.warn(f"cannot write the image cache {path} ({exc}); continuing without it", stacklevel=4)

@@ -12,7 +12,7 @@ from metasam.data import TaskSet
 from metasam.data.label_noise import symmetric_label_noise
 from metasam.errors import ConfigError
 from metasam.meta import MetaLearner
-from metasam.train.meta import MetaTrainConfig
+from metasam.train.config import MetaTrainConfig
 from metasam.train.splits import load_splits as load_meta_splits
 from metasam.train.supervised import SupervisedConfig, load_splits, make_model
 

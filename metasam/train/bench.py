@@ -15,7 +15,9 @@ from typing import Any
 from metasam.checkpoint import write_text_atomic
 from metasam.errors import ConfigError
 from metasam.meta.learner import mean_ci95
-from metasam.train.meta import MetaTrainConfig, MetaTrainer, check_int, evaluate_run
+from metasam.train.config import MetaTrainConfig, check_int
+from metasam.train.evaluation import evaluate_run
+from metasam.train.meta import MetaTrainer
 
 SETTING = re.compile(r"^(\d+)w(\d+)s$")
 
@@ -50,15 +52,15 @@ def run_grid(
     results = []
     for (ways, shots, algo), cfg in cells:
         run_dir = out / f"{ways}w{shots}s" / algo
-        trainer = MetaTrainer(cfg, run_dir)
-        if (run_dir / "train_summary.json").exists():
-            pass  # finished earlier
-        elif (run_dir / "last.pt").exists():
-            trainer.resume()
-            trainer.train(progress=progress)
-        else:
-            trainer.start()
-            trainer.train(progress=progress)
+        with MetaTrainer(cfg, run_dir) as trainer:
+            if (run_dir / "train_summary.json").exists():
+                pass  # finished earlier
+            elif (run_dir / "last.pt").exists():
+                trainer.resume()
+                trainer.train(progress=progress)
+            else:
+                trainer.start()
+                trainer.train(progress=progress)
         results.append(evaluate_run(run_dir, episodes, seed, progress=progress))
     table = render_table(results, algos, settings)
     if trainer.procs.is_main:  # under torchrun every process has the results; rank 0 writes them

@@ -1,17 +1,19 @@
-"""Meta-training runs: configuration, the outer loop with validation, checkpoints, resume, evaluation.
+"""Meta-training runs: the outer loop with validation, checkpoints and resume.
 
-A run folder holds ``config.json`` (a :class:`MetaTrainConfig`, reloadable), ``metrics.jsonl`` (one line
-per iteration, plus validation lines; the query metrics before adaptation every ``PRE_ADAPTATION_EVERY``
-iterations, as they cost an extra forward pass), ``last.pt`` and ``best.pt`` (best mean accuracy on the fixed
-validation TaskSet; never chosen on test tasks) and ``val_tasks.json``. Meta-batch ``it`` is tasks
-``it·T … it·T + T − 1`` of a seeded :class:`~metasam.data.EpisodeSampler`, so a resumed run sees exactly
-the tasks an uninterrupted run would, and reaches the same weights. Under torchrun the processes share
-each meta-batch and the evaluations, and rank 0 alone writes (:mod:`metasam.train.distributed`).
+A run folder holds ``config.json`` (a :class:`~metasam.train.config.MetaTrainConfig`, reloadable),
+``metrics.jsonl`` (one line per iteration, plus validation lines; the query metrics before adaptation every
+``PRE_ADAPTATION_EVERY`` iterations, as they cost an extra forward pass), ``last.pt`` and ``best.pt`` (best
+mean accuracy on the fixed validation TaskSet; never chosen on test tasks) and ``val_tasks.json``.
+Meta-batch ``it`` is tasks ``it·T … it·T + T − 1`` of a seeded :class:`~metasam.data.EpisodeSampler`, so a
+resumed run sees exactly the tasks an uninterrupted run would, and reaches the same weights. Under torchrun
+the processes share each meta-batch and the evaluations, and rank 0 alone writes
+(:mod:`metasam.train.distributed`).
 
-Reliability (docs/reliability.md): every setting is checked before any data is loaded; ``last.pt`` exists
-from iteration 0 on and every file is replaced atomically, so a run killed at any moment resumes from its
-last complete checkpoint; a NaN/Inf step stops the run (or is skipped, ``skip_nonfinite`` times at most)
-without touching θ or the checkpoints.
+Reliability (docs/reliability.md): every setting is checked before any data is loaded; one process at a
+time trains in a run folder (:class:`~metasam.train.run_folder.RunLock`); ``last.pt`` exists from
+iteration 0 on and every file is replaced atomically, so a run killed at any moment resumes from its last
+complete checkpoint; each checkpoint carries a hash of its contents, checked when it is read; a NaN/Inf
+step stops the run (or is skipped, ``skip_nonfinite`` times at most) without touching θ or the checkpoints.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,163 +31,32 @@ import torch
 from tqdm.auto import tqdm
 
 from metasam.checkpoint import (
+    DIGEST_KEY,
     config_differences,
     load_checkpoint,
     read_jsonl,
     remove_stale_temporaries,
     save_atomic,
+    write_failure,
     write_text_atomic,
 )
 from metasam.data import EpisodeSampler, FewShotDataset, TaskSet
 from metasam.data.episodes import check_episode_shape
-from metasam.errors import (
-    CheckpointError,
-    ConfigError,
-    DatasetError,
-    MetaSAMError,
-    NonFiniteError,
-)
+from metasam.errors import CheckpointError, ConfigError, DatasetError, MetaSAMError, NonFiniteError
 from metasam.meta import PRESETS, MetaLearner
-from metasam.meta.learner import check_hparams, mean_ci95
-from metasam.meta.presets import RULE_PARAMS
 from metasam.models import MODELS
+from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, check_device
 from metasam.train.distributed import join
 from metasam.train.precision import use_tf32
+from metasam.train.run_folder import RUN_FILES, RunLock, check_new_run_dir
 from metasam.train.splits import load_splits
 
-# ALGORITHMS.md §2, standard settings: (inner_lr, inner_steps, test_inner_steps, meta_batch)
-STANDARD = {
-    ("omniglot", 5): (0.4, 1, 3, 32),
-    ("omniglot", 20): (0.1, 5, 5, 16),
-    ("miniimagenet", 5): (0.01, 5, 10, 4),
-}
-DEFAULT_SPLITS = {
-    "omniglot": ("background", None, "evaluation"),
-    "miniimagenet": ("train", "val", "test"),
-    "glyphs": ("train", "val", "test"),
-}
 PRE_ADAPTATION_EVERY = 10
 """Iterations between the (extra forward pass) query loss / accuracy before adaptation in metrics.jsonl."""
-RULE_KEYS = sorted({f"{lvl}_{p}" for lvl in ("inner", "outer") for ps in RULE_PARAMS.values() for p in ps})
-RESUME_OVERRIDES = ("skip_nonfinite",)
-"""Settings ``--resume`` may change: they decide what happens on a failure, not what a step computes."""
-
-
-@dataclass
-class MetaTrainConfig:
-    """Everything that defines a meta-training run. None fields take the standard setting of the
-    dataset and ways (ALGORITHMS.md §2); ``rule`` holds inner_/outer_ rule hyperparameters."""
-
-    dataset: str = "glyphs"
-    data_root: str | None = None
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    algo: str = "maml"
-    iterations: int = 1000
-    meta_batch: int | None = None
-    inner_lr: float | None = None
-    inner_steps: int | None = None
-    test_inner_steps: int | None = None
-    first_order: bool | None = None
-    outer_lr: float = 1e-3
-    test_rule: str = "same"
-    train_split: str | None = None
-    val_split: str | None = None
-    test_split: str | None = None
-    val_every: int = 100
-    val_tasks: int = 100
-    image_size: int | None = None
-    hidden: int | None = None
-    model: str = "conv4"
-    seed: int = 0
-    device: str = "cpu"
-    path: str = "auto"
-    rule: dict[str, Any] | None = None
-    skip_nonfinite: int = 0
-    outer_val_tasks: int | None = None
-    tf32: bool = False
-
-    def __post_init__(self) -> None:
-        if self.dataset not in DEFAULT_SPLITS:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DEFAULT_SPLITS)}")
-        if self.algo not in PRESETS:
-            raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(PRESETS)}")
-        for name in ("ways", "shots", "queries", "iterations", "val_every", "val_tasks"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.model not in ("conv4", "resnet12"):
-            raise ConfigError(f"unknown --model {self.model!r}; choose conv4 or resnet12")
-        if self.ways < 2:
-            raise ConfigError(f"--ways must be >= 2, got {self.ways}")
-        self.rule = dict(self.rule or {})
-        unknown = sorted(set(self.rule) - set(RULE_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown rule parameters {unknown}; valid: {RULE_KEYS}")
-        family = "omniglot" if self.dataset == "glyphs" else self.dataset
-        # the nearest standard setting: Omniglot's 20-way one above 5 ways, MiniImageNet's 5-way one
-        lr, steps, test_steps, batch = STANDARD[(family, 20 if family == "omniglot" and self.ways > 5 else 5)]
-        if family == "miniimagenet" and self.shots >= 5:
-            batch = 2
-        self.inner_lr = lr if self.inner_lr is None else self.inner_lr
-        self.inner_steps = steps if self.inner_steps is None else self.inner_steps
-        self.test_inner_steps = test_steps if self.test_inner_steps is None else self.test_inner_steps
-        self.meta_batch = batch if self.meta_batch is None else self.meta_batch
-        self.outer_val_tasks = self.meta_batch if self.outer_val_tasks is None else self.outer_val_tasks
-        self.image_size = (84 if family == "miniimagenet" else 28) if self.image_size is None else self.image_size
-        self.hidden = (32 if family == "miniimagenet" else 64) if self.hidden is None else self.hidden
-        train, val, test = DEFAULT_SPLITS[self.dataset]
-        self.train_split = self.train_split or train
-        self.val_split = self.val_split if self.val_split is not None else val
-        self.test_split = self.test_split if self.test_split is not None else test
-        for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0)):
-            check_int(name, getattr(self, name), low)
-        check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,
-                      self.test_rule, self.path, **self.rule)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "MetaTrainConfig":
-        """Read a run's config.json (or a run folder) back."""
-        path = Path(path)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise CheckpointError(f"{path} does not exist: not a metasam run folder")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from a copy of the run folder") from exc
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path} does not hold a metasam configuration (a JSON object)")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise CheckpointError(f"{path} has settings this metasam does not know: {unknown}; was it written by a newer version?")
-        return cls(**data)
-
-
-def check_int(name: str, value: Any, low: int = 1) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is an int ≥ ``low``; ``name`` is the setting (``meta_batch``
-    is reported as ``--meta-batch``)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
-
-
-def check_device(device: str) -> None:
-    """Refuse a device string torch cannot parse, or CUDA where PyTorch sees none."""
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from exc
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} but this PyTorch sees no CUDA device; use --device cpu")
-
-
-def check_new_run_dir(out: str | Path) -> None:
-    """Refuse an ``out`` folder that already holds a run (before any work is done)."""
-    out = Path(out)
-    if (out / "last.pt").exists() or (out / "metrics.jsonl").exists():
-        raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+CHECKPOINT_VERSION = 2
+"""1: no content hash; 2: a hash of the contents (``content_sha256``), required when read."""
+EXPLODING_LOSS = 100
+"""A query loss this many times the loss of guessing at random (ln ways) warns that the run diverges."""
 
 
 def load_run_checkpoint(path: str | Path, cfg: MetaTrainConfig) -> dict[str, Any]:
@@ -194,6 +66,8 @@ def load_run_checkpoint(path: str | Path, cfg: MetaTrainConfig) -> dict[str, Any
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "metasam.checkpoint" or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} is not a metasam meta-training checkpoint")
+    if ckpt.get("version", 1) >= 2 and DIGEST_KEY not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has lost its content hash: the file is damaged; restore it from a copy")
     try:  # fill settings added since the checkpoint was written with their defaults
         saved = asdict(MetaTrainConfig(**ckpt["config"]))
     except (TypeError, MetaSAMError) as exc:
@@ -230,7 +104,12 @@ def _to(batch, device):
 
 
 class MetaTrainer:
-    """Owns a run folder: trains, validates, checkpoints, resumes."""
+    """Owns a run folder: trains, validates, checkpoints, resumes.
+
+    From its creation to :meth:`close` (or the end of a ``with`` block, or of the process) the trainer holds
+    the folder's :class:`~metasam.train.run_folder.RunLock`: another process that tries to train there is
+    refused before it loads any data.
+    """
 
     def __init__(self, cfg: MetaTrainConfig, out_dir: str | Path) -> None:
         self.cfg = cfg
@@ -243,6 +122,15 @@ class MetaTrainer:
                 f"--outer-val-tasks {cfg.outer_val_tasks} is smaller than the {self.procs.world_size} processes: each "
                 "process needs at least one validation task; raise it or start fewer processes"
             )
+        self.lock = RunLock(self.out, create=True).acquire() if self.procs.is_main else None
+        try:
+            self._load(cfg)
+        except BaseException:
+            self.close()  # a folder this trainer created for nothing is removed again
+            raise
+        self.exploding_warned = False
+
+    def _load(self, cfg: MetaTrainConfig) -> None:
         self.train_ds, self.val_ds, self.test_ds = load_splits(
             cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, cfg.test_split, cfg.image_size
         )
@@ -266,7 +154,7 @@ class MetaTrainer:
 
     def _checkpoint(self) -> dict[str, Any]:
         return {
-            "format": "metasam.checkpoint", "version": 1,
+            "format": "metasam.checkpoint", "version": CHECKPOINT_VERSION,
             "config": asdict(self.cfg), "hparams": self.learner.hparams, "model": self.learner.model_spec,
             "learner": self.learner.state_dict(), "best_val": self.best_val, "best_iteration": self.best_iteration,
             "skipped_nonfinite": self.skipped_nonfinite,
@@ -275,19 +163,20 @@ class MetaTrainer:
     def _save(self, name: str) -> None:
         if self.procs.is_main:
             try:
-                save_atomic(self._checkpoint(), self.out / name)
+                save_atomic(self._checkpoint(), self.out / name, digest=True)
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}; then continue the run with: metasam train --resume {self.out}") from exc
         if name == "last.pt":
             self.checkpoint_iteration = self.learner.iteration
 
-    def start(self) -> None:
-        """Create the run folder: config.json, val_tasks.json and an iteration-0 last.pt (so a kill at
-        any later moment leaves a checkpoint to resume from). Under torchrun only rank 0 checks and writes."""
+    def start(self, restart: bool = False) -> None:
+        """Fill the run folder: config.json, val_tasks.json and an iteration-0 last.pt (so a kill at any later
+        moment leaves a checkpoint to resume from). The folder must be empty, or with ``restart`` hold a run
+        stopped before its first checkpoint. Under torchrun only rank 0 checks and writes."""
         if not self.procs.is_main:
             return
-        check_new_run_dir(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if not restart:
+            check_new_run_dir(self.out)
         write_text_atomic(json.dumps(asdict(self.cfg), indent=2), self.out / "config.json")
         self.val_set.save(self.out / "val_tasks.json")
         self._save("last.pt")
@@ -302,18 +191,50 @@ class MetaTrainer:
         self.checkpoint_iteration = self.learner.iteration
         if not self.procs.is_main:
             return
-        remove_stale_temporaries(self.out)  # left by a kill between writing and renaming a file
+        remove_stale_temporaries(self.out, RUN_FILES)  # left by a kill between writing and renaming a file
         write_text_atomic(json.dumps(asdict(self.cfg), indent=2), self.out / "config.json")  # RESUME_OVERRIDES
         log = self.out / "metrics.jsonl"
         if log.exists():
             keep = [r for r in read_jsonl(log) if r.get("iteration", math.inf) <= self.learner.iteration]
             write_text_atomic("".join(json.dumps(r) + "\n" for r in keep), log)
 
+    def close(self) -> None:
+        """Release the run folder's lock (the trainer writes nothing after this)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> "MetaTrainer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def _log(self, record: dict[str, Any]) -> None:
         if not self.procs.is_main:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        log = self.out / "metrics.jsonl"
+        try:
+            with open(log, "ab") as f:
+                f.write(line)
+        except OSError as exc:
+            reason, remedy = write_failure(self.out, exc, lambda f: f.write(line))
+            raise CheckpointError(
+                f"cannot append to {log}: {reason}; {self.out / 'last.pt'} keeps iteration {self.checkpoint_iteration}. "
+                f"{remedy}; then continue the run with: metasam train --resume {self.out}") from exc
+
+    def _warn_if_exploding(self, metrics: dict[str, Any]) -> None:
+        """Warn once when the query loss is ``EXPLODING_LOSS`` times chance: finite, but diverging."""
+        chance = math.log(self.cfg.ways)
+        loss = metrics.get("query_loss", 0.0)
+        if self.exploding_warned or loss <= EXPLODING_LOSS * chance:
+            return
+        self.exploding_warned = True
+        warnings.warn(
+            f"iteration {self.learner.iteration}: the query loss is {loss:.3g}, {loss / chance:.3g}× that of guessing "
+            f"at random (ln {self.cfg.ways} = {chance:.2f}): the run is diverging. Stop it and try a smaller --inner-lr "
+            f"(now {self.cfg.inner_lr}) or --outer-lr (now {self.cfg.outer_lr})", stacklevel=2)
 
     def validate(self) -> float:
         acc, ci = self.learner.evaluate(self.val_set)
@@ -371,6 +292,7 @@ class MetaTrainer:
                     metrics = self._skip_nonfinite(exc)
                 metrics["tasks_per_s"] = cfg.meta_batch / (time.perf_counter() - start)
                 self._log({"iteration": learner.iteration, **metrics})
+                self._warn_if_exploding(metrics)
                 bar.update(1)
                 if "query_loss" in metrics:  # a skipped step has none
                     bar.set_postfix(loss=f"{metrics['query_loss']:.3f}", acc=f"{metrics['query_acc']:.3f}",
@@ -392,33 +314,6 @@ class MetaTrainer:
         if self.procs.is_main:
             write_text_atomic(json.dumps(summary, indent=2), self.out / "train_summary.json")
         return summary
-
-
-def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, which: str = "best",
-                 test_split: str | None = None, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Mean accuracy ± 95 % CI of a run's ``which`` checkpoint on a fixed seeded TaskSet of the test split;
-    also written to ``RUN_DIR/eval_<which>_<episodes>_seed<seed>.json``."""
-    run_dir = Path(run_dir)
-    cfg = MetaTrainConfig.load(run_dir)
-    split = test_split or cfg.test_split
-    if not split:
-        raise ConfigError("the run has no test split; pass --test-split")
-    check_int("episodes", episodes)
-    if steps is not None:
-        check_int("steps", steps)
-    path = run_dir / f"{which}.pt"
-    procs = join("cpu")  # under torchrun the processes share the tasks
-    learner = MetaLearner.from_checkpoint(load_run_checkpoint(path, cfg), path, reducer=procs.reducer)
-    _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
-    tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
-    accuracies = learner.task_accuracies(tasks, steps=steps, progress=progress and procs.is_main)
-    mean, ci = mean_ci95(accuracies)
-    result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
-              "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": steps or cfg.test_inner_steps,
-              "accuracy": mean, "ci95": ci, "task_accuracies": accuracies}
-    if procs.is_main:
-        write_text_atomic(json.dumps(result, indent=2), run_dir / f"eval_{which}_{episodes}_seed{seed}.json")
-    return result
 
 
 def datasets_summary(*datasets: FewShotDataset | None) -> str:

@@ -62,6 +62,13 @@ def load_split(dataset: str, root: str | None, spec: str, image_size: int) -> Fe
     raise ConfigError(f"unknown dataset {dataset!r}; choose omniglot, miniimagenet or glyphs")
 
 
+def _load_role(role: str, dataset: str, root: str | None, spec: str, image_size: int) -> FewShotDataset:
+    try:
+        return load_split(dataset, root, spec, image_size)
+    except DatasetError as exc:
+        raise DatasetError(f"--{role}-split {spec}: {exc} (or choose another split with --{role}-split)") from exc
+
+
 def hold_out(train: FewShotDataset, fraction: float = 0.1, seed: int = SPLIT_SEED) -> tuple[FewShotDataset, FewShotDataset]:
     """(train without the held-out classes, the held-out classes): a seeded ``fraction`` of source classes."""
     sources = sorted(set(train.source_classes))
@@ -77,12 +84,12 @@ def hold_out(train: FewShotDataset, fraction: float = 0.1, seed: int = SPLIT_SEE
 def load_splits(
     dataset: str, root: str | None, train_spec: str, val_spec: str | None, test_spec: str | None, image_size: int
 ) -> tuple[FewShotDataset, FewShotDataset, FewShotDataset | None]:
-    """(train, val, test or None), checked class-disjoint."""
-    train = load_split(dataset, root, train_spec, image_size)
+    """(train, val, test or None), checked class-disjoint. An error loading a split names its flag."""
+    train = _load_role("train", dataset, root, train_spec, image_size)
     if val_spec:
-        val = load_split(dataset, root, val_spec, image_size)
+        val = _load_role("val", dataset, root, val_spec, image_size)
     else:
         train, val = hold_out(train)
-    test = load_split(dataset, root, test_spec, image_size) if test_spec else None
+    test = _load_role("test", dataset, root, test_spec, image_size) if test_spec else None
     check_disjoint(*(d for d in (train, val, test) if d is not None))
     return train, val, test

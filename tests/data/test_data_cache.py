@@ -73,23 +73,17 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path):
 
 def test_a_failed_cache_write_leaves_no_file_to_read_and_the_next_load_rebuilds(tmp_path, monkeypatch):
     import errno
-    import io
 
     fake_omniglot(tmp_path / "data")
     cache = tmp_path / "cache"
-    real = torch.save
-
-    def disk_full(obj, f, *args, **kwargs):  # write part of the file, then run out of space
-        if isinstance(f, io.BytesIO):
-            return real(obj, f, *args, **kwargs)
-        f.write(b"\x00" * 100)
+    def disk_full(fd):  # a full disk with delayed allocation fails the fsync (a real full disk: test_full_disk.py)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.warns(UserWarning, match=r"cannot write the image cache .*no space left on device.*continuing without it"):
         first = Omniglot(tmp_path / "data", cache_dir=cache)
     assert cache_files(cache) == []  # neither a half-written cache file nor a temporary one
-    monkeypatch.setattr(torch, "save", real)
+    monkeypatch.undo()
     import metasam.data.omniglot as om
 
     decoded = []
@@ -97,3 +91,16 @@ def test_a_failed_cache_write_leaves_no_file_to_read_and_the_next_load_rebuilds(
     monkeypatch.setattr(om, "_decode", lambda *a: decoded.append(1) or decode(*a))
     again = Omniglot(tmp_path / "data", cache_dir=cache)
     assert decoded == [1] and torch.equal(first.images, again.images) and len(cache_files(cache)) == 1
+
+
+def test_an_image_cache_on_a_real_full_disk_is_a_warning(tmp_path, tmpfs):
+    fake_omniglot(tmp_path / "data")
+    cache = tmpfs("1m")
+    fd = os.open(cache / "filler", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError):
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    with pytest.warns(UserWarning, match=r"cannot write the image cache .*no space left on device.*continuing without it"):
+        ds = Omniglot(tmp_path / "data", cache_dir=cache / "metasam")
+    assert len(ds) > 0 and not list((cache / "metasam").glob("*.pt"))

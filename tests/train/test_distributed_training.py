@@ -26,7 +26,8 @@ from metasam import ConfigError
 from metasam.cli.main import main
 from metasam.models import BatchNorm
 from metasam.train.distributed import join
-from metasam.train.meta import MetaTrainConfig, MetaTrainer
+from metasam.train.config import MetaTrainConfig
+from metasam.train.meta import MetaTrainer
 
 GLYPHS = ["--dataset", "glyphs", "--ways", "3", "--queries", "2", "--meta-batch", "4", "--iterations", "3",
           "--val-every", "3", "--val-tasks", "5", "--algo", "agnostic-sam-up", "--no-progress"]

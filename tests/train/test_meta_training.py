@@ -10,7 +10,8 @@ import torch
 from metasam import CheckpointError, ConfigError
 from metasam.cli.main import main
 from metasam.meta import MetaLearner
-from metasam.train.meta import MetaTrainConfig, MetaTrainer
+from metasam.train.config import MetaTrainConfig
+from metasam.train.meta import MetaTrainer
 
 TINY = dict(dataset="glyphs", ways=3, shots=1, queries=2, meta_batch=2, hidden=8, val_every=2, val_tasks=4)
 

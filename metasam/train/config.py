@@ -1,0 +1,175 @@
+"""The settings of a meta-training run: :class:`MetaTrainConfig`, its standard values, and checks of the
+settings that need no data (types, ranges, the device), so that a bad one fails before anything loads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import torch
+
+from metasam.errors import CheckpointError, ConfigError
+from metasam.meta import PRESETS
+from metasam.meta.learner import check_hparams
+from metasam.meta.presets import RULE_PARAMS
+
+# ALGORITHMS.md §2, standard settings: (inner_lr, inner_steps, test_inner_steps, meta_batch)
+STANDARD = {
+    ("omniglot", 5): (0.4, 1, 3, 32),
+    ("omniglot", 20): (0.1, 5, 5, 16),
+    ("miniimagenet", 5): (0.01, 5, 10, 4),
+}
+DEFAULT_SPLITS = {
+    "omniglot": ("background", None, "evaluation"),
+    "miniimagenet": ("train", "val", "test"),
+    "glyphs": ("train", "val", "test"),
+}
+RULE_KEYS = sorted({f"{lvl}_{p}" for lvl in ("inner", "outer") for ps in RULE_PARAMS.values() for p in ps})
+RESUME_OVERRIDES = ("skip_nonfinite", "iterations")
+"""Settings ``--resume`` may change: what happens on a failure, and how long the run goes on (meta-batch i
+is the same for any number of iterations), not what a step computes."""
+
+
+@dataclass
+class MetaTrainConfig:
+    """Everything that defines a meta-training run. None fields take the standard setting of the
+    dataset and ways (ALGORITHMS.md §2); ``rule`` holds inner_/outer_ rule hyperparameters."""
+
+    dataset: str = "glyphs"
+    data_root: str | None = None
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    algo: str = "maml"
+    iterations: int = 1000
+    meta_batch: int | None = None
+    inner_lr: float | None = None
+    inner_steps: int | None = None
+    test_inner_steps: int | None = None
+    first_order: bool | None = None
+    outer_lr: float = 1e-3
+    test_rule: str = "same"
+    train_split: str | None = None
+    val_split: str | None = None
+    test_split: str | None = None
+    val_every: int = 100
+    val_tasks: int = 100
+    image_size: int | None = None
+    hidden: int | None = None
+    model: str = "conv4"
+    seed: int = 0
+    device: str = "cpu"
+    path: str = "auto"
+    rule: dict[str, Any] | None = None
+    skip_nonfinite: int = 0
+    outer_val_tasks: int | None = None
+    tf32: bool = False
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.dataset not in DEFAULT_SPLITS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DEFAULT_SPLITS)}")
+        if self.algo not in PRESETS:
+            raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(PRESETS)}")
+        for name in ("ways", "shots", "queries", "iterations", "val_every", "val_tasks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.model not in ("conv4", "resnet12"):
+            raise ConfigError(f"unknown --model {self.model!r}; choose conv4 or resnet12")
+        if self.ways < 2:
+            raise ConfigError(f"--ways must be >= 2, got {self.ways}")
+        self.rule = dict(self.rule or {})
+        unknown = sorted(set(self.rule) - set(RULE_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown rule parameters {unknown}; valid: {RULE_KEYS}")
+        family = "omniglot" if self.dataset == "glyphs" else self.dataset
+        # the nearest standard setting: Omniglot's 20-way one above 5 ways, MiniImageNet's 5-way one
+        lr, steps, test_steps, batch = STANDARD[(family, 20 if family == "omniglot" and self.ways > 5 else 5)]
+        if family == "miniimagenet" and self.shots >= 5:
+            batch = 2
+        self.inner_lr = lr if self.inner_lr is None else self.inner_lr
+        self.inner_steps = steps if self.inner_steps is None else self.inner_steps
+        self.test_inner_steps = test_steps if self.test_inner_steps is None else self.test_inner_steps
+        self.meta_batch = batch if self.meta_batch is None else self.meta_batch
+        self.outer_val_tasks = self.meta_batch if self.outer_val_tasks is None else self.outer_val_tasks
+        self.image_size = (84 if family == "miniimagenet" else 28) if self.image_size is None else self.image_size
+        self.hidden = (32 if family == "miniimagenet" else 64) if self.hidden is None else self.hidden
+        train, val, test = DEFAULT_SPLITS[self.dataset]
+        self.train_split = self.train_split or train
+        self.val_split = self.val_split if self.val_split is not None else val
+        self.test_split = self.test_split if self.test_split is not None else test
+        for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0)):
+            check_int(name, getattr(self, name), low)
+        check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,
+                      self.test_rule, self.path, **self.rule)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MetaTrainConfig":
+        """Read a run's config.json (or a run folder) back."""
+        path = Path(path)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist: not a metasam run folder")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from a copy of the run folder") from exc
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} does not hold a metasam configuration (a JSON object)")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CheckpointError(f"{path} has settings this metasam does not know: {unknown}; was it written by a newer version?")
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: {exc}; correct it there") from exc
+
+
+def check_int(name: str, value: Any, low: int = 1) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an int ≥ ``low``; ``name`` is the setting (``meta_batch``
+    is reported as ``--meta-batch``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
+
+
+def check_types(cfg: Any) -> None:
+    """Raise :class:`ConfigError` naming the first field of dataclass ``cfg`` whose value does not have the
+    field's declared type (``float`` fields take ints too; no field takes a bool for a number)."""
+    hints = get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value, allowed = getattr(cfg, f.name), _types_of(hints[f.name])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed if t is not int or float not in allowed)
+            raise ConfigError(f"{f.name} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _types_of(hint: Any) -> tuple[type, ...]:
+    """The runtime types a field annotation admits: ``float | None`` → (float, int, NoneType)."""
+    if get_origin(hint) in (Union, UnionType):
+        return tuple(t for arg in get_args(hint) for t in _types_of(arg))
+    hint = get_origin(hint) or hint
+    return (float, int) if hint is float else (hint,)
+
+
+DEVICES = ("cpu", "cuda", "mps")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device string torch cannot parse, a kind of device metasam does not run on, or one that
+    this PyTorch cannot reach (before any data is loaded)."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from exc
+    if kind not in DEVICES:
+        raise ConfigError(f"--device {device}: metasam runs on {', '.join(DEVICES)}; use --device cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but this PyTorch sees no CUDA device; use --device cpu")
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device} but this PyTorch sees no MPS (Apple GPU) device; use --device cpu")

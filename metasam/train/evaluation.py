@@ -1,0 +1,87 @@
+"""Evaluating a run on fixed test tasks, and the checks that keep a diverged model from reporting a number.
+
+A model with a NaN or Inf weight, or one whose adapted logits are not finite, predicts class 0 for every
+query: its "accuracy" is exactly chance with a zero interval, a number that looks like a result. Both are
+refused with an error naming the checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from metasam.checkpoint import write_text_atomic
+from metasam.data import TaskSet
+from metasam.errors import ConfigError, NonFiniteError
+from metasam.meta import MetaLearner
+from metasam.meta.learner import mean_ci95
+from metasam.train.config import MetaTrainConfig, check_int
+from metasam.train.distributed import join
+from metasam.train.meta import load_run_checkpoint
+from metasam.train.splits import load_splits
+
+
+def check_finite_weights(tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Raise :class:`NonFiniteError` naming the tensors of ``tensors`` (a state dict) that hold NaN or Inf."""
+    bad = [f"{name} ({'NaN' if t.isnan().any() else 'Inf'})" for name, t in tensors.items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise NonFiniteError(
+            f"{source} holds non-finite weights: {shown}. The run diverged or the file was edited; use another "
+            "checkpoint of the run (--checkpoint last) or train again with a smaller --inner-lr / --outer-lr",
+            tensor=bad[0].split(" ")[0])
+
+
+@contextmanager
+def refusing_nonfinite_outputs(model: nn.Module, source: str | Path) -> Iterator[None]:
+    """Raise :class:`NonFiniteError` as soon as ``model`` (called directly or through ``functional_call``)
+    returns a NaN or Inf, e.g. in an adaptation whose inner steps diverge from finite weights."""
+    def check(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if not bool(torch.isfinite(output).all()):
+            raise NonFiniteError(
+                f"the logits of {source} become NaN/Inf during adaptation (its weights are finite): the inner steps "
+                "diverge, and every prediction would be class 0. Evaluate with fewer --steps, or train again with a "
+                "smaller --inner-lr", tensor="logits")
+
+    handle = model.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, which: str = "best",
+                 test_split: str | None = None, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Mean accuracy ± 95 % CI of a run's ``which`` checkpoint on a fixed seeded TaskSet of the test split;
+    also written to ``RUN_DIR/eval_<which>_<episodes>_seed<seed>.json``. Non-finite weights or logits raise
+    :class:`NonFiniteError`."""
+    run_dir = Path(run_dir)
+    cfg = MetaTrainConfig.load(run_dir)
+    split = test_split or cfg.test_split
+    if not split:
+        raise ConfigError("the run has no test split; pass --test-split")
+    check_int("episodes", episodes)
+    if steps is not None:
+        check_int("steps", steps)
+    path = run_dir / f"{which}.pt"
+    procs = join("cpu")  # under torchrun the processes share the tasks
+    learner = MetaLearner.from_checkpoint(load_run_checkpoint(path, cfg), path, reducer=procs.reducer)
+    check_finite_weights(learner.model.state_dict(), path)
+    _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
+    tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
+    with refusing_nonfinite_outputs(learner.model, path):
+        accuracies = learner.task_accuracies(tasks, steps=steps, progress=progress and procs.is_main)
+    mean, ci = mean_ci95(accuracies)
+    result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
+              "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": steps or cfg.test_inner_steps,
+              "accuracy": mean, "ci95": ci, "task_accuracies": accuracies}
+    if procs.is_main:
+        write_text_atomic(json.dumps(result, indent=2), run_dir / f"eval_{which}_{episodes}_seed{seed}.json")
+    return result
