@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from PIL import Image
 
 from metasam.data._cache import load_or_build
 from metasam.data._decode import to_array
+from metasam.data._pickle import load_arrays
 from metasam.data._files import Item, decode_items
 from metasam.data._roots import find_root
 from metasam.data.base import FewShotDataset
@@ -33,7 +33,8 @@ class MiniImageNet(FewShotDataset):
         Larochelle); file ids are the file names;
     (b) ``mini-imagenet-cache-{train,validation,test}.pkl``: a pickled dict with ``image_data`` (uint8
         N×H×W×3) and ``class_dict`` (class name → list of row indices); file ids are ``<class>/<row>``.
-        Pickles can run code when loaded: only load files you trust;
+        The file is read by a restricted unpickler that admits numpy arrays and plain containers only
+        and refuses a file that names anything else (which could run code);
     (c) ``train/``, ``val/``, ``test/`` folders with one subfolder per class.
     """
 
@@ -102,11 +103,7 @@ def _csv_items(csv_path: Path, image_dir: Path) -> list[Item]:
 
 
 def _decode_pickle(path: Path, image_size: int) -> tuple[torch.Tensor, dict]:
-    try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-    except Exception as exc:
-        raise DatasetError(f"MiniImageNet: cannot unpickle {path} ({exc})") from exc
+    data = load_arrays(path, "MiniImageNet")
     if not isinstance(data, dict) or not {"image_data", "class_dict"} <= set(data):
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise DatasetError(f"MiniImageNet: {path} should hold a dict with 'image_data' and 'class_dict', got {keys}")
