@@ -73,6 +73,15 @@ MUTANTS = [
            "        self._pending_momentum = dict(zip(params, momentum))\n",
            "        self._pending_momentum = dict(zip(params, momentum))\n"
            "        self.momentum.update(self._pending_momentum)\n"),
+    Mutant("supervised-alignment-before-after-swapped", "metasam/train/supervised.py",
+           '{"step": step, "cos_before": cos_before, "cos_after": gradient_cosine(model, train_loss, val_loss)}',
+           '{"step": step, "cos_after": cos_before, "cos_before": gradient_cosine(model, train_loss, val_loss)}',
+           ("tests/analysis/test_alignment.py",)),
+    Mutant("inner-alignment-before-after-swapped", "metasam/meta/learner.py",
+           "mean_before, mean_after = self._task_mean", "mean_after, mean_before = self._task_mean"),
+    Mutant("outer-alignment-after-taken-before-the-step", "metasam/meta/learner.py",
+           "out.update(aligned, outer_cos_after=self.outer_alignment(batch, val_batch))",
+           "out.update(aligned, outer_cos_after=aligned['outer_cos_before'])"),
 ]
 
 

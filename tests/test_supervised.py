@@ -83,3 +83,17 @@ def test_bad_config_values_raise_config_error():
 def test_non_finite_or_out_of_range_hyperparameters_name_their_flag(field, value, flag):
     with pytest.raises(ConfigError, match=flag):
         SupervisedConfig(**{field: value})
+
+
+@pytest.mark.parametrize("optimizer, flags, named", [
+    ("sgd", ["--rho1", "0.1"], "--rho1"),
+    ("sam", ["--beta", "0.5"], "--beta"),
+    ("asam", ["--rho2", "0.1"], "--rho2"),
+    ("agnostic-sam", ["--eta", "0.1", "--asam-scope", "weights"], "--asam-scope, --eta"),
+])
+def test_cli_refuses_hyperparameters_its_optimizer_does_not_use(optimizer, flags, named, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["supervised", "--optimizer", optimizer, *flags, "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"does not use {named}" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

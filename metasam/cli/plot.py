@@ -11,7 +11,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="training curves of one or several runs on one PNG")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="curves.png")
-    p.add_argument("--alignment", action="store_true", help="plot cos(g_S, g_V) instead (Agnostic-SAM runs)")
+    p.add_argument("--alignment", action="store_true", help="plot cos(g_S, g_V) before and after each logged update instead (runs trained with --alignment-every N)")
 
 
 def run(args: argparse.Namespace) -> int:

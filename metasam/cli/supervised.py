@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from metasam.train.supervised import DATASETS, OPTIMIZERS, SupervisedConfig, train_supervised
+from metasam.errors import ConfigError
+from metasam.optim.sam import ASAM_SCOPES
+from metasam.train.supervised import DATASETS, OPTIMIZER_PARAMS, OPTIMIZERS, SHARPNESS_PARAMS, SupervisedConfig, train_supervised
 from metasam.train.precision import TF32_HELP
 
 
@@ -26,10 +28,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--rho1", "--rho", dest="rho1", type=float, default=None, help="SAM/ASAM radius rho, Agnostic-SAM's rho1")
+    p.add_argument("--rho1", "--rho", dest="rho1", type=float, default=None,
+                   help="SAM/ASAM radius rho, Agnostic-SAM's rho1 (default 0.05; 0.5 for the adaptive variants)")
     p.add_argument("--rho2", type=float, default=None, help="Agnostic-SAM's descent radius rho2 (default rho1/2)")
-    p.add_argument("--beta", type=float, default=0.9, help="momentum of Agnostic-SAM's validation gradient")
-    p.add_argument("--eta", type=float, default=0.01, help="ASAM's eta in T = |theta| + eta")
+    p.add_argument("--beta", type=float, default=None, help="momentum of Agnostic-SAM's validation gradient (default 0.9)")
+    p.add_argument("--eta", type=float, default=None, help="ASAM's eta in T = |theta| + eta (default 0.01)")
+    p.add_argument("--asam-scope", choices=ASAM_SCOPES, default=None,
+                   help="the tensors ASAM's T scales: all (default, the ASAM paper) or weights (the ASAM authors' code)")
+    p.add_argument("--alignment-every", type=int, default=0, metavar="N",
+                   help="every N steps log cos(g_S, g_V) before and after the update (two to four more passes "
+                   "per logged step); 0 logs none (default). `metasam plot --alignment` draws them")
     p.add_argument("--data-root", default="data", help="folder holding CIFAR (digits needs none)")
     p.add_argument("--download", action="store_true", help="download CIFAR (needs a network)")
     p.add_argument("--device", default="cpu")
@@ -39,14 +47,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    given = {name: getattr(args, name) for name in SHARPNESS_PARAMS if getattr(args, name) is not None}
+    unused = sorted(set(given) - set(OPTIMIZER_PARAMS[args.optimizer]))
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        takes = ", ".join("--" + name.replace("_", "-") for name in OPTIMIZER_PARAMS[args.optimizer]) or "none of them"
+        raise ConfigError(f"--optimizer {args.optimizer} does not use {flags} (it takes {takes}); drop them or choose "
+                          "the optimizer that uses them")
     cfg = SupervisedConfig(
         dataset=args.dataset, optimizer=args.optimizer, label_noise=args.label_noise, seed=args.seed,
         epochs=args.epochs, batch_size=args.batch_size, val_batch_size=args.val_batch_size, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, rho1=args.rho1, rho2=args.rho2,
-        beta=args.beta, eta=args.eta, data_root=args.data_root, download=args.download, device=args.device,
-        tf32=args.tf32,
+        momentum=args.momentum, weight_decay=args.weight_decay, alignment_every=args.alignment_every,
+        data_root=args.data_root, download=args.download, device=args.device, tf32=args.tf32, **given,
     )
     result = train_supervised(cfg, out_dir=args.out, progress=not args.no_progress)
-    summary = {k: v for k, v in result.items() if k != "history"}
+    summary = {k: v for k, v in result.items() if k not in ("history", "alignment")}
     print(json.dumps(summary, indent=2))
     return 0

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metasam.checkpoint import load_checkpoint, state_dict_mismatch
+from metasam.core import cosine_similarity
 from metasam.data.episodes import TaskBatch
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError
 from metasam.meta.distributed import Reducer
@@ -233,11 +234,11 @@ class MetaLearner:
 
     def _adapt_values(
         self, theta: Sequence[Tensor], sx: Tensor, sy: Tensor, steps: int, rule: Rule, first_order: bool,
-        grad_of: GradMaker = grad,
+        grad_of: GradMaker = grad, visit: Callable[[list[Tensor], list[Tensor]], None] | None = None,
     ) -> list[Tensor]:
         """φ_K from φ_0 = θ by K steps φ ← φ − α·d of ``rule`` on the support loss. ``grad_of`` turns a loss
         function into its gradient function: ``torch.func.grad`` (composes with vmap, jvp) or
-        :func:`autograd_grad` (the loop path)."""
+        :func:`autograd_grad` (the loop path). ``visit(φ_{k−1}, φ_k)`` is called after each step."""
         grad_s = grad_of(lambda v: self._loss(v, sx, sy))
         grad_v = None
         if self.val_view is not None and rule.name == "agnostic":
@@ -247,7 +248,9 @@ class MetaLearner:
         for _ in range(steps):
             base = [p.detach() for p in phi] if first_order else phi
             d, state, _ = rule.direction(grad_s, base, state, grad_v)
-            phi = [p - self.inner_lr * g for p, g in zip(phi, d)]
+            previous, phi = phi, [p - self.inner_lr * g for p, g in zip(phi, d)]
+            if visit is not None:
+                visit(previous, phi)
         return phi
 
     def _task_loss(self, theta, sx, sy, qx, qy, grad_of: GradMaker = grad):
@@ -347,13 +350,27 @@ class MetaLearner:
         return direction, state, {**metrics, **{f"outer_{k}": v for k, v in stats.items()}}
 
     def meta_step(
-        self, batch: Sequence[Tensor], val_batch: Sequence[Tensor] | None = None, pre_adaptation: bool = True
+        self, batch: Sequence[Tensor], val_batch: Sequence[Tensor] | None = None, pre_adaptation: bool = True,
+        alignment: bool = False,
     ) -> dict[str, float]:
         """One outer step on ``batch``; returns metrics (query loss / accuracy after adaptation and,
         with ``pre_adaptation``, before it; meta-gradient norm; cos(g_S, g_V) where the agnostic outer
         rule runs). ``pre_adaptation=False`` skips the extra forward pass over every query set that the
-        "before" metrics cost (about a fifth of a second-order MAML step)."""
+        "before" metrics cost (about a fifth of a second-order MAML step).
+
+        ``alignment=True`` adds the gradient alignment before and after the update, on the same batches:
+        ``outer_cos_before`` / ``outer_cos_after`` (:meth:`outer_alignment` at θ and at the new θ, on
+        ``batch`` and ``val_batch``, which it then needs whatever the outer rule) and ``inner_cos_before``
+        / ``inner_cos_after`` (:meth:`inner_alignment`). It costs four more meta-gradients and the inner
+        diagnostic's passes: a diagnostic to take every few steps, not at every one."""
         batch = as_task_batch(batch)
+        aligned = {}
+        if alignment:
+            if val_batch is None:
+                raise ConfigError("meta_step(alignment=True) needs val_batch=, the validation meta-batch g_V is taken on")
+            inner = self.inner_alignment(batch)
+            aligned = {"outer_cos_before": self.outer_alignment(batch, val_batch),
+                       "inner_cos_before": inner[0], "inner_cos_after": inner[1]}
         direction, state, metrics = self._outer_direction(batch, val_batch)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in direction]))
         if not (torch.isfinite(norm) and torch.isfinite(metrics["query_loss"])):
@@ -371,7 +388,37 @@ class MetaLearner:
         out = {k: float(v) for k, v in metrics.items()}
         out.update(before)
         out["meta_grad_norm"] = float(norm)
+        if alignment:
+            out.update(aligned, outer_cos_after=self.outer_alignment(batch, val_batch))
         return out
+
+    def outer_alignment(self, batch: Sequence[Tensor], val_batch: Sequence[Tensor]) -> float:
+        """cos(∇L_meta(θ; batch), ∇L_meta(θ; val_batch)) at the current θ: the seed paper's alignment of
+        training and validation gradients (its §5.1), at the outer level. Costs two meta-gradients."""
+        theta = [self.params[n].detach() for n in self.names]
+        g_s, g_v = (self._meta_grad(theta, as_task_batch(b))[0] for b in (batch, val_batch))
+        return float(cosine_similarity(g_s, g_v))
+
+    def inner_alignment(self, batch: Sequence[Tensor]) -> tuple[float, float]:
+        """The same alignment at the inner level, before and after each inner step: the means over the tasks
+        of ``batch`` and the steps k = 1..K of cos(∇L_s(φ_{k−1}), ∇L_q(φ_{k−1})) and cos(∇L_s(φ_k), ∇L_q(φ_k)),
+        φ_k from the inner rule (first order: the same fast weights). g_V is the query set's gradient (its
+        labels are known while meta-training): the inner rule's own validation view duplicates the support
+        set, where the cosine is 1 by construction."""
+        theta = [self.params[n].detach() for n in self.names]
+        grad_of = autograd_grad(create_graph=False)
+        before, after = [], []
+        for sx, sy, qx, qy in zip(*as_task_batch(batch)):
+            grad_s, grad_q = grad_of(lambda v: self._loss(v, sx, sy)), grad_of(lambda v: self._loss(v, qx, qy))
+
+            def visit(previous: list[Tensor], phi: list[Tensor]) -> None:
+                before.append(cosine_similarity(grad_s(previous), grad_q(previous)))
+                after.append(cosine_similarity(grad_s(phi), grad_q(phi)))
+
+            with torch.no_grad():
+                self._adapt_values(theta, sx, sy, self.inner_steps, self.inner_rule, True, grad_of, visit)
+        mean_before, mean_after = self._task_mean([sum(before), sum(after)], len(before))
+        return float(mean_before), float(mean_after)
 
     def _nonfinite_error(self, query_loss: Tensor, direction: Sequence[Tensor]) -> NonFiniteError:
         """Name the first non-finite tensor of the step (the query loss, else a parameter's meta-gradient)

@@ -19,18 +19,29 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from metasam.checkpoint import save_atomic
+from metasam.analysis.alignment import gradient_cosine
+from metasam.checkpoint import save_atomic, write_text_atomic
 from metasam.core import check_nonnegative
 from metasam.data.label_noise import symmetric_label_noise
 from metasam.data.supervised import SupervisedSplits, load_cifar_splits, load_digits_splits
 from metasam.errors import ConfigError
 from metasam.models import DigitsCNN, resnet18_cifar
 from metasam.optim import SAM, AgnosticSAM
+from metasam.optim.sam import ASAM_SCOPES
 from metasam.train.precision import use_tf32
 
 OPTIMIZERS = ("sgd", "sam", "asam", "agnostic-sam", "agnostic-asam")
 DATASETS = ("digits", "cifar10", "cifar100")
 DEFAULT_RHO1 = {"sgd": 0.0, "sam": 0.05, "asam": 0.5, "agnostic-sam": 0.05, "agnostic-asam": 0.5}
+SHARPNESS_PARAMS = ("rho1", "rho2", "beta", "eta", "asam_scope")
+OPTIMIZER_PARAMS = {
+    "sgd": (),
+    "sam": ("rho1",),
+    "asam": ("rho1", "eta", "asam_scope"),
+    "agnostic-sam": ("rho1", "rho2", "beta"),
+    "agnostic-asam": SHARPNESS_PARAMS,
+}
+"""The sharpness hyperparameters (fields of :class:`SupervisedConfig`) each optimizer uses; the CLI refuses the others."""
 
 
 @dataclass
@@ -39,6 +50,9 @@ class SupervisedConfig:
 
     ``rho1`` is ρ of SAM/ASAM and ρ1 of Agnostic-SAM/ASAM (None: 0.05, or 0.5 for the adaptive
     variants); ``rho2`` is Agnostic-SAM's ρ2 (None: ρ1 / 2). ``val_batch_size`` is the size of B_V.
+    ``asam_scope``: the tensors ASAM's T = |θ| + η scales ("all", or "weights" as the ASAM authors' code).
+    ``alignment_every``: every that many steps, log cos(g_S, g_V) before and after the update on the
+    step's own batches (B_V drawn as Agnostic-SAM draws it, for every optimizer); 0 logs none.
     """
 
     dataset: str = "digits"
@@ -55,6 +69,8 @@ class SupervisedConfig:
     rho2: float | None = None
     beta: float = 0.9
     eta: float = 0.01
+    asam_scope: str = "all"
+    alignment_every: int = 0
     data_root: str = "data"
     download: bool = False
     device: str = "cpu"
@@ -70,6 +86,10 @@ class SupervisedConfig:
         for name in ("epochs", "batch_size", "val_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.alignment_every < 0:
+            raise ConfigError(f"--alignment-every must be >= 0 (0: no alignment log), got {self.alignment_every}")
+        if self.asam_scope not in ASAM_SCOPES:
+            raise ConfigError(f"--asam-scope must be one of {', '.join(ASAM_SCOPES)}, got {self.asam_scope!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
         check_nonnegative(self.weight_decay, "--weight-decay")
@@ -89,12 +109,10 @@ def make_optimizer(cfg: SupervisedConfig, model: nn.Module) -> torch.optim.Optim
     adaptive = cfg.optimizer.endswith("asam")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), **base)
+    sharpness = dict(adaptive=adaptive, eta=cfg.eta, asam_scope=cfg.asam_scope, model=model, **base)
     if cfg.optimizer in ("sam", "asam"):
-        return SAM(model.parameters(), torch.optim.SGD, rho=cfg.rho1, adaptive=adaptive, eta=cfg.eta, model=model, **base)
-    return AgnosticSAM(
-        model.parameters(), torch.optim.SGD, rho1=cfg.rho1, rho2=cfg.rho2, beta=cfg.beta,
-        adaptive=adaptive, eta=cfg.eta, model=model, **base,
-    )
+        return SAM(model.parameters(), torch.optim.SGD, rho=cfg.rho1, **sharpness)
+    return AgnosticSAM(model.parameters(), torch.optim.SGD, rho1=cfg.rho1, rho2=cfg.rho2, beta=cfg.beta, **sharpness)
 
 
 def load_splits(cfg: SupervisedConfig) -> SupervisedSplits:
@@ -146,8 +164,9 @@ def train_supervised(
 ) -> dict[str, Any]:
     """Train ``cfg``'s model and return the result (test accuracy on clean labels, history, timings).
 
-    With ``out_dir``: writes config.json, metrics.jsonl (one line per epoch), model.pt (final weights)
-    and result.json.
+    With ``out_dir``: writes config.json, metrics.jsonl (one line per epoch, and with ``alignment_every``
+    one per aligned step: ``step``, ``cos_before``, ``cos_after``), model.pt (final weights) and
+    result.json, each atomically.
     ``splits`` lets a caller (a benchmark) reuse loaded data across runs.
     """
     out = Path(out_dir) if out_dir is not None else None
@@ -155,7 +174,7 @@ def train_supervised(
         if (out / "result.json").exists() or (out / "metrics.jsonl").exists():
             raise ConfigError(f"{out} already holds a run (result.json / metrics.jsonl); choose another --out folder")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_text_atomic(json.dumps(asdict(cfg), indent=2), out / "config.json")
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     use_tf32(cfg.tf32)
@@ -171,27 +190,39 @@ def train_supervised(
     gen = torch.Generator().manual_seed(cfg.seed)
     train_batches = _batches(len(x), cfg.batch_size, gen)
     val_batches = _batches(len(x), cfg.val_batch_size, torch.Generator().manual_seed(cfg.seed + 3))
+    diagnostic_gen = torch.Generator().manual_seed(cfg.seed + 4)
     augment = cfg.dataset != "digits"
 
-    def closure_on(idx: Tensor) -> Callable[[], Tensor]:
-        inputs = _augment(x[idx], gen) if augment else x[idx]
+    def loss_on(idx: Tensor, augment_gen: torch.Generator) -> Callable[[], Tensor]:
+        """The loss of batch ``idx`` (augmented once, here: every call sees the same inputs)."""
+        inputs = _augment(x[idx], augment_gen) if augment else x[idx]
+        return lambda: nn.functional.cross_entropy(model(inputs), y[idx])
 
+    def closure_of(loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
         def closure() -> Tensor:
-            loss = nn.functional.cross_entropy(model(inputs), y[idx])
+            loss = loss_fn()
             loss.backward()
             return loss
 
         return closure
 
-    history, step_seconds = [], 0.0
+    history, alignment, step_seconds = [], [], 0.0
     bar = tqdm(range(cfg.epochs), desc=f"{cfg.optimizer} noise={cfg.label_noise}", disable=not progress, unit="epoch")
     for epoch in bar:
-        losses, cosines = [], []
-        for _ in range(steps_per_epoch):
-            closure = closure_on(next(train_batches))
+        losses, cosines, aligned = [], [], []
+        for step in range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1):
+            train_loss = loss_on(next(train_batches), gen)
+            closure = closure_of(train_loss)
+            aligned_step = cfg.alignment_every > 0 and step % cfg.alignment_every == 0
+            val_loss = None
+            if isinstance(opt, AgnosticSAM):
+                val_loss = loss_on(next(val_batches), gen)
+            elif aligned_step:  # B_V for the diagnostic alone: its own random streams, so training runs as without it
+                val_loss = loss_on(next(val_batches), diagnostic_gen)
+            cos_before = gradient_cosine(model, train_loss, val_loss) if aligned_step else None
             start = time.perf_counter()
             if isinstance(opt, AgnosticSAM):
-                loss = opt.step(closure, closure_on(next(val_batches)))
+                loss = opt.step(closure, closure_of(val_loss))
                 cosines.append(opt.last_stats["cos_train_val"].item())
             elif isinstance(opt, SAM):
                 loss = opt.step(closure)
@@ -204,6 +235,8 @@ def train_supervised(
             sched.step()
             step_seconds += time.perf_counter() - start
             losses.append(loss.item())
+            if cos_before is not None:
+                aligned.append({"step": step, "cos_before": cos_before, "cos_after": gradient_cosine(model, train_loss, val_loss)})
         record = {
             "epoch": epoch + 1,
             "train_loss": sum(losses) / len(losses),
@@ -213,10 +246,11 @@ def train_supervised(
         if cosines:
             record["cos_train_val"] = sum(cosines) / len(cosines)
         history.append(record)
+        alignment.extend(aligned)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", test=f"{record['test_acc']:.3f}")
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write("".join(json.dumps(r) + "\n" for r in [*aligned, record]))
     steps = cfg.epochs * steps_per_epoch
     result = {
         "config": asdict(cfg),
@@ -226,10 +260,11 @@ def train_supervised(
         "seconds_per_step": step_seconds / steps,
         "steps": steps,
         "history": history,
+        "alignment": alignment,
     }
     if not math.isfinite(result["train_loss"]):
         raise ConfigError("training ended with a non-finite loss; lower --lr or the radius")
     if out is not None:
         save_atomic(model.state_dict(), out / "model.pt")
-        (out / "result.json").write_text(json.dumps(result, indent=2))
+        write_text_atomic(json.dumps(result, indent=2), out / "result.json")
     return result

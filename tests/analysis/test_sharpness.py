@@ -120,6 +120,7 @@ def test_plots_are_nonempty_pngs_of_the_requested_size(tmp_path):
         run = tmp_path / name
         run.mkdir()
         lines = [{"epoch": e, "train_loss": 1.0 / e, "test_acc": 0.5 + offset, "cos_train_val": 0.1 * e + offset} for e in (1, 2, 3)]
+        lines += [{"step": s, "cos_before": 0.1 * s + offset, "cos_after": 0.12 * s + offset} for s in (1, 2, 3)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         runs.append(run)
     size, shades = _png(plot_runs(runs, tmp_path / "curves.png", size=(900, 300)))
@@ -132,7 +133,8 @@ def test_analyze_and_plot_commands_on_a_supervised_run(tmp_path, capsys):
     from metasam.cli.main import main
 
     run = tmp_path / "digits"
-    assert main(["supervised", "--optimizer", "agnostic-sam", "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    assert main(["supervised", "--optimizer", "agnostic-sam", "--epochs", "1", "--alignment-every", "5", "--out", str(run),
+                 "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["analyze", str(run), "--hessian", "--landscape", "--k", "2", "--steps", "3"]) == 0
     result = json.loads((run / "analysis.json").read_text())

@@ -177,3 +177,44 @@ def test_three_outer_sgd_steps_equal_the_reference_and_carry_the_outer_momentum(
         assert_close([p.detach() for p in learner.model.parameters()], theta, f"{case} after outer step {step + 1}")
         if m is not None:
             assert_close(learner.outer_momentum, m, f"{case}: outer momentum after step {step + 1}")
+
+
+def cos(a, b):
+    return float(sum((x * y).sum() for x, y in zip(a, b)) / (ref.norm(a) * ref.norm(b) + ref.EPS))
+
+
+@pytest.mark.parametrize("algo", ["maml", "agnostic-sam-both"])
+def test_alignment_before_and_after_the_update_equals_the_reference(algo):
+    """meta_step(alignment=True): the outer cos(∇L_meta(B), ∇L_meta(B_V)) at θ_t and at θ_{t+1}, and the inner
+    cos(∇L_s, ∇L_q) at φ_{k−1} and at φ_k averaged over steps and tasks, all on the step's own batches."""
+    inner_kind, outer_kind, _ = PRESETS[algo]
+    inner, outer = INNER[inner_kind], OUTER[outer_kind]
+    lr = 0.5
+    learner = learner_for(inner, outer, False, "loop", lr=lr)
+    batch, val = tasks(30), tasks(31)
+    theta = [p.detach().clone() for p in learner.model.parameters()]
+
+    def outer_cos(at):
+        g = [ref.grad(lambda w, b=b: ref.meta_loss(w, b, inner, STEPS, ALPHA, False), at, False) for b in (batch, val)]
+        return cos(*g)
+
+    before, after = [], []
+    for t in range(2):
+        phi, m = theta, None
+        sx, sy, qx, qy = (x[t] for x in batch)
+        for _ in range(STEPS):
+            cos_at = lambda w: cos(ref.grad(lambda v: ref.ce(v, sx, sy), w, False), ref.grad(lambda v: ref.ce(v, qx, qy), w, False))  # noqa: E731
+            before.append(cos_at(phi))
+            d, m = ref.rule_direction(inner, lambda v: ref.ce(v, sx, sy), None, phi, m, create_graph=False)
+            phi = [p - ALPHA * di for p, di in zip(phi, d)]
+            after.append(cos_at(phi))
+    expected_before = outer_cos(theta)
+    d, _ = ref.outer_direction(theta, batch, val, inner, outer, STEPS, ALPHA, False, None)
+    expected_after = outer_cos([t - lr * di for t, di in zip(theta, d)])
+
+    metrics = learner.meta_step(batch, val, pre_adaptation=False, alignment=True)
+    assert metrics["outer_cos_before"] == pytest.approx(expected_before, rel=1e-10)
+    assert metrics["outer_cos_after"] == pytest.approx(expected_after, rel=1e-10)
+    assert metrics["inner_cos_before"] == pytest.approx(sum(before) / len(before), rel=1e-10)
+    assert metrics["inner_cos_after"] == pytest.approx(sum(after) / len(after), rel=1e-10)
+    assert abs(expected_after - expected_before) > 1e-3 and abs(sum(after) - sum(before)) > 1e-3  # the test can tell them apart
