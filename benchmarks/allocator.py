@@ -6,7 +6,7 @@ memory kept), in alternating order, and reports the median step rate each arm re
 ``tasks_per_s``, first two steps skipped), their ratio per round, and the page faults and system CPU
 time of each process per task trained.
 
-    PYTHONPATH=. python benchmarks/allocator.py --dataset omniglot --data-root ../shared/data \
+    PYTHONPATH=. python benchmarks/allocator.py --dataset omniglot --data-root DATA \
         --train-split images_background_small1 \
         --test-split "images_background_small2:Japanese_(katakana),Sanskrit,Tagalog" [--rounds 3]
     PYTHONPATH=. python benchmarks/allocator.py          # the synthetic glyph set, offline

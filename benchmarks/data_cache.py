@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/data_cache.py [--omniglot FOLDER] [--repeats 3]
 
 Uses a fresh temporary cache folder, so it never touches ~/.cache/metasam. Omniglot is skipped when its
-files are not found (default: $METASAM_DATA or <repo>/../shared/data/omniglot, the two small subsets).
+files are not found (default: $METASAM_DATA, else ./data; the folder holding omniglot/ with the two small subsets).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def timed(make, repeats: int) -> tuple[float, float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default = Path(os.environ["METASAM_DATA"]) if "METASAM_DATA" in os.environ else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    default = Path(os.environ.get("METASAM_DATA", "data"))
     parser.add_argument("--omniglot", type=Path, default=default)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

@@ -1,8 +1,8 @@
 """Meta-training throughput: metasam against the libraries researchers use, in the same process.
 
 Every implementation trains the same Conv4 function (same initial weights) on the same pre-loaded
-episodes of the shared Omniglot data (``images_background_small1``; ``--dataset glyphs`` runs offline
-anywhere):
+episodes of Omniglot's small subset ``images_background_small1`` (in ``--data-root``/omniglot, default
+``$METASAM_DATA``; ``--dataset glyphs`` runs offline anywhere):
 
 * metasam: maml, fomaml, sharp-maml-low, agnostic-sam, sharp-maml-up, agnostic-sam-both at the first
   setting (the overhead of each rule; agnostic-sam-both also with a validation meta-batch of a quarter
@@ -77,7 +77,7 @@ RULES = {  # the radii of the Omniglot runs (docs/results/omniglot_small.md); co
     "sharp-maml-up": {"outer_rho": 0.05},
     "agnostic-sam-both": {"inner_rho1": 0.05, "inner_rho2": 0.025, "outer_rho1": 0.05, "outer_rho2": 0.025},
 }
-INNER_LR = {5: 0.4, 20: 0.1}  # ALGORITHMS.md §2 standard settings
+INNER_LR = {5: 0.4, 20: 0.1}  # the standard settings of docs/algorithms.md §3
 MAX_RELATIVE_ERROR = 1e-3  # float32 rounding gives 2e-5 (5-way) to 5e-4 (20-way, meta-batch 16) here, baselines alike
 
 
@@ -548,7 +548,7 @@ def machine(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_root = os.environ.get("METASAM_DATA") or str(Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    default_root = os.environ.get("METASAM_DATA", "data")
     parser.add_argument("--dataset", choices=("omniglot", "glyphs"), default="omniglot")
     parser.add_argument("--data-root", default=default_root)
     parser.add_argument("--settings", default="5:16,5:32,20:16", help="ways:meta-batch, comma separated")

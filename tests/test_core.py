@@ -1,4 +1,4 @@
-"""The perturbation functions against hand computations (ALGORITHMS.md §1)."""
+"""The perturbation functions against hand computations (docs/algorithms.md §1)."""
 
 import math
 

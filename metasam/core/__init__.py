@@ -1,4 +1,4 @@
-"""Pure functions of the sharpness optimizer core (one place for the math of ALGORITHMS.md §1)."""
+"""Pure functions of the sharpness optimizer core (one place for the math of docs/algorithms.md §1)."""
 
 from metasam.core.perturbation import (
     EPS,

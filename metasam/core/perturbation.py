@@ -7,7 +7,7 @@ Every function is pure: it takes sequences of tensors (one per parameter, in a f
 new tensors, writes nothing in place and keeps no state. Built from differentiable torch operations,
 so a second-order meta-gradient can flow through a perturbation when the caller wants it to.
 
-Notation (``ALGORITHMS.md`` §1): θ the parameters, g a gradient, ‖·‖ the global L2 norm over all
+Notation (docs/algorithms.md §1): θ the parameters, g a gradient, ‖·‖ the global L2 norm over all
 parameters together, unit(g) = g / (‖g‖ + 1e-12), T = |θ| + η element-wise (ASAM's scale operator).
 """
 
@@ -39,7 +39,7 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 
 def cosine_similarity(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """cos(a, b) = ⟨a, b⟩ / (‖a‖ ‖b‖ + 1e-12): the alignment statistic of ALGORITHMS.md §4."""
+    """cos(a, b) = ⟨a, b⟩ / (‖a‖ ‖b‖ + 1e-12): the alignment statistic of docs/algorithms.md §4."""
     return dot(a, b) / (global_norm(a) * global_norm(b) + EPS)
 
 

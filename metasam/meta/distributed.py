@@ -1,4 +1,4 @@
-"""Sharing a meta-batch between processes: the reductions the bilevel learner needs (ALGORITHMS.md §2).
+"""Sharing a meta-batch between processes: the reductions the bilevel learner needs (docs/algorithms.md §3).
 
 With the T tasks of a meta-batch split over W processes, process r holding the tasks S_r with
 τ ≡ r (mod W), the meta-gradient is a sum of per-process sums divided by a sum of per-process counts:

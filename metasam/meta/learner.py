@@ -3,7 +3,7 @@
 Parameters are a dict (name → tensor) and the model runs through ``torch.func.functional_call``; the
 inner loop differentiates the support loss with a graph kept (``torch.autograd.grad(create_graph=True)``
 on the loop path, ``torch.func.grad`` under vmap), so a second-order meta-gradient is the plain gradient
-of the post-adaptation query loss (ALGORITHMS.md §2):
+of the post-adaptation query loss (docs/algorithms.md §3):
 
     φ_0 = θ;  φ_k = φ_{k−1} − α · d_k  (d_k from the inner rule on the support loss L_s)
     L_meta(θ) = (1/T) Σ_τ L_q^τ(φ_K^τ(θ));  the outer rule turns ∇L_meta into the outer optimizer's input.

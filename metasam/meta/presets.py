@@ -1,4 +1,4 @@
-"""Named algorithms as data: (inner rule, outer rule, first order) — ALGORITHMS.md §2's preset table."""
+"""Named algorithms as data: (inner rule, outer rule, first order) — the preset table of docs/algorithms.md §3."""
 
 from __future__ import annotations
 

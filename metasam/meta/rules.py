@@ -1,4 +1,4 @@
-"""Update rules shared by both levels of the bilevel loop (ALGORITHMS.md §2).
+"""Update rules shared by both levels of the bilevel loop (docs/algorithms.md §3).
 
 A rule turns a gradient function into an update direction d:
 
