@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,8 @@ def loss_landscape(
     """(alphas [steps], betas [steps], losses [steps, steps]) with
     losses[i, j] = L(θ + alphas[i]·d1 + betas[j]·d2), alphas = betas = linspace(−span, span, steps),
     d1, d2 filter-normalised directions seeded by ``seed`` and ``seed + 1``."""
-    if steps < 2 or not span > 0:
-        raise ConfigError(f"need steps >= 2 and span > 0, got steps={steps}, span={span}")
+    if steps < 2 or not 0 < span < math.inf:
+        raise ConfigError(f"need steps >= 2 and a finite span > 0, got steps={steps}, span={span}")
     theta = {n: p.detach() for n, p in params.items()}
     d1, d2 = filter_normalized_direction(theta, seed), filter_normalized_direction(theta, seed + 1)
     alphas = np.linspace(-span, span, steps)

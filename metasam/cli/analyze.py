@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from metasam.train.analyze import analyze_run
+from metasam.train.analyze import MAX_EIGENVALUES, analyze_run
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,9 +14,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "Meta runs: the best checkpoint's loss over validation tasks; supervised runs: the final "
                        "model's training loss.")
     p.add_argument("run_dir")
-    p.add_argument("--hessian", action="store_true", help="top-k eigenvalues (Lanczos on Hessian-vector products)")
+    p.add_argument("--hessian", action="store_true",
+                   help="top-k eigenvalues (Lanczos on Hessian-vector products); without --hessian or --landscape: both")
     p.add_argument("--landscape", action="store_true", help="loss on a grid along two filter-normalised directions")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--k", type=int, default=5, help=f"eigenvalues to compute, at most {MAX_EIGENVALUES}")
     p.add_argument("--tasks", type=int, default=20, help="meta runs: validation tasks the loss averages over")
     p.add_argument("--loss", choices=("query", "support"), default="query",
                    help="meta runs: post-adaptation query loss, or the support loss at θ")
@@ -26,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = analyze_run(args.run_dir, args.hessian, args.landscape, k=args.k, tasks=args.tasks, kind=args.loss,
+    both = not (args.hessian or args.landscape)
+    result = analyze_run(args.run_dir, args.hessian or both, args.landscape or both, k=args.k, tasks=args.tasks, kind=args.loss,
                          steps=args.steps, span=args.span, seed=args.seed)
     summary = {k: v for k, v in result.items() if k != "landscape"}
     if "landscape" in result:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from metasam.analysis import hessian_eigenvalues, loss_landscape, meta_loss_fn, model_loss_fn, plot_landscape
-from metasam.checkpoint import load_checkpoint
+from metasam.checkpoint import load_checkpoint, write_text_atomic
 from metasam.data import TaskSet
 from metasam.data.label_noise import symmetric_label_noise
-from metasam.errors import ConfigError
+from metasam.errors import CheckpointError, ConfigError, NonFiniteError
 from metasam.meta import MetaLearner
 from metasam.train.config import MetaTrainConfig
+from metasam.train.evaluation import check_finite_weights
 from metasam.train.splits import load_splits as load_meta_splits
 from metasam.train.supervised import SupervisedConfig, load_splits, make_model
 
@@ -20,6 +24,7 @@ from metasam.train.supervised import SupervisedConfig, load_splits, make_model
 def _meta_loss(run_dir: Path, tasks: int, kind: str):
     cfg = MetaTrainConfig.load(run_dir)
     learner = MetaLearner.load(run_dir, which="best")
+    check_finite_weights(learner.model.state_dict(), run_dir / "best.pt")
     _, val_ds, _ = load_meta_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, None, cfg.image_size)
     val = TaskSet.load(run_dir / "val_tasks.json", val_ds)
     chosen = [val[i] for i in range(min(tasks, len(val)))]
@@ -34,7 +39,9 @@ def _supervised_loss(run_dir: Path):
     cfg = SupervisedConfig(**data)
     splits = load_splits(cfg)
     model = make_model(cfg, splits.num_classes)
-    model.load_state_dict(load_checkpoint(run_dir / "model.pt"))
+    state = load_checkpoint(run_dir / "model.pt")
+    check_finite_weights(state, run_dir / "model.pt")
+    model.load_state_dict(state)
     model.eval()  # running BatchNorm statistics, as at test time
     x, y_clean = splits.train
     y = symmetric_label_noise(y_clean, cfg.label_noise, splits.num_classes, seed=cfg.seed + 1)
@@ -42,27 +49,60 @@ def _supervised_loss(run_dir: Path):
     return model_loss_fn(model, (x, y)), params, f"training loss (noisy labels) over {len(x)} images, eval-mode BatchNorm"
 
 
+MAX_EIGENVALUES = 100
+"""Lanczos finds the top few eigenvalues; its memory grows with k times the parameter count."""
+MAX_STEPS = 201
+"""Landscape grid points per axis: steps² loss evaluations."""
+
+
+def check_options(k: int, tasks: int, steps: int, span: float, seed: int) -> None:
+    """Raise :class:`ConfigError` naming the first flag of ``metasam analyze`` out of range (before any loading)."""
+    for flag, value, low, high in (("k", k, 1, MAX_EIGENVALUES), ("tasks", tasks, 1, None), ("steps", steps, 2, MAX_STEPS),
+                                   ("seed", seed, 0, None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ConfigError(f"--{flag} must be an int {bound}, got {value!r}")
+    if not isinstance(span, (int, float)) or not 0 < span < math.inf:
+        raise ConfigError(f"--span must be a finite number > 0, got {span!r}")
+
+
+def check_finite(what: str, values: np.ndarray, remedy: str) -> None:
+    """Raise :class:`NonFiniteError` when ``values`` (``what`` in the message) hold NaN or Inf."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise NonFiniteError(f"{what} is not finite ({int(bad.sum())} of {bad.size} values NaN/Inf); {remedy}", tensor=what)
+
+
 def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = True, k: int = 5, tasks: int = 20,
                 kind: str = "query", steps: int = 21, span: float = 1.0, seed: int = 0,
                 progress: bool = True) -> dict[str, Any]:
     """Top-k Hessian eigenvalues and/or a 2-D landscape of a run's loss; writes ``analysis.json`` and
-    ``landscape_contour.png`` / ``landscape_surface.png`` into the run folder."""
+    ``landscape_contour.png`` / ``landscape_surface.png`` into the run folder. Non-finite weights, losses or
+    eigenvalues raise :class:`NonFiniteError` (nothing is written)."""
     run_dir = Path(run_dir)
     if not (hessian or landscape):
         raise ConfigError("nothing to do: pass --hessian and/or --landscape")
+    check_options(k, tasks, steps, span, seed)
     config = run_dir / "config.json"
     if not config.is_file():
         raise ConfigError(f"{config} does not exist: not a metasam run folder")
-    is_meta = "algo" in json.loads(config.read_text())
+    try:
+        is_meta = "algo" in json.loads(config.read_text())
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config} is not a JSON object ({exc}); restore it from a copy of the run folder") from exc
     loss_fn, params, what = _meta_loss(run_dir, tasks, kind) if is_meta else _supervised_loss(run_dir)
-    result: dict[str, Any] = {"run": str(run_dir), "loss": what, "loss_at_theta": float(loss_fn(params))}
+    at_theta = float(loss_fn(params))
+    check_finite("the loss at θ", np.array(at_theta), "the model's predictions overflow on these tasks")
+    result: dict[str, Any] = {"run": str(run_dir), "loss": what, "loss_at_theta": at_theta}
     if hessian:
-        result["hessian_top_eigenvalues"] = hessian_eigenvalues(loss_fn, params, k=k, seed=seed, progress=progress).tolist()
+        values = hessian_eigenvalues(loss_fn, params, k=k, seed=seed, progress=progress).numpy()
+        check_finite("the Hessian's top eigenvalues", values, "the loss is not twice differentiable here")
+        result["hessian_top_eigenvalues"] = values.tolist()
     if landscape:
         alphas, betas, losses = loss_landscape(loss_fn, params, steps=steps, span=span, seed=seed, progress=progress)
+        check_finite("the loss landscape", losses, f"the loss overflows within --span {span}: try a smaller --span")
         paths = plot_landscape(alphas, betas, losses, run_dir / "landscape", title=run_dir.name)
         result["landscape"] = {"alphas": alphas.tolist(), "betas": betas.tolist(), "losses": losses.tolist(),
                                "plots": [str(p) for p in paths], "seed": seed, "span": span}
-    (run_dir / "analysis.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(json.dumps(result, indent=2, allow_nan=False), run_dir / "analysis.json")
     return result
-

@@ -104,3 +104,18 @@ def test_an_image_cache_on_a_real_full_disk_is_a_warning(tmp_path, tmpfs):
     with pytest.warns(UserWarning, match=r"cannot write the image cache .*no space left on device.*continuing without it"):
         ds = Omniglot(tmp_path / "data", cache_dir=cache / "metasam")
     assert len(ds) > 0 and not list((cache / "metasam").glob("*.pt"))
+
+
+def test_an_edited_pixel_in_the_cache_is_caught_and_the_cache_rebuilt(tmp_path):
+    fake_omniglot(tmp_path / "data")
+    cache = tmp_path / "cache"
+    good = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
+    (path,) = cache.iterdir()
+    data = bytearray(path.read_bytes())
+    at = data.find(good.images[5].reshape(-1)[:64].numpy().tobytes())  # the stored pixels of image 5
+    assert at > 0
+    data[at + 40] ^= 0xFF  # same size, one pixel changed: the file still loads
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"unreadable cache file .*fails its content check"):
+        again = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
+    assert torch.equal(good.images, again.images)
