@@ -20,7 +20,7 @@ def open_image(source: bytes | str | os.PathLike, name: str) -> Image.Image:
         img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source))
         img.load()
         return img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(
             f"cannot decode image file {name}: {exc}. Replace or delete the file (it is corrupt or not an image)."
         ) from exc
@@ -41,3 +41,9 @@ def to_array(img: Image.Image, mode: str, size: int | None, resample: Image.Resa
 
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def is_special(path: Path) -> bool:
+    """A FIFO, socket or device (neither a regular file nor a folder): reading one can block forever, so
+    the datasets skip them."""
+    return path.exists() and not path.is_file() and not path.is_dir()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metasam.data._decode import is_image_name, open_image
+from metasam.data._decode import is_image_name, is_special, open_image
 from metasam.errors import DatasetError
 
 
@@ -45,7 +45,8 @@ def decode_items(items: Iterable[Item], convert: Callable[[Image.Image], np.ndar
 
 
 def scan_class_folders(root: Path, dataset: str) -> list[Item]:
-    """Items of a class-per-subfolder tree ``root/<class>/<image>``; hidden files are ignored.
+    """Items of a class-per-subfolder tree ``root/<class>/<image>``; hidden files, FIFOs, sockets and devices
+    are ignored.
 
     Raises on a missing root, no class folders, an empty class folder or a non-image file, naming it.
     """
@@ -56,7 +57,7 @@ def scan_class_folders(root: Path, dataset: str) -> list[Item]:
         raise DatasetError(f"{dataset}: {root} has no class subfolders; expected {root}/<class>/<image files>")
     items = []
     for d in class_dirs:
-        files = sorted(f for f in d.iterdir() if not f.name.startswith("."))
+        files = sorted(f for f in d.iterdir() if not f.name.startswith(".") and not is_special(f))
         if not files:
             raise DatasetError(f"{dataset}: class folder {d} is empty; add its images or delete it")
         for f in files:

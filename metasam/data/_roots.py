@@ -17,8 +17,8 @@ def find_root(root: str | os.PathLike | None, dirname: str, dataset: str) -> lis
         env = os.environ.get("METASAM_DATA")
         if not env:
             raise DatasetError(
-                f"{dataset}: no data folder given. Pass root=<folder> or set the METASAM_DATA environment "
-                f"variable to a folder that holds {dirname}/ (see docs/data.md)."
+                f"{dataset}: no data folder given. Pass --data-root <folder> (root=<folder> in Python) or set the METASAM_DATA "
+                f"environment variable to a folder that holds {dirname}/ (see docs/data.md)."
             )
         root = env
     base = Path(root).expanduser()

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from metasam.checkpoint import replace_atomically
 from metasam.data._cache import load_or_build
 from metasam.data._checks import check_flag, check_int, names
-from metasam.data._decode import is_image_name, to_array
+from metasam.data._decode import is_image_name, is_special, to_array
 from metasam.data._files import Item, decode_items
 from metasam.data._rng import StableRandom
 from metasam.data._roots import find_root
@@ -34,6 +34,8 @@ MD5 = {
     "images_background_small1": "e704a628b5459e08445c13499850abc4",
     "images_background_small2": "b75a71a51d3b13f821f212756fe481fd",
 }
+MAX_ENTRY_BYTES = 64 * 2**20
+"""An Omniglot drawing is about 1 KB; a zip entry beyond this is refused before it is read into memory."""
 VINYALS_SIZES = {"train": 1200, "test": None}  # Vinyals et al. 2016: 1200 training characters, the rest (423) test
 _SPLIT_TAG = 0x53504C54  # domain separation: split streams never coincide with episode streams
 
@@ -206,7 +208,7 @@ def _entries(source: Path) -> Iterator[tuple[str, str, str, object]]:
     if source.is_dir():
         for alpha in sorted(p for p in source.iterdir() if p.is_dir()):
             for char in sorted(p for p in alpha.iterdir() if p.is_dir()):
-                files = sorted(f for f in char.iterdir() if not f.name.startswith("."))
+                files = sorted(f for f in char.iterdir() if not f.name.startswith(".") and not is_special(f))
                 yield from _check_char(alpha.name, char.name, [(f.name, f) for f in files], str(char))
         return
     try:
@@ -224,8 +226,19 @@ def _entries(source: Path) -> Iterator[tuple[str, str, str, object]]:
             elif len(parts) == 3 and not info.is_dir() and not parts[2].startswith("."):
                 chars.setdefault((parts[0], parts[1]), []).append((parts[2], info))
         for (alpha, char), files in sorted(chars.items()):
-            files = [(n, archive.read(i)) for n, i in sorted(files, key=lambda t: t[0])]
+            files = [(n, _read_entry(archive, i, source)) for n, i in sorted(files, key=lambda t: t[0])]
             yield from _check_char(alpha, char, files, f"{source}:{alpha}/{char}")
+
+
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, source: Path) -> bytes:
+    """The bytes of one drawing; a damaged entry or one too large for an image names itself."""
+    if info.file_size > MAX_ENTRY_BYTES:
+        raise DatasetError(f"Omniglot: {source}:{info.filename} is {info.file_size / 2**20:.0f} MiB uncompressed, more "
+                           f"than the {MAX_ENTRY_BYTES // 2**20} MiB a drawing may have; remove it from the zip")
+    try:
+        return archive.read(info)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise DatasetError(f"Omniglot: {source}:{info.filename} is damaged ({exc}); download {source.name} again") from exc
 
 
 def _check_char(alpha, char, files, where):

@@ -4,6 +4,7 @@ settings that need no data (types, ranges, the device), so that a bad one fails 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import UnionType
@@ -152,6 +153,20 @@ def _types_of(hint: Any) -> tuple[type, ...]:
         return tuple(t for arg in get_args(hint) for t in _types_of(arg))
     hint = get_origin(hint) or hint
     return (float, int) if hint is float else (hint,)
+
+
+CHANNELS = {"omniglot": 1, "glyphs": 1, "miniimagenet": 3}
+
+
+def check_meta_batch_memory(cfg: MetaTrainConfig, memory: int | None = None) -> None:
+    """Refuse a meta-batch whose float32 images alone would fill more than half of ``memory`` bytes (default:
+    this machine's physical memory); the activations of a step need many times more."""
+    memory = memory or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    images = cfg.meta_batch * cfg.ways * (cfg.shots + cfg.queries) * CHANNELS[cfg.dataset] * cfg.image_size ** 2 * 4
+    if images > memory / 2:
+        raise ConfigError(
+            f"--meta-batch {cfg.meta_batch}: the images of one meta-batch alone take {images / 2**30:.1f} GiB, more than "
+            f"half of this machine's {memory / 2**30:.1f} GiB of memory; lower --meta-batch")
 
 
 DEVICES = ("cpu", "cuda", "mps")

@@ -45,7 +45,7 @@ from metasam.data.episodes import check_episode_shape
 from metasam.errors import CheckpointError, ConfigError, DatasetError, MetaSAMError, NonFiniteError
 from metasam.meta import PRESETS, MetaLearner
 from metasam.models import MODELS
-from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, check_device
+from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, check_device, check_meta_batch_memory
 from metasam.train.distributed import join
 from metasam.train.precision import use_tf32
 from metasam.train.run_folder import RUN_FILES, RunLock, check_new_run_dir
@@ -115,6 +115,7 @@ class MetaTrainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         check_device(cfg.device)
+        check_meta_batch_memory(cfg)
         use_tf32(cfg.tf32)
         self.procs = join(cfg.device, cfg.meta_batch)  # before the model is built: it picks this process's GPU
         if PRESETS[cfg.algo].outer == "agnostic" and cfg.outer_val_tasks < self.procs.world_size:
