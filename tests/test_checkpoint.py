@@ -105,3 +105,11 @@ def test_state_dict_mismatch_names_keys_and_shapes():
     assert "missing b.weight" in text and "unexpected c.weight" in text
     assert "a.weight (16, 3) in the checkpoint vs (8, 3) here" in text
     assert state_dict_mismatch(here, here) == ""
+
+
+def test_a_read_only_folder_is_told_to_be_made_writable_not_to_free_space(tmpfs):
+    folder = tmpfs("1m", read_only=True)
+    with pytest.raises(CheckpointError) as info:
+        write_text_atomic("{}", folder / "config.json")
+    assert str(info.value) == (f"cannot write {folder / 'config.json'}: read-only file system; no earlier config.json "
+                               f"existed. Make {folder} writable (or choose another folder) and try again")
