@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from metasam.train.analyze import MAX_EIGENVALUES, analyze_run
+from metasam.cli.flags import add
+from metasam.train.analyze import MAX_EIGENVALUES, MAX_STEPS, analyze_run
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,18 +14,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Writes analysis.json and landscape_{contour,surface}.png into the run folder. "
                        "Meta runs: the best checkpoint's loss over validation tasks; supervised runs: the final "
                        "model's training loss.")
-    p.add_argument("run_dir")
-    p.add_argument("--hessian", action="store_true",
-                   help="top-k eigenvalues (Lanczos on Hessian-vector products); without --hessian or --landscape: both")
-    p.add_argument("--landscape", action="store_true", help="loss on a grid along two filter-normalised directions")
-    p.add_argument("--k", type=int, default=5, help=f"eigenvalues to compute, at most {MAX_EIGENVALUES}")
-    p.add_argument("--tasks", type=int, default=20, help="meta runs: validation tasks the loss averages over")
-    p.add_argument("--loss", choices=("query", "support"), default="query",
-                   help="meta runs: post-adaptation query loss, or the support loss at θ")
-    p.add_argument("--steps", type=int, default=11, help="landscape grid points per axis")
-    p.add_argument("--span", type=float, default=1.0, help="landscape grid covers [-span, span]²")
-    p.add_argument("--seed", type=int, default=0)
-
+    p.add_argument("run_dir", help="the run folder (metasam train or metasam supervised)")
+    add(p, "--hessian", action="store_true",
+        help="top-k eigenvalues (Lanczos on Hessian-vector products); without --hessian or --landscape: both")
+    add(p, "--landscape", action="store_true", help="loss on a grid along two filter-normalised directions")
+    add(p, "--k", type=int, default=5, help=f"eigenvalues to compute, at most {MAX_EIGENVALUES}")
+    add(p, "--tasks", type=int, default=20, help="meta runs: validation tasks the loss averages over")
+    add(p, "--loss", choices=("query", "support"), default="query",
+        help="meta runs: post-adaptation query loss, or the support loss at θ")
+    add(p, "--steps", type=int, default=11, help=f"landscape grid points per axis, at most {MAX_STEPS}")
+    add(p, "--span", type=float, default=1.0, help="landscape grid covers [-span, span]²")
+    add(p, "--seed", type=int, default=0, help="seeds the Lanczos start vector and the landscape directions")
 
 def run(args: argparse.Namespace) -> int:
     both = not (args.hessian or args.landscape)

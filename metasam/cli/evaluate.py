@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from metasam.cli.flags import add
 from metasam.train.distributed import main_process
 from metasam.train.evaluation import evaluate_run
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a meta-training run on fixed test tasks")
-    p.add_argument("run_dir")
-    p.add_argument("--episodes", type=int, default=600)
-    p.add_argument("--seed", type=int, default=1234, help="seed of the test TaskSet (same seed: same tasks)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--test-split", default=None, help="default: the run's test split")
-    p.add_argument("--steps", type=int, default=None, help="inner steps at test time (default: the run's)")
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("evaluate", help="evaluate a meta-training run on fixed test tasks",
+                       description="Mean accuracy ± 95 % CI of a run's checkpoint on a fixed, seeded set of test tasks; "
+                       "also written to RUN_DIR/eval_<checkpoint>_<episodes>_seed<seed>.json.")
+    p.add_argument("run_dir", help="the run folder")
+    add(p, "--episodes", type=int, default=600, help="test tasks")
+    add(p, "--seed", type=int, default=1234, help="seed of the test TaskSet (same seed: same tasks)")
+    add(p, "--checkpoint", choices=("best", "last"), default="best", help="best validation accuracy, or the last")
+    add(p, "--test-split", default=None, help="default: the run's test split")
+    add(p, "--steps", type=int, default=None, help="inner steps at test time (default: the run's)")
+    add(p, "--json", action="store_true",
+        help="print the result (with each task's accuracy) as JSON on stdout, and the summary line on stderr")
+    add(p, "--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +31,12 @@ def run(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     if not main_process():  # under torchrun, rank 0 reports for all processes
         return 0
-    print(f"{result['algo']}: {100 * result['accuracy']:.2f} % ± {100 * result['ci95']:.2f} "
-          f"({result['episodes']} tasks of {result['test_split']}, {result['ways']}-way {result['shots']}-shot)")
-    print(json.dumps({k: v for k, v in result.items() if k != "task_accuracies"}, indent=2))
+    line = (f"{result['algo']}: {100 * result['accuracy']:.2f} % ± {100 * result['ci95']:.2f} "
+            f"({result['episodes']} tasks of {result['test_split']}, {result['ways']}-way {result['shots']}-shot)")
+    if args.json:
+        print(f"metasam evaluate: {line}", file=sys.stderr)
+        print(json.dumps(result, indent=2))
+    else:
+        print(line)
+        print(json.dumps({k: v for k, v in result.items() if k != "task_accuracies"}, indent=2))
     return 0

@@ -6,6 +6,9 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+
+import metasam
 
 from metasam.cli import analyze, bench, evaluate, plot, supervised, train
 from metasam.errors import ConfigError, MetaSAMError
@@ -15,10 +18,13 @@ from metasam.train.memory import retain_freed_memory
 COMMANDS = {"train": train, "evaluate": evaluate, "bench": bench, "supervised": supervised,
             "analyze": analyze, "plot": plot}
 DISTRIBUTED = {"train", "evaluate", "bench"}  # the commands that share their work under torchrun
+PACKAGE = Path(metasam.__file__).resolve().parent
+"""Warnings raised from files under here are metasam's and get its one-line form."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metasam", description="Sharpness-aware meta-learning toolkit.")
+    parser.add_argument("--version", action="version", version=f"metasam {metasam.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         module.add_parser(sub)
@@ -31,8 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     retain_freed_memory()  # fewer page faults on CPU; changes no result (metasam/train/memory.py)
     who = f"metasam {args.command}"  # under torchrun, its rank is added once known
 
+    others = warnings.showwarning
+
     def one_line(message, category, filename, lineno, file=None, line=None):
-        print(f"{who}: warning: {message}", file=sys.stderr)
+        if Path(filename).resolve().is_relative_to(PACKAGE):
+            print(f"{who}: warning: {message}", file=sys.stderr)
+        else:  # torch's, numpy's, …: shown as Python shows them, not as ours
+            others(message, category, filename, lineno, file, line)
 
     with warnings.catch_warnings():
         warnings.simplefilter("once")  # a setting checked twice (config, then learner) warns once

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from metasam.cli.flags import add, add_rule_flags
 from metasam.errors import CheckpointError, ConfigError
 from metasam.meta import PRESETS
 from metasam.train.config import RESUME_OVERRIDES, RULE_KEYS, MetaTrainConfig, check_device
@@ -23,47 +24,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="meta-train on Omniglot, MiniImageNet or the synthetic glyph set",
                        description="Meta-train a Conv4. Unset hyperparameters take the standard setting of the "
                        "dataset and ways (Finn et al. 2017). Checkpoints on a fixed validation task set.")
-    p.add_argument("--dataset", choices=("omniglot", "miniimagenet", "glyphs"), default="glyphs",
-                   help="glyphs is synthetic and offline (rendered from fonts)")
-    p.add_argument("--data-root", default=None, help="folder holding the dataset (default: $METASAM_DATA)")
-    p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--queries", type=int, default=15, help="query images per class")
-    p.add_argument("--algo", choices=tuple(PRESETS), default="maml")
-    p.add_argument("--iterations", type=int, default=None,
-                   help="outer steps (default: 1000; the papers train 60,000). With --resume: continue the run to N")
-    p.add_argument("--meta-batch", type=int, default=None, help="tasks per outer step")
-    p.add_argument("--inner-lr", type=float, default=None, help="alpha")
-    p.add_argument("--inner-steps", type=int, default=None)
-    p.add_argument("--test-inner-steps", type=int, default=None)
-    p.add_argument("--first-order", action="store_true", default=None)
-    p.add_argument("--outer-lr", type=float, default=1e-3)
-    p.add_argument("--test-rule", choices=("same", "gd"), default="same", help="inner rule at meta-test time")
-    for key in RULE_KEYS:
-        kind = bool if key.endswith(("adaptive", "detach_perturbation")) else float
-        if kind is bool:
-            p.add_argument(f"--{key.replace('_', '-')}", dest=key, action="store_true", default=None)
-        else:
-            p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, default=None)
-    p.add_argument("--train-split", default=None)
-    p.add_argument("--val-split", default=None, help="default: a seeded tenth of the training classes")
-    p.add_argument("--test-split", default=None)
-    p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--val-tasks", type=int, default=100)
-    p.add_argument("--model", choices=("conv4", "resnet12"), default="conv4", help="resnet12 is meant for GPUs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--path", choices=("auto", "loop", "vmap"), default="auto", help="how tasks of a meta-batch are run")
-    p.add_argument("--tf32", action="store_true", help=TF32_HELP)
-    p.add_argument("--out", help="run folder (config, metrics.jsonl, last.pt, best.pt)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
-    p.add_argument("--outer-val-tasks", type=int, default=None, metavar="V",
-                   help="tasks in each validation meta-batch of the agnostic outer rule (default: --meta-batch; "
-                   "the seed paper's validation batches are a quarter of the training batch)")
-    p.add_argument("--skip-nonfinite", type=int, default=None, metavar="N",
-                   help="skip up to N steps whose loss or gradient is NaN/Inf (θ unchanged, counted in metrics.jsonl) "
-                   "before stopping; default 0. Also allowed with --resume")
-    p.add_argument("--no-progress", action="store_true")
+    standard = "default: the standard setting of the dataset and ways, docs/algorithms.md"
+    add(p, "--dataset", choices=("omniglot", "miniimagenet", "glyphs"), default="glyphs",
+        help="glyphs is synthetic and offline (rendered from fonts)")
+    add(p, "--data-root", default=None, help="folder holding the dataset (default: $METASAM_DATA)")
+    add(p, "--ways", type=int, default=5, help="classes per task (N)")
+    add(p, "--shots", type=int, default=1, help="support images per class (K)")
+    add(p, "--queries", type=int, default=15, help="query images per class")
+    add(p, "--algo", choices=tuple(PRESETS), default="maml", help="the inner and outer rules (docs/algorithms.md)")
+    add(p, "--iterations", type=int, default=None,
+        help="outer steps (default: 1000; the papers train 60,000). With --resume: continue the run to N")
+    add(p, "--meta-batch", type=int, default=None, help=f"tasks per outer step ({standard})")
+    add(p, "--inner-lr", type=float, default=None, help=f"α, the inner step size ({standard})")
+    add(p, "--inner-steps", type=int, default=None, help=f"inner steps while training ({standard})")
+    add(p, "--test-inner-steps", type=int, default=None, help=f"inner steps at validation and test ({standard})")
+    add(p, "--first-order", action="store_true", default=None,
+        help="drop second-order terms of the meta-gradient (default: the algorithm's; fomaml is first order)")
+    add(p, "--outer-lr", type=float, default=1e-3, help="Adam's step size for θ")
+    add(p, "--test-rule", choices=("same", "gd"), default="same", help="inner rule at meta-test time")
+    add_rule_flags(p, RULE_KEYS)
+    add(p, "--train-split", default=None, help="meta-training split (default: background / train; see docs/data.md)")
+    add(p, "--val-split", default=None, help="validation split (default: val, or a seeded tenth of the training classes)")
+    add(p, "--test-split", default=None, help="split `metasam evaluate` uses (default: evaluation / test)")
+    add(p, "--val-every", type=int, default=100, help="iterations between validations (and checkpoints)")
+    add(p, "--val-tasks", type=int, default=100, help="tasks of the fixed validation set")
+    add(p, "--model", choices=("conv4", "resnet12"), default="conv4", help="resnet12 is meant for GPUs")
+    add(p, "--seed", type=int, default=0, help="seeds the model, the tasks and the validation set")
+    add(p, "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    add(p, "--path", choices=("auto", "loop", "vmap"), default="auto", help="how tasks of a meta-batch are run")
+    add(p, "--tf32", action="store_true", help=TF32_HELP)
+    add(p, "--out", help="new run folder (config, metrics.jsonl, last.pt, best.pt); must be empty or new")
+    add(p, "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
+    add(p, "--outer-val-tasks", type=int, default=None, metavar="V",
+        help="tasks in each validation meta-batch of the agnostic outer rule (default: --meta-batch; "
+        "the seed paper's validation batches are a quarter of the training batch)")
+    add(p, "--skip-nonfinite", type=int, default=None, metavar="N",
+        help="skip up to N steps whose loss or gradient is NaN/Inf (θ unchanged, counted in metrics.jsonl) "
+        "before stopping (default: 0). Also allowed with --resume")
+    add(p, "--no-progress", action="store_true", help="no progress bar")
     DEFAULTS.update(vars(p.parse_args([])))
 
 
