@@ -36,6 +36,14 @@ def finished(tmp_path_factory):
     return run
 
 
+def fresh_copy(finished, tmp_path):
+    """A copy of the finished run, new for every example (hypothesis reuses the test's tmp_path)."""
+    run = tmp_path / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(finished, run)
+    return run
+
+
 def one_error_line(args: list[str], named, may_succeed: bool = False) -> None:
     """``metasam ARGS`` exits 2 with one error line that names the file ``named``, and no traceback (or, with
     ``may_succeed``, exits 0)."""
@@ -53,9 +61,7 @@ def one_error_line(args: list[str], named, may_succeed: bool = False) -> None:
 @FUZZ
 @given(data=st.binary(max_size=2000))
 def test_random_bytes_as_a_checkpoint(finished, tmp_path, data):
-    run = tmp_path / "run"
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(finished, run)
+    run = fresh_copy(finished, tmp_path)
     (run / "best.pt").write_bytes(data)
     one_error_line(["evaluate", str(run), "--episodes", "2", "--no-progress"], run / "best.pt")
     (run / "last.pt").write_bytes(data)
@@ -65,9 +71,7 @@ def test_random_bytes_as_a_checkpoint(finished, tmp_path, data):
 @FUZZ
 @given(data=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
 def test_random_bytes_as_a_config(finished, tmp_path, data):
-    run = tmp_path / "run"
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(finished, run)
+    run = fresh_copy(finished, tmp_path)
     (run / "config.json").write_bytes(data)
     one_error_line(["evaluate", str(run), "--episodes", "2", "--no-progress"], run / "config.json")
 
@@ -76,9 +80,7 @@ def test_random_bytes_as_a_config(finished, tmp_path, data):
 @given(key=st.sampled_from(["dataset", "ways", "shots", "iterations", "meta_batch", "inner_lr", "rule", "device",
                             "image_size", "seed", "test_split", "first_order"]), value=JSON_VALUES)
 def test_a_random_value_for_one_setting_of_a_config(finished, tmp_path, key, value):
-    run = tmp_path / "run"
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(finished, run)
+    run = fresh_copy(finished, tmp_path)
     config = json.loads((run / "config.json").read_text())
     if config[key] == value:
         return
