@@ -5,7 +5,7 @@ file's path, size and modification time), so editing, adding or touching a sourc
 and the stale file is simply never read again. Files are written atomically (temporary file in the
 same folder, fsync, then ``os.replace``), so a crashed or concurrent writer never leaves a half-written
 cache that a reader could pick up. Each file carries a SHA-256 of its contents, checked on every load (about
-a second per GB): a damaged or edited cache is rebuilt, with a warning, instead of being used.
+2 s per GB on one core): a damaged or edited cache is rebuilt, with a warning, instead of being used.
 """
 
 from __future__ import annotations
