@@ -82,6 +82,15 @@ MUTANTS = [
     Mutant("outer-alignment-after-taken-before-the-step", "metasam/meta/learner.py",
            "out.update(aligned, outer_cos_after=self.outer_alignment(batch, val_batch))",
            "out.update(aligned, outer_cos_after=aligned['outer_cos_before'])"),
+    Mutant("val-batches-not-advanced", "metasam/optim/sam.py",
+           "batch = next(self._val_iterator) if self._val_iterator is not None else None", "batch = None",
+           ("tests/test_optim.py",)),
+    Mutant("adapt-selection-ignored", "metasam/meta/learner.py",
+           "self.adapted = [i for i, n in enumerate(self.names) if n in set(adapted)]",
+           "self.adapted = list(range(len(self.names)))", ("tests/meta/test_library.py",)),
+    Mutant("anil-first-order-sees-the-body-with-its-graph", "metasam/meta/learner.py",
+           "fixed = [t.detach() for t in theta] if first_order else list(theta)", "fixed = list(theta)",
+           ("tests/meta/test_library.py",)),
 ]
 
 
@@ -93,7 +102,7 @@ def run(mutant: Mutant) -> bool:
         raise SystemExit(f"{mutant.name}: the text to replace occurs {original.count(mutant.old)} times in {mutant.path}")
     try:
         path.write_text(original.replace(mutant.old, mutant.new))
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *mutant.tests],
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *mutant.tests],
                                 cwd=ROOT, capture_output=True, text=True)
     finally:
         path.write_text(original)

@@ -90,25 +90,36 @@ def rule_direction(level, loss_fn, val_loss_fn, at, m, create_graph):
     return grad(loss_fn, [a + e for a, e in zip(at, eps)], create_graph), m
 
 
-def adapt(theta, sx, sy, inner, steps, alpha, first_order, val_view=None):
-    """φ_K: φ_0 = θ, φ_k = φ_{k−1} − α d_k. First order: d_k is computed at a detached φ_{k−1} without a graph,
+def adapt(theta, sx, sy, inner, steps, alpha, first_order, val_view=None, adapted=None):
+    """φ_K: φ_0 = θ, φ_k = φ_{k−1} − α d_k over the tensors ``adapted`` (indices; default all), the others
+    staying θ. First order: d_k is computed at a detached φ_{k−1} (and detached other tensors) without a graph,
     so dφ_K/dθ = I."""
-    phi, m = list(theta), None
+    idx = list(range(len(theta))) if adapted is None else list(adapted)
+    fixed = [t.detach() for t in theta] if first_order else list(theta)
+
+    def full(base, sub):
+        out = list(base)
+        for i, v in zip(idx, sub):
+            out[i] = v
+        return out
+
     val_loss = None
     if val_view is not None:
         vx, vy = val_view(sx, sy)
-        val_loss = lambda w: ce(w, vx, vy)  # noqa: E731
+        val_loss = lambda w: ce(full(fixed, w), vx, vy)  # noqa: E731
+    phi, m = [theta[i] for i in idx], None
     for _ in range(steps):
         at = [p.detach() for p in phi] if first_order else phi
-        d, m = rule_direction(inner, lambda w: ce(w, sx, sy), val_loss, at, m, create_graph=not first_order)
+        d, m = rule_direction(inner, lambda w: ce(full(fixed, w), sx, sy), val_loss, at, m, create_graph=not first_order)
         phi = [p - alpha * di for p, di in zip(phi, d)]
-    return phi
+    return full(theta, phi)
 
 
-def meta_loss(theta, batch, inner, steps, alpha, first_order, val_view=None):
+def meta_loss(theta, batch, inner, steps, alpha, first_order, val_view=None, adapted=None):
     """L_meta(θ) = (1/T) Σ_τ L_q^τ(φ_K^τ(θ))."""
     sx, sy, qx, qy = batch
-    losses = [ce(adapt(theta, sx[t], sy[t], inner, steps, alpha, first_order, val_view), qx[t], qy[t]) for t in range(len(sx))]
+    losses = [ce(adapt(theta, sx[t], sy[t], inner, steps, alpha, first_order, val_view, adapted), qx[t], qy[t])
+              for t in range(len(sx))]
     return sum(losses) / len(losses)
 
 

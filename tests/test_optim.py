@@ -300,3 +300,38 @@ def test_explicit_first_and_second_step_match_step():
     opt_b.second_step()
     for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(pa, pb)
+
+
+def test_val_batches_given_at_construction_equal_the_two_closure_step_for_step():
+    """A trainer that only calls step(closure) (Lightning, Accelerate-style): B_V comes from val_batches, cycling
+    through a DataLoader when it ends; the run is bit-identical to passing the same batches as val_closure."""
+    gen = torch.Generator().manual_seed(5)
+    train = [(torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(5)]
+    val_set = torch.utils.data.TensorDataset(torch.randn(24, 4, generator=gen), torch.randint(0, 3, (24,), generator=gen))
+    loader = torch.utils.data.DataLoader(val_set, batch_size=8)  # 3 batches: the 4th and 5th steps start it again
+    val = [batch for _ in range(2) for batch in loader][:5]
+
+    def loss_of(model):
+        return lambda batch: nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    a, b = bn_model(), bn_model()
+    opt_a = AgnosticSAM(a.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=a, val_batches=loader, val_loss=loss_of(a))
+    opt_b = AgnosticSAM(b.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=b)
+
+    def closure_of(model, batch):
+        def closure():
+            loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+            loss.backward()
+            return loss
+
+        return closure
+
+    for (x, y), vb in zip(train, val):
+        opt_a.step(closure_of(a, (x, y)))
+        opt_b.step(closure_of(b, (x, y)), closure_of(b, vb))
+        for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(pa, pb), k
+    with pytest.raises(ConfigError, match="val_batches= and val_loss= go together"):
+        AgnosticSAM(a.parameters(), torch.optim.SGD, lr=0.1, val_batches=loader)
+    with pytest.raises(ConfigError, match="holds no batch"):
+        AgnosticSAM(a.parameters(), torch.optim.SGD, lr=0.1, val_batches=[], val_loss=loss_of(a)).step(closure_of(a, train[0]))

@@ -40,6 +40,10 @@ from metasam.models import MODELS
 from metasam.models.conv4 import primitive_batchnorm
 
 ValView = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""(model output, target) → a scalar loss, differentiable in the output."""
+AdaptSelection = Sequence[str] | Callable[[str, Tensor], bool] | nn.Module
+TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def as_task_batch(batch: Sequence[Tensor]) -> TaskBatch:
@@ -52,7 +56,7 @@ def as_task_batch(batch: Sequence[Tensor]) -> TaskBatch:
             "the task batch holds no tasks; when processes share a meta-batch (a reducer), each needs at least "
             "one of its tasks: use a meta-batch of at least as many tasks as processes"
         )
-    if batch.support_x.dim() < 2 or batch.support_y.dim() != 2:
+    if batch.support_x.dim() < 2 or batch.support_y.dim() < 2:
         raise ConfigError(
             "task batch tensors need a leading task dimension: support_x [T, N*K, ...], support_y [T, N*K]; "
             f"got {tuple(batch.support_x.shape)} and {tuple(batch.support_y.shape)} (wrap one task with x.unsqueeze(0))"
@@ -131,7 +135,63 @@ def autograd_grad(create_graph: bool) -> GradMaker:
 
 
 def _has_torch_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return any(isinstance(m, TORCH_BATCHNORMS) for m in model.modules())
+
+
+def check_running_stats(model: nn.Module) -> None:
+    """Refuse torch BatchNorm layers that keep running statistics: adaptation runs on copies of the buffers
+    and never updates them, so after ``model.eval()`` they would normalise with stale values."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, TORCH_BATCHNORMS) and m.track_running_stats]
+    if layers:
+        raise ConfigError(
+            f"BatchNorm layer(s) {layers[:3]} keep running statistics (track_running_stats=True), which meta-learning "
+            "never updates, so model.eval() would normalise with their initial values: build them with "
+            "track_running_stats=False (batch statistics, MAML's choice) or use metasam.models.BatchNorm, or pass "
+            "allow_running_stats=True if they hold statistics you trust (a pretrained, frozen body)"
+        )
+
+
+def adapted_names(model: nn.Module, names: Sequence[str], adapt: AdaptSelection | None) -> list[str]:
+    """The names of the parameters that adapt in the inner loop: all of ``names`` for None; those listed; those
+    for which ``adapt(name, parameter)`` is true; or those of a submodule of ``model``."""
+    if adapt is None:
+        return list(names)
+    params = dict(model.named_parameters())
+    if isinstance(adapt, nn.Module):
+        owned = {id(p) for p in adapt.parameters()}
+        chosen = [n for n in names if id(params[n]) in owned]
+    elif callable(adapt):
+        chosen = [n for n in names if adapt(n, params[n])]
+    else:
+        unknown = sorted(set(adapt) - set(names))
+        if isinstance(adapt, str) or unknown:
+            raise ConfigError(f"adapt= names {unknown or adapt!r} that are not trainable parameters of the model; "
+                              f"choose among {list(names)[:6]}{' ...' if len(names) > 6 else ''}")
+        chosen = [n for n in names if n in set(adapt)]
+    if not chosen:
+        raise ConfigError("adapt= selects no parameter: the inner loop would adapt nothing; select at least one")
+    return chosen
+
+
+def custom_spec(value: Any) -> dict[str, str]:
+    """How a checkpoint records a callable it cannot store: its qualified name, for the error on load."""
+    return {"custom": f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"}
+
+
+def refuse_custom_spec(value: Any, name: str) -> Any:
+    """``value`` itself, unless it is the record :func:`custom_spec` left in a checkpoint: then say to pass it again."""
+    if isinstance(value, dict) and set(value) == {"custom"}:
+        raise ConfigError(f"this learner was trained with a custom {name}, {value['custom']}, which a checkpoint cannot "
+                          f"rebuild; pass {name}=<it> to MetaLearner.load")
+    return value
+
+
+def outer_optimizer_class(value: type[torch.optim.Optimizer] | str) -> type[torch.optim.Optimizer]:
+    """A torch.optim class, given as the class or by its name ("Adam", "SGD", "AdamW", ...)."""
+    cls = getattr(torch.optim, value, None) if isinstance(value, str) else value
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"outer_optimizer must be a torch.optim.Optimizer class or the name of one, got {value!r}")
+    return cls
 
 
 def _sum_over_tasks(task_terms: Callable[[int], list[Tensor]], tasks: int) -> list[Tensor]:
@@ -146,12 +206,22 @@ class MetaLearner:
     """Meta-learn an initialisation θ of ``model`` with a preset (see ``PRESETS``) or custom rules.
 
     Args:
-        model: any ``nn.Module`` mapping inputs to logits; its parameters are θ.
+        model: any ``nn.Module``; its trainable parameters are θ. torch BatchNorm layers must use batch
+            statistics (``track_running_stats=False``) unless ``allow_running_stats``.
         algo: maml, fomaml, sharp-maml-low, sharp-maml-up, sharp-maml-both, agnostic-sam,
             agnostic-sam-up, agnostic-sam-both.
         inner_lr: α. inner_steps: K at meta-training; test_inner_steps: K at meta-test (default K).
         first_order: detach inner gradients (default: the preset's; True only for fomaml).
-        outer_lr: the outer optimizer's learning rate (Adam unless ``outer_optimizer`` names another class).
+        outer_lr: the outer optimizer's learning rate.
+        outer_optimizer: a ``torch.optim`` class or its name (default Adam); ``outer_kwargs`` its other
+            arguments (weight_decay, betas, momentum, ...); ``outer_scheduler``: a function of the outer
+            optimizer returning a learning-rate scheduler, stepped after every meta-step and saved in
+            :meth:`state_dict` (pass it to :meth:`load` again).
+        loss_fn: (model output, target) → scalar loss of a task's batch, for the inner and the outer loop
+            (default: cross-entropy). ``accuracy``: report query accuracy (argmax of the output against
+            integer targets); default: only with the default loss.
+        adapt: the parameters that adapt in the inner loop (the others are meta-learned only, ANIL-style):
+            a list of names, a predicate ``(name, parameter) → bool`` or a submodule; default: all.
         inner_rule / outer_rule: a :class:`~metasam.meta.rules.Rule` replacing the preset's (or the
             plain-data spec :func:`~metasam.meta.rules.rule_spec` gives, as checkpoints store it).
             metasam's rules are saved with the checkpoint and :meth:`load` rebuilds them; a rule class
@@ -178,7 +248,13 @@ class MetaLearner:
         test_inner_steps: int | None = None,
         first_order: bool | None = None,
         outer_lr: float = 1e-3,
-        outer_optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+        outer_optimizer: type[torch.optim.Optimizer] | str = torch.optim.Adam,
+        outer_kwargs: dict[str, Any] | None = None,
+        outer_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        loss_fn: LossFn | None = None,
+        accuracy: bool | None = None,
+        adapt: AdaptSelection | None = None,
+        allow_running_stats: bool = False,
         inner_rule: Rule | dict[str, Any] | None = None,
         outer_rule: Rule | dict[str, Any] | None = None,
         test_rule: str = "same",
@@ -191,10 +267,27 @@ class MetaLearner:
             algo, inner_lr, inner_steps, test_inner_steps, outer_lr, test_rule, path, **rule_params
         )
         preset = PRESETS[algo]
+        optimizer_class = outer_optimizer_class(outer_optimizer)
+        self.loss_fn = refuse_custom_spec(loss_fn, "loss_fn") or nn.functional.cross_entropy
+        self.accuracy = loss_fn is None if accuracy is None else accuracy
+        outer_scheduler = refuse_custom_spec(outer_scheduler, "outer_scheduler")
+        if not allow_running_stats:
+            check_running_stats(model)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.names = list(self.params)
+        adapted = adapted_names(model, self.names, adapt)
+        self.adapted = [i for i, n in enumerate(self.names) if n in set(adapted)]
         self.hparams = {
             "algo": algo, "inner_lr": inner_lr, "inner_steps": inner_steps, "test_inner_steps": test_inner_steps,
-            "first_order": first_order, "outer_lr": outer_lr, "test_rule": test_rule, **rule_params,
+            "first_order": first_order, "outer_lr": outer_lr, "test_rule": test_rule,
+            "outer_optimizer": optimizer_class.__name__ if getattr(torch.optim, optimizer_class.__name__, None) is optimizer_class
+            else custom_spec(optimizer_class),
+            "outer_kwargs": dict(outer_kwargs or {}), "accuracy": self.accuracy, "allow_running_stats": allow_running_stats,
+            "adapt": None if adapt is None else adapted, **rule_params,
         }
+        for name, value in (("loss_fn", loss_fn), ("outer_scheduler", outer_scheduler)):
+            if value is not None:  # load() cannot rebuild a function: the checkpoint says so, and asks for it
+                self.hparams[name] = custom_spec(value)
         self.model = model
         self.algo = algo
         self.inner_lr = inner_lr
@@ -209,9 +302,8 @@ class MetaLearner:
         for level, rule in (("inner", inner_rule), ("outer", outer_rule)):
             if rule is not None:  # saved with the checkpoint, so that load() rebuilds the same rules
                 self.hparams[f"{level}_rule"] = rule_spec(getattr(self, f"{level}_rule"))
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.names = list(self.params)
-        self.outer_optimizer = outer_optimizer(list(self.params.values()), lr=outer_lr)
+        self.outer_optimizer = optimizer_class(list(self.params.values()), lr=outer_lr, **(outer_kwargs or {}))
+        self.outer_scheduler = None if outer_scheduler is None else outer_scheduler(self.outer_optimizer)
         self.outer_momentum: list[Tensor] | None = None
         self.iteration = 0
         device = next(iter(self.params.values())).device
@@ -226,7 +318,7 @@ class MetaLearner:
 
     # -- functional model ---------------------------------------------------------------------
     def _loss(self, values: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(self._logits(values, x), y)
+        return self.loss_fn(self._logits(values, x), y)
 
     def _logits(self, values: Sequence[Tensor], x: Tensor) -> Tensor:
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}  # adaptation never writes the model's buffers
@@ -236,28 +328,45 @@ class MetaLearner:
         self, theta: Sequence[Tensor], sx: Tensor, sy: Tensor, steps: int, rule: Rule, first_order: bool,
         grad_of: GradMaker = grad, visit: Callable[[list[Tensor], list[Tensor]], None] | None = None,
     ) -> list[Tensor]:
-        """φ_K from φ_0 = θ by K steps φ ← φ − α·d of ``rule`` on the support loss. ``grad_of`` turns a loss
-        function into its gradient function: ``torch.func.grad`` (composes with vmap, jvp) or
-        :func:`autograd_grad` (the loop path). ``visit(φ_{k−1}, φ_k)`` is called after each step."""
-        grad_s = grad_of(lambda v: self._loss(v, sx, sy))
+        """φ_K from φ_0 = θ by K steps φ ← φ − α·d of ``rule`` on the support loss, over the adapted parameters
+        (the others stay θ; first order sees them detached). ``grad_of`` turns a loss function into its gradient
+        function: ``torch.func.grad`` (composes with vmap, jvp) or :func:`autograd_grad` (the loop path).
+        ``visit(φ_{k−1}, φ_k)`` (all parameters) is called after each step."""
+        fixed = [t.detach() for t in theta] if first_order else list(theta)
+        grad_s = grad_of(lambda v: self._loss(self._with_adapted(fixed, v), sx, sy))
         grad_v = None
         if self.val_view is not None and rule.name == "agnostic":
             vx, vy = self.val_view(sx, sy)
-            grad_v = grad_of(lambda v: self._loss(v, vx, vy))
-        phi, state = list(theta), None
+            grad_v = grad_of(lambda v: self._loss(self._with_adapted(fixed, v), vx, vy))
+        phi, state = [theta[i] for i in self.adapted], None
         for _ in range(steps):
             base = [p.detach() for p in phi] if first_order else phi
             d, state, _ = rule.direction(grad_s, base, state, grad_v)
             previous, phi = phi, [p - self.inner_lr * g for p, g in zip(phi, d)]
             if visit is not None:
-                visit(previous, phi)
-        return phi
+                visit(self._with_adapted(fixed, previous), self._with_adapted(fixed, phi))
+        return self._with_adapted(theta, phi)
+
+    def _with_adapted(self, values: Sequence[Tensor], adapted: Sequence[Tensor]) -> list[Tensor]:
+        """``values`` with the adapted parameters' entries replaced by ``adapted`` (in ``self.adapted`` order)."""
+        if len(adapted) == len(values):
+            return list(adapted)
+        merged = list(values)
+        for i, v in zip(self.adapted, adapted):
+            merged[i] = v
+        return merged
 
     def _task_loss(self, theta, sx, sy, qx, qy, grad_of: GradMaker = grad):
         phi = self._adapt_values(theta, sx, sy, self.inner_steps, self.inner_rule, self.first_order, grad_of)
-        logits = self._logits(phi, qx)
-        loss = nn.functional.cross_entropy(logits, qy)
-        return loss, (loss.detach(), (logits.argmax(-1) == qy).float().mean().detach())
+        output = self._logits(phi, qx)
+        loss = self.loss_fn(output, qy)
+        return loss, (loss.detach(), self._accuracy(output, qy))
+
+    def _accuracy(self, output: Tensor, y: Tensor) -> Tensor:
+        """Mean of argmax(output) == y, or NaN where the learner reports no accuracy (a regression loss)."""
+        if not self.accuracy:
+            return output.new_full((), float("nan")).detach()
+        return (output.argmax(-1) == y).float().mean().detach()
 
     def _task_grad(self, theta: Sequence[Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
         """(∇_θ L_q(φ_K(θ)), (query loss, query accuracy)) of one task with torch.autograd: the loop path.
@@ -334,7 +443,8 @@ class MetaLearner:
         def meta_grad(values):
             grads, loss, acc = self._meta_grad(values, batch)
             metrics.setdefault("query_loss", loss)  # the first call is at θ
-            metrics.setdefault("query_acc", acc)
+            if self.accuracy:
+                metrics.setdefault("query_acc", acc)
             return grads
 
         val_fn = None
@@ -383,6 +493,8 @@ class MetaLearner:
             self.params[n].grad = g.detach()
         self.outer_optimizer.step()
         self.outer_optimizer.zero_grad(set_to_none=True)
+        if self.outer_scheduler is not None:
+            self.outer_scheduler.step()
         self.outer_momentum = None if state is None else [m.detach() for m in state]
         self.iteration += 1
         out = {k: float(v) for k, v in metrics.items()}
@@ -442,12 +554,11 @@ class MetaLearner:
         theta = [self.params[n].detach() for n in self.names]
 
         def task_terms(t: int) -> list[Tensor]:
-            logits = self._logits(theta, batch.query_x[t])
-            qy = batch.query_y[t]
-            return [nn.functional.cross_entropy(logits, qy), (logits.argmax(-1) == qy).float().mean()]
+            output = self._logits(theta, batch.query_x[t])
+            return [self.loss_fn(output, batch.query_y[t]), self._accuracy(output, batch.query_y[t])]
 
         loss, acc = self._task_mean(_sum_over_tasks(task_terms, batch.query_x.shape[0]), batch.query_x.shape[0])
-        return {"query_loss_before": float(loss), "query_acc_before": float(acc)}
+        return {"query_loss_before": float(loss), **({"query_acc_before": float(acc)} if self.accuracy else {})}
 
     def task_accuracies(self, tasks, steps: int | None = None, progress: bool = False) -> list[float]:
         """Query accuracy of each task of ``tasks`` (an iterable of tasks or task batches) after
@@ -455,8 +566,20 @@ class MetaLearner:
 
         With a reducer, each process evaluates items i ≡ rank (mod W) and every process returns the
         gathered list, in the original order: the same numbers as one process."""
+        if not self.accuracy:
+            raise ConfigError("this learner reports no accuracy (a loss_fn of your own): use task_losses(), or "
+                              "pass accuracy=True if argmax(output) == target is meaningful")
+        return self._per_task(tasks, steps, progress, lambda output, y: float(self._accuracy(output, y)))
+
+    def task_losses(self, tasks, steps: int | None = None, progress: bool = False) -> list[float]:
+        """The query loss (``loss_fn``) of each task after adaptation, as :meth:`task_accuracies`."""
+        return self._per_task(tasks, steps, progress, lambda output, y: float(self.loss_fn(output, y)))
+
+    def _per_task(self, tasks, steps: int | None, progress: bool, measure: Callable[[Tensor, Tensor], float]) -> list[float]:
         from tqdm.auto import tqdm
 
+        if isinstance(tasks, TaskBatch):  # one batch of tasks, not an iterable of them
+            tasks = [tasks]
         theta = [self.params[n].detach() for n in self.names]
         per_item: list[list[float]] = []
         mine = tasks if self.reducer is None else self.reducer.share(tasks)
@@ -469,26 +592,29 @@ class MetaLearner:
                 # first order gives the same fast weights; no meta-gradient is needed here
                 with torch.no_grad():
                     phi = self._adapt_for_test(theta, sx[t], sy[t], steps, first_order=True)
-                    item.append(float((self._logits(phi, qx[t]).argmax(-1) == qy[t]).float().mean()))
+                    item.append(measure(self._logits(phi, qx[t]), qy[t]))
             per_item.append(item)
         if self.reducer is not None:
             per_item = self.reducer.gather(per_item)
-        accs = [acc for item in per_item for acc in item]
-        if not accs:
+        values = [value for item in per_item for value in item]
+        if not values:
             raise ConfigError("evaluate() got no tasks")
-        return accs
+        return values
 
     def evaluate(self, tasks, steps: int | None = None, progress: bool = False) -> tuple[float, float]:
         """Mean query accuracy over ``tasks`` after adaptation and its 95 % confidence half-width
-        1.96·sd/√n (see :meth:`task_accuracies`)."""
-        return mean_ci95(self.task_accuracies(tasks, steps, progress))
+        1.96·sd/√n (see :meth:`task_accuracies`); for a learner without accuracy, the mean query loss."""
+        per_task = self.task_accuracies if self.accuracy else self.task_losses
+        return mean_ci95(per_task(tasks, steps, progress))
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Weights, outer optimizer, the agnostic outer momentum and the iteration: enough to resume exactly."""
+        """Weights, outer optimizer (and scheduler), the agnostic outer momentum and the iteration: enough to
+        resume exactly."""
         return {
             "model": self.model.state_dict(),
             "outer_optimizer": self.outer_optimizer.state_dict(),
+            "outer_scheduler": None if self.outer_scheduler is None else self.outer_scheduler.state_dict(),
             "outer_momentum": self.outer_momentum,
             "iteration": self.iteration,
         }
@@ -529,6 +655,13 @@ class MetaLearner:
         mismatch = state_dict_mismatch(state["model"], self.model.state_dict())
         if mismatch:
             raise CheckpointError(f"{source} was written for another model: {mismatch}")
+        scheduler = state.get("outer_scheduler")
+        if (scheduler is None) != (self.outer_scheduler is None):
+            raise CheckpointError(
+                f"{source} was written {'with' if scheduler is not None else 'without'} an outer learning-rate scheduler "
+                f"and this learner has {'none' if self.outer_scheduler is None else 'one'}: pass the same outer_scheduler= "
+                "as the run that wrote it"
+            )
         momentum = state["outer_momentum"]
         if momentum is not None and [tuple(m.shape) for m in momentum] != [tuple(self.params[n].shape) for n in self.names]:
             raise CheckpointError(f"{source}: its outer momentum does not match this model's parameters")
@@ -540,5 +673,7 @@ class MetaLearner:
                 "outer optimizer or model?"
             ) from exc
         self.model.load_state_dict(state["model"])
+        if scheduler is not None:
+            self.outer_scheduler.load_state_dict(scheduler)
         self.outer_momentum = momentum
         self.iteration = int(state["iteration"])

@@ -19,7 +19,7 @@ Typical use::
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -256,6 +256,10 @@ class AgnosticSAM(_SharpnessOptimizer):
         rho1: ascent radius ρ1 (the SAM radius of the setting); rho2: descent radius ρ2 (≈ ρ1/2).
             ρ2 > ρ1 is allowed with a warning (the paper finds ρ1 > ρ2 works best).
         beta: momentum β ∈ [0, 1) of the validation gradient.
+        val_batches, val_loss: for trainers that call only ``step(closure)`` (Lightning, Accelerate-style
+            loops): each step draws the next batch of the iterable ``val_batches`` (a DataLoader over the
+            training set, say; iterated again when it ends) and runs ``val_loss(batch)``, which returns the
+            loss of B_V (no backward). A ``val_closure`` given to :meth:`step` takes precedence.
         Other arguments as for :class:`SAM`.
 
     ``step(closure, val_closure)`` returns the training loss at θ. ``last_stats`` holds
@@ -274,8 +278,13 @@ class AgnosticSAM(_SharpnessOptimizer):
         eta: float = 0.0,
         asam_scope: str = "all",
         model: nn.Module | None = None,
+        val_batches: Iterable[Any] | None = None,
+        val_loss: Callable[[Any], Tensor] | None = None,
         **base_kwargs: Any,
     ) -> None:
+        if (val_batches is None) != (val_loss is None):
+            raise ConfigError("val_batches= and val_loss= go together: the batches of B_V and the function that returns "
+                              "a batch's loss; give both, or neither and pass val_closure to step()")
         for name, value in (("rho1", rho1), ("rho2", rho2)):
             check_nonnegative(value, name)
         check_beta(beta)
@@ -291,6 +300,32 @@ class AgnosticSAM(_SharpnessOptimizer):
         self.beta = beta
         self.momentum: dict[Tensor, Tensor] = {}
         self._pending_momentum: dict[Tensor, Tensor] = {}
+        self.val_batches, self.val_loss = val_batches, val_loss
+        self._val_iterator: Iterator[Any] | None = None
+
+    def _next_val_closure(self) -> Closure:
+        """A closure over the next batch of ``val_batches`` (iterated again from the start when it ends)."""
+        if self.val_batches is None:
+            raise ConfigError(
+                "AgnosticSAM.step() needs val_closure (the validation batch): pass it to step(), or give "
+                "val_batches= and val_loss= at construction for trainers that call step(closure) only"
+            )
+        try:
+            batch = next(self._val_iterator) if self._val_iterator is not None else None
+        except StopIteration:
+            batch = None
+        if batch is None:
+            self._val_iterator = iter(self.val_batches)
+            batch = next(self._val_iterator, None)
+            if batch is None:
+                raise ConfigError("val_batches= holds no batch: give an iterable of validation batches that is not empty")
+
+        def closure() -> Tensor:
+            loss = self.val_loss(batch)
+            loss.backward()
+            return loss
+
+        return closure
 
     @torch.no_grad()
     def first_step(self, val_grads: Sequence[Tensor | None], zero_grad: bool = False) -> list[Tensor]:
@@ -340,7 +375,7 @@ class AgnosticSAM(_SharpnessOptimizer):
     def step(self, closure: Closure | None = None, val_closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """One Agnostic-SAM step: ``closure`` on B_S, ``val_closure`` on B_V; returns L_{B_S}(θ)."""
         closure = self._require_closure(closure, "a closure (the training batch)")
-        val_closure = self._require_closure(val_closure, "val_closure (the validation batch)")
+        val_closure = torch.enable_grad()(val_closure if val_closure is not None else self._next_val_closure())
         self.zero_grad()
         loss = closure()
         params = self._param_list()

@@ -176,7 +176,7 @@ def test_outer_agnostic_rule_equals_its_definition_and_keeps_momentum():
 def test_adaptation_never_writes_model_buffers():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    learner = MetaLearner(model, "maml", inner_lr=0.3)
+    learner = MetaLearner(model, "maml", inner_lr=0.3, allow_running_stats=True)  # refused by default: see test_library
     learner.meta_gradient(tasks())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
