@@ -5,11 +5,16 @@ A dataset holds all its images decoded in memory as one uint8 tensor ``images`` 
 stable across machines, used by :class:`~metasam.data.TaskSet` files). Indexing gives
 ``(float image [C, H, W] in [0, 1], label)``; :meth:`stack` is the fast path that gathers many images
 at once, and :meth:`images_of` lists the images of one class.
+
+:func:`as_few_shot` turns any indexable dataset of ``(x, y)`` pairs with integer labels (a
+``TensorDataset``, feature vectors, images of any dtype) into one; examples that are not uint8 images
+are returned as they are, uint8 ones scaled to [0, 1] as everywhere else.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Sequence
 
 import torch
@@ -48,8 +53,8 @@ class FewShotDataset(Dataset):
         self._set_data(images, targets, classes, file_ids, name=name, source_classes=source_classes)
 
     def _set_data(self, images, targets, classes, file_ids, *, name, source_classes=None) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise DatasetError(f"{name}: images must be a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if images.ndim < 2:
+            raise DatasetError(f"{name}: examples must be a tensor [N, ...] of one example per row, got {tuple(images.shape)}")
         targets = torch.as_tensor(targets, dtype=torch.int64)
         if len(targets) != len(images) or len(file_ids) != len(images):
             raise DatasetError(f"{name}: {len(images)} images but {len(targets)} targets and {len(file_ids)} file ids")
@@ -68,7 +73,7 @@ class FewShotDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index].float().div_(255.0), int(self.targets[index])
+        return _as_input(self.images[index]), int(self.targets[index])
 
     def images_of(self, class_index: int) -> torch.Tensor:
         """Indices (int64, ascending) of the images of class ``class_index``."""
@@ -77,10 +82,10 @@ class FewShotDataset(Dataset):
     def stack(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Float images [len(indices), C, H, W] in [0, 1], gathered in one indexing operation."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        return self.images[idx].float().div_(255.0)
+        return _as_input(self.images[idx])
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
     @property
@@ -149,3 +154,37 @@ def check_disjoint(*datasets: FewShotDataset) -> None:
                     f"class {src!r} is in both {datasets[j].name!r} and {ds.name!r}: splits must be class-disjoint; "
                     "build them from the same split definition (same seed and sizes, or non-overlapping alphabet lists)"
                 )
+
+
+def _as_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images as float in [0, 1] (a new tensor); any other example as it is stored."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def as_few_shot(dataset: Dataset, name: str | None = None) -> FewShotDataset:
+    """``dataset`` itself if it is a :class:`FewShotDataset`; else its examples, read once into memory, as one.
+
+    ``dataset`` is any map-style dataset of ``(x, y)`` pairs with integer labels ``y`` (a
+    ``TensorDataset(x, y)`` is read without a loop). Classes are the distinct labels, named by their value;
+    example ``i`` gets the file id ``str(i)``.
+    """
+    if isinstance(dataset, FewShotDataset):
+        return dataset
+    name = name or type(dataset).__name__
+    tensors = getattr(dataset, "tensors", None)
+    if isinstance(tensors, tuple) and len(tensors) == 2:
+        xs, ys = tensors
+    else:
+        try:
+            pairs = [dataset[i] for i in range(len(dataset))]
+            xs = torch.stack([torch.as_tensor(x) for x, _ in pairs])
+            ys = torch.as_tensor([operator.index(y) for _, y in pairs])  # an int, never a rounded float
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise DatasetError(f"{name}: labels must be integers and examples tensors of one shape, in an indexable "
+                               f"dataset of (x, y) pairs; reading it failed: {exc}") from exc
+    if ys.dtype.is_floating_point or ys.dtype == torch.bool or ys.dim() != 1 or len(ys) != len(xs):
+        raise DatasetError(f"{name}: labels must be integers, one per example; got {ys.dtype} {tuple(ys.shape)} for "
+                           f"{len(xs)} examples")
+    labels = torch.unique(ys)
+    targets = torch.searchsorted(labels, ys)
+    return FewShotDataset(xs, targets, [str(v) for v in labels.tolist()], [str(i) for i in range(len(xs))], name=name)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from metasam.data._checks import check_int
 from metasam.data._rng import StableRandom
-from metasam.data.base import FewShotDataset, check_disjoint
+from metasam.data.base import FewShotDataset, as_few_shot, check_disjoint
 from metasam.errors import ConfigError, DatasetError
 
 
@@ -103,12 +103,14 @@ class EpisodeSampler(Dataset):
     batch_size=T, collate_fn=collate_tasks, num_workers=k)`` yields the same :class:`TaskBatch` es for any k.
     Indices beyond ``num_tasks`` are valid too (``sampler[10**9]``); ``num_tasks`` only bounds iteration.
 
+    ``dataset``: a :class:`FewShotDataset`, or any indexable dataset of ``(x, y)`` pairs with integer labels
+    (a ``TensorDataset``, feature vectors, images of any dtype), read once into memory (:func:`as_few_shot`).
     ``disjoint_from``: datasets (e.g. the training split) that must share no source class with ``dataset``.
     """
 
     def __init__(
         self,
-        dataset: FewShotDataset,
+        dataset: FewShotDataset | Dataset,
         ways: int,
         shots: int,
         queries: int,
@@ -117,10 +119,11 @@ class EpisodeSampler(Dataset):
         num_tasks: int = 10_000,
         disjoint_from: Sequence[FewShotDataset] = (),
     ) -> None:
+        dataset = as_few_shot(dataset)
         check_episode_shape(dataset, ways, shots, queries)
         check_int("seed", seed, 0)
         check_int("num_tasks", num_tasks, 0)
-        check_disjoint(dataset, *disjoint_from)
+        check_disjoint(dataset, *(as_few_shot(d) for d in disjoint_from))
         self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
         self.seed, self.num_tasks = seed, num_tasks
 
