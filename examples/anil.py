@@ -43,7 +43,7 @@ def main(iterations: int = 300, algo: str = "maml", meta_batch: int = 8, seed: i
     cut = int(0.8 * len(glyphs.classes))  # meta-train on 80 % of the characters, test on the others
     train = EpisodeSampler(glyphs.subset(glyphs.classes[:cut]), ways=5, shots=1, queries=5, seed=seed)
     for it in range(iterations):
-        learner.meta_step(train.batch(range(it * meta_batch, (it + 1) * meta_batch)), pre_adaptation=False)
+        learner.meta_step(train.batch(range(it * meta_batch, (it + 1) * meta_batch)))
     test = EpisodeSampler(glyphs.subset(glyphs.classes[cut:]), ways=5, shots=1, queries=5, seed=seed + 1)
     mean, ci95 = learner.evaluate([test.batch(range(i, i + 1)) for i in range(episodes)])
     return {"accuracy": mean, "ci95": ci95}

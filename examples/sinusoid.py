@@ -35,7 +35,7 @@ def main(iterations: int = 2000, algo: str = "maml", meta_batch: int = 25, seed:
     learner = MetaLearner(model, algo, inner_lr=inner_lr, inner_steps=1, loss_fn=nn.functional.mse_loss, **learner_args)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
-        learner.meta_step(sinusoid_tasks(meta_batch, 10, gen), pre_adaptation=False)
+        learner.meta_step(sinusoid_tasks(meta_batch, 10, gen))
     test = sinusoid_tasks(100, 10, torch.Generator().manual_seed(seed + 1000))
     with torch.no_grad():
         before = sum(float(nn.functional.mse_loss(model(test.query_x[t]), test.query_y[t])) for t in range(100)) / 100

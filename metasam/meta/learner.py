@@ -460,13 +460,13 @@ class MetaLearner:
         return direction, state, {**metrics, **{f"outer_{k}": v for k, v in stats.items()}}
 
     def meta_step(
-        self, batch: Sequence[Tensor], val_batch: Sequence[Tensor] | None = None, pre_adaptation: bool = True,
+        self, batch: Sequence[Tensor], val_batch: Sequence[Tensor] | None = None, pre_adaptation: bool = False,
         alignment: bool = False,
     ) -> dict[str, float]:
         """One outer step on ``batch``; returns metrics (query loss / accuracy after adaptation and,
-        with ``pre_adaptation``, before it; meta-gradient norm; cos(g_S, g_V) where the agnostic outer
-        rule runs). ``pre_adaptation=False`` skips the extra forward pass over every query set that the
-        "before" metrics cost (about a fifth of a second-order MAML step).
+        with ``pre_adaptation=True``, before it; meta-gradient norm; cos(g_S, g_V) where the agnostic outer
+        rule runs). The "before" metrics cost an extra forward pass over every query set (about a fifth of
+        a second-order MAML step), so they are off unless asked for.
 
         ``alignment=True`` adds the gradient alignment before and after the update, on the same batches:
         ``outer_cos_before`` / ``outer_cos_after`` (:meth:`outer_alignment` at θ and at the new θ, on

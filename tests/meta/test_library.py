@@ -141,8 +141,8 @@ def test_regression_learner_reports_no_accuracy():
     sinusoid = runpy.run_path(str(EXAMPLES / "sinusoid.py"))
     learner = MetaLearner(nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)), loss_fn=nn.functional.mse_loss)
     batch = sinusoid["sinusoid_tasks"](4, 5, torch.Generator().manual_seed(0))
-    metrics = learner.meta_step(batch)
-    assert "query_acc" not in metrics and "query_acc_before" not in metrics and metrics["query_loss"] > 0
+    metrics = learner.meta_step(batch, pre_adaptation=True)
+    assert "query_acc" not in metrics and "query_acc_before" not in metrics and metrics["query_loss_before"] > 0
     with pytest.raises(ConfigError, match="task_losses"):
         learner.task_accuracies([batch])
     assert len(learner.task_losses([batch])) == 4
