@@ -18,6 +18,7 @@ from metasam.meta.learner import mean_ci95
 from metasam.train.config import MetaTrainConfig, check_int
 from metasam.train.evaluation import evaluate_run
 from metasam.train.meta import MetaTrainer
+from metasam.train.run_folder import is_run_dir
 
 SETTING = re.compile(r"^(\d+)w(\d+)s$")
 
@@ -58,8 +59,8 @@ def run_grid(
             elif (run_dir / "last.pt").exists():
                 trainer.resume()
                 trainer.train(progress=progress)
-            else:
-                trainer.start()
+            else:  # new, or killed before its first checkpoint (nothing trained)
+                trainer.start(restart=is_run_dir(run_dir))
                 trainer.train(progress=progress)
         results.append(evaluate_run(run_dir, episodes, seed, progress=progress))
     table = render_table(results, algos, settings)

@@ -129,6 +129,11 @@ def test_bench_grid_writes_a_table_whose_cells_equal_each_runs_evaluation(tmp_pa
     # a second call finds the finished runs and only re-evaluates: same numbers
     assert main(args) == 0
     assert json.loads((out / "results.json").read_text()) == results
+    for p in (out / "3w1s" / "fomaml").iterdir():  # as if killed before its first checkpoint: trained again
+        if p.name not in ("config.json", "val_tasks.json"):
+            p.unlink()
+    assert main(args) == 0
+    assert json.loads((out / "results.json").read_text()) == results
     with pytest.raises(ConfigError, match="5w1s"):
         from metasam.train.bench import parse_settings
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -88,6 +89,29 @@ def test_a_second_process_in_a_run_folder_is_refused_and_a_dead_ones_lock_does_n
     iterations = [r["iteration"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                   if "val_acc" not in r]
     assert iterations == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_two_real_resumes_at_once_one_is_refused_and_every_metric_line_is_written_once(tmp_path):
+    run = tmp_path / "run"
+    assert main([*CLI, "--out", str(run)]) == 0
+    resume = [sys.executable, "-m", "metasam", "train", "--resume", str(run), "--iterations", "30", "--no-progress"]
+    first = subprocess.Popen(resume, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while f"pid {first.pid} on" not in (run / ".metasam.lock").read_text():  # it holds the folder
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.1)
+        second = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        (line,) = [x for x in second.stderr.splitlines() if ": error: " in x]
+        assert f"is in use by another metasam process (pid {first.pid} on " in line
+        assert first.wait(timeout=600) == 0
+    finally:
+        first.kill()
+    iterations = [r["iteration"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                  if "val_acc" not in r]
+    assert iterations == list(range(1, 31))
 
 
 def test_resume_with_more_iterations_reaches_the_weights_of_a_longer_run(tmp_path):
