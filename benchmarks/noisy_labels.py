@@ -35,10 +35,10 @@ from metasam.data.supervised import load_digits_splits
 from metasam.train.supervised import OPTIMIZERS, SupervisedConfig, train_supervised
 
 RADII = {  # tuning grids for rho (SAM/ASAM) and rho1 (Agnostic; rho2 = rho1 / 2, the paper's rule)
-    "sam": [0.02, 0.05, 0.1, 0.2],
-    "asam": [0.2, 0.5, 1.0, 2.0],
-    "agnostic-sam": [0.02, 0.05, 0.1, 0.2],
-    "agnostic-asam": [0.2, 0.5, 1.0, 2.0],
+    "sam": [0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0],
+    "asam": [0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0],
+    "agnostic-sam": [0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0],
+    "agnostic-asam": [0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0],
 }
 NAMES = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "agnostic-sam": "Agnostic-SAM", "agnostic-asam": "Agnostic-ASAM"}
 PAIRS = [("agnostic-sam", "sam"), ("agnostic-asam", "asam"), ("sam", "sgd"), ("agnostic-sam", "sgd")]
