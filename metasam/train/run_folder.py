@@ -73,7 +73,7 @@ class RunLock:
     again). ``create=True`` makes the folder; a folder or lock file this lock created is removed again on
     :meth:`release` if nothing else was written into the folder (a run that failed before it started)."""
 
-    _held: dict[Path, tuple[int, int]] = {}  # folder → (file descriptor, times taken) in this process
+    _held: dict[Path, tuple[int, int]] = {}  # resolved folder → (file descriptor, times taken) in this process
 
     def __init__(self, folder: str | os.PathLike, *, create: bool = False) -> None:
         self.folder = Path(folder).absolute()
@@ -82,16 +82,22 @@ class RunLock:
         self._created: list[Path] = []
 
     def acquire(self) -> "RunLock":
-        if self.folder in self._held:
-            fd, count = self._held[self.folder]
-            self._held[self.folder] = (fd, count + 1)
-            return self
-        if self.create:
-            missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._created = missing
-        new_file = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock; raise :class:`ConfigError` naming the holder when another process has it."""
+        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()] if self.create else []
+        try:
+            if self.create:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            key = self.folder.resolve()
+            if key in self._held:
+                fd, count = self._held[key]
+                self._held[key] = (fd, count + 1)
+                return self
+            new_file = not self.path.exists()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            reason, remedy = write_failure(self.folder, exc)
+            raise ConfigError(f"cannot lock the run folder {self.folder}: {reason}. {remedy}") from exc
+        self._created = missing
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -106,20 +112,25 @@ class RunLock:
             self._created.insert(0, self.path)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self._held[self.folder] = (fd, 1)
+        self._held[key] = (fd, 1)
         return self
 
     def release(self) -> None:
-        fd, count = self._held.pop(self.folder, (None, 0))
+        """Give the lock back (once per :meth:`acquire`); the last release closes it, and removes what this
+        lock created if the run never wrote anything."""
+        key = self.folder.resolve()
+        fd, count = self._held.pop(key, (None, 0))
         if count > 1:
-            self._held[self.folder] = (fd, count - 1)
+            self._held[key] = (fd, count - 1)
             return
         if fd is None:
             return
-        if [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:  # the run never started: leave no trace
-            for p in self._created:
-                p.unlink() if p == self.path else p.rmdir()
-        os.close(fd)
+        try:
+            if [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:  # the run never started: leave no trace
+                for p in self._created:
+                    p.unlink() if p == self.path else p.rmdir()
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
