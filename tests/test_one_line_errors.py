@@ -136,3 +136,13 @@ def test_a_missing_default_test_split_names_its_flag_and_a_missing_data_root_nam
     monkeypatch.delenv("METASAM_DATA", raising=False)
     assert main([*args, "--out", str(tmp_path / "run")]) == 2
     assert "no data folder given. Pass --data-root <folder> (root=<folder> in Python) or set" in error_line(capsys)
+
+
+def test_a_file_system_error_no_check_foresaw_is_one_line(tmp_path, capsys, tmpfs):
+    run = tmp_path / "run"
+    assert main([*CLI, "--out", str(run)]) == 0
+    read_only = tmpfs("1m", read_only=True)
+    capsys.readouterr()
+    assert main(["plot", str(run), "--out", str(read_only / "curves.png")]) == 2
+    assert error_line(capsys) == (f"metasam plot: error: {read_only / 'curves.png'}: read-only file system. "
+                                  f"Make {read_only} writable (or choose another folder) and try again")

@@ -11,6 +11,7 @@ from pathlib import Path
 import metasam
 
 from metasam.cli import analyze, bench, evaluate, plot, supervised, train
+from metasam.checkpoint import write_failure
 from metasam.errors import ConfigError, MetaSAMError
 from metasam.train.distributed import launched_as
 from metasam.train.memory import retain_freed_memory
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one sub-command; our errors print one line and return 2, Ctrl-C outside training returns 130."""
+    """Run one sub-command; our errors and the file system's print one line and return 2, Ctrl-C outside
+    training returns 130."""
     args = build_parser().parse_args(argv)
     retain_freed_memory()  # fewer page faults on CPU; changes no result (metasam/train/memory.py)
     who = f"metasam {args.command}"  # under torchrun, its rank is added once known
@@ -59,9 +61,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except MetaSAMError as exc:
             print(f"{who}: error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # the file system refused a read or write none of our checks foresaw
+            print(f"{who}: error: {file_system_error(exc)}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt as exc:  # a run stopped by SIGINT/SIGTERM says how to resume; else Ctrl-C mid-load
             print(f"{who}: {exc or 'interrupted'}", file=sys.stderr)
             return 130
+
+
+def file_system_error(exc: OSError) -> str:
+    """One line for an ``OSError``: the file, what went wrong and what to do."""
+    if not exc.filename:
+        return f"{exc.strerror or exc}"
+    reason, remedy = write_failure(Path(exc.filename).parent, exc)
+    return f"{exc.filename}: {reason}. {remedy}"
 
 
 if __name__ == "__main__":
