@@ -32,5 +32,9 @@ class NonFiniteError(MetaSAMError, FloatingPointError):
         self.tensor = tensor
 
 
+class RunFolderInUse(ConfigError):
+    """Another process holds the lock of the run folder (see :class:`metasam.train.run_folder.RunLock`)."""
+
+
 class CheckpointError(MetaSAMError):
     """A checkpoint is missing, corrupt, or belongs to another model or configuration."""

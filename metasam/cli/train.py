@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from metasam.cli.flags import add, add_rule_flags
-from metasam.errors import CheckpointError, ConfigError
+from metasam.errors import CheckpointError, ConfigError, RunFolderInUse
 from metasam.meta import PRESETS
 from metasam.train.config import RESUME_OVERRIDES, RULE_KEYS, MetaTrainConfig, check_device
 from metasam.train.meta import MetaTrainer, datasets_summary, load_run_checkpoint
@@ -126,7 +126,11 @@ def _resume(args: argparse.Namespace) -> MetaTrainer:
                                   "deleted; put it back to continue the run")
     check_device(cfg.device)
     check_writable(run_dir)
-    trainer = MetaTrainer(cfg, run_dir)
+    try:
+        trainer = MetaTrainer(cfg, run_dir)
+    except RunFolderInUse as exc:
+        raise RunFolderInUse(f"{exc}. To give a running run more iterations, stop it (Ctrl-C, or kill -TERM: it saves "
+                             f"last.pt), then: metasam train --resume {run_dir} --iterations N") from exc
     if ckpt is None:
         if trainer.procs.is_main:
             print(f"metasam train: {run_dir} stopped before its first checkpoint; starting it from iteration 0 "

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from metasam.checkpoint import write_failure
-from metasam.errors import ConfigError
+from metasam.errors import ConfigError, RunFolderInUse
 
 LOCK_NAME = ".metasam.lock"
 RUN_FILES = ("config.json", "val_tasks.json", "last.pt", "best.pt", "metrics.jsonl", "train_summary.json")
@@ -105,7 +105,7 @@ class RunLock:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
-            raise ConfigError(
+            raise RunFolderInUse(
                 f"{self.folder} is in use by another metasam process ({holder}); wait for it to finish or stop it, "
                 "then try again (one process per run folder)") from exc
         if new_file:

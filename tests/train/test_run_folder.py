@@ -78,7 +78,9 @@ def test_a_second_process_in_a_run_folder_is_refused_and_a_dead_ones_lock_does_n
         assert main(["train", "--resume", str(run), "--iterations", "4", "--no-progress"]) == 2
         (line,) = error_lines(capsys.readouterr().err)
         assert f"{run} is in use by another metasam process (pid {holder.pid} on " in line
-        assert line.endswith("wait for it to finish or stop it, then try again (one process per run folder)")
+        assert line.endswith("wait for it to finish or stop it, then try again (one process per run folder). To give a "
+                             "running run more iterations, stop it (Ctrl-C, or kill -TERM: it saves last.pt), then: "
+                             f"metasam train --resume {run} --iterations N")
         assert (run / "metrics.jsonl").read_text() == log
     finally:
         holder.send_signal(signal.SIGKILL)
