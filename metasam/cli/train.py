@@ -58,6 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--outer-val-tasks", type=int, default=None, metavar="V",
         help="tasks in each validation meta-batch of the agnostic outer rule (default: --meta-batch; "
         "the seed paper's validation batches are a quarter of the training batch)")
+    add(p, "--alignment-every", type=int, default=0, metavar="N",
+        help="every N iterations log cos(g_S, g_V) before and after the update at the outer level (meta-batch vs "
+        "validation meta-batch) and the inner level (support vs query), four more meta-gradients per logged "
+        "iteration; 0 logs none (default). `metasam plot --alignment` draws them")
     add(p, "--skip-nonfinite", type=int, default=None, metavar="N",
         help="skip up to N steps whose loss or gradient is NaN/Inf (θ unchanged, counted in metrics.jsonl) "
         "before stopping (default: 0). Also allowed with --resume")

@@ -67,6 +67,7 @@ class MetaTrainConfig:
     rule: dict[str, Any] | None = None
     skip_nonfinite: int = 0
     outer_val_tasks: int | None = None
+    alignment_every: int = 0
     tf32: bool = False
 
     def __post_init__(self) -> None:
@@ -102,7 +103,7 @@ class MetaTrainConfig:
         self.train_split = self.train_split or train
         self.val_split = self.val_split if self.val_split is not None else val
         self.test_split = self.test_split if self.test_split is not None else test
-        for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0)):
+        for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0), ("alignment_every", 0)):
             check_int(name, getattr(self, name), low)
         check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,
                       self.test_rule, self.path, **self.rule)

@@ -118,7 +118,7 @@ class MetaTrainer:
         check_meta_batch_memory(cfg)
         use_tf32(cfg.tf32)
         self.procs = join(cfg.device, cfg.meta_batch)  # before the model is built: it picks this process's GPU
-        if PRESETS[cfg.algo].outer == "agnostic" and cfg.outer_val_tasks < self.procs.world_size:
+        if (PRESETS[cfg.algo].outer == "agnostic" or cfg.alignment_every) and cfg.outer_val_tasks < self.procs.world_size:
             raise ConfigError(
                 f"--outer-val-tasks {cfg.outer_val_tasks} is smaller than the {self.procs.world_size} processes: each "
                 "process needs at least one validation task; raise it or start fewer processes"
@@ -283,12 +283,14 @@ class MetaTrainer:
                 tasks = self.procs.share(range(it * cfg.meta_batch, (it + 1) * cfg.meta_batch))
                 batch = _to(self.sampler.batch(tasks), cfg.device)
                 val_batch = None
-                if learner.outer_rule.name == "agnostic":
+                aligned = cfg.alignment_every > 0 and (it + 1) % cfg.alignment_every == 0
+                if learner.outer_rule.name == "agnostic" or aligned:  # the alignment's g_V: the same draws
                     v = cfg.outer_val_tasks
                     val_batch = _to(self.outer_val_sampler.batch(self.procs.share(range(it * v, (it + 1) * v))), cfg.device)
                 start = time.perf_counter()
                 try:
-                    metrics = learner.meta_step(batch, val_batch, pre_adaptation=it % PRE_ADAPTATION_EVERY == 0)
+                    metrics = learner.meta_step(batch, val_batch, pre_adaptation=it % PRE_ADAPTATION_EVERY == 0,
+                                                alignment=aligned)
                 except NonFiniteError as exc:  # the same on every process: the loss and direction are all-reduced
                     metrics = self._skip_nonfinite(exc)
                 metrics["tasks_per_s"] = cfg.meta_batch / (time.perf_counter() - start)

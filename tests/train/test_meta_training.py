@@ -169,3 +169,23 @@ def test_agnostic_outer_rule_gets_validation_meta_batches_of_outer_val_tasks(tmp
         assert all(torch.equal(a, b) for a, b in zip(val_batch, expected))
     with pytest.raises(ConfigError, match="--outer-val-tasks must be an int >= 1"):
         MetaTrainConfig(algo="agnostic-sam-up", outer_val_tasks=0, **TINY)
+
+
+def test_alignment_every_logs_both_levels_before_and_after_and_plot_draws_them(tmp_path):
+    """--alignment-every 2 on a maml run: iterations 2 and 4 log outer and inner cos before and after the
+    update, the others none; the training itself is the same as without the diagnostic."""
+    from metasam.analysis import curves
+
+    plain = MetaTrainer(MetaTrainConfig(algo="maml", iterations=4, **TINY), tmp_path / "plain")
+    plain.start()
+    plain.train(progress=False)
+    aligned = MetaTrainer(MetaTrainConfig(algo="maml", iterations=4, alignment_every=2, **TINY), tmp_path / "aligned")
+    aligned.start()
+    aligned.train(progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "aligned" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("outer_cos_before", "outer_cos_after", "inner_cos_before", "inner_cos_after")
+    logged = [r["iteration"] for r in lines if "outer_cos_before" in r]
+    assert logged == [2, 4] and all(all(-1 <= r[k] <= 1 for k in keys) for r in lines if "outer_cos_before" in r)
+    for a, b in zip(plain.learner.model.parameters(), aligned.learner.model.parameters()):
+        assert torch.equal(a, b)
+    assert curves.plot_alignment([tmp_path / "aligned"], tmp_path / "align.png").is_file()
