@@ -13,7 +13,7 @@ import metasam
 from metasam.cli import analyze, bench, evaluate, train
 from metasam.cli.main import main
 
-COMMANDS = ["train", "evaluate", "analyze", "bench"]
+COMMANDS = ["train", "evaluate", "analyze", "bench", "supervised", "plot"]
 TINY = ["train", "--dataset", "glyphs", "--ways", "3", "--queries", "2", "--meta-batch", "2", "--iterations", "2",
         "--val-every", "2", "--val-tasks", "3", "--no-progress"]
 

@@ -37,6 +37,20 @@ def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
     raise AssertionError("distinct resolved paths always have distinct tails")
 
 
+def check_out_path(out: str | Path) -> Path:
+    """``out`` as a Path, refused in one line when a file stands where its folder should be (checked before
+    any run is read or anything is drawn)."""
+    out = Path(out)
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {out}: {parent} is a file, not a folder; choose a path inside a folder")
+            break
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: give the PNG's file name, e.g. {out / 'curves.png'}")
+    return out
+
+
 def _series(records: list[dict], key: str) -> tuple[str, list[float], list[float]]:
     """(x-axis name, x, y) of ``key``: x is the step, iteration or epoch that the lines holding ``key`` carry."""
     rows = [r for r in records if key in r]
@@ -54,9 +68,8 @@ def _figure(panels: int, size: tuple[int, int], dpi: int):
     return plt, fig, axes[0]
 
 
-def _save(plt, fig, out: str | Path, dpi: int) -> Path:
+def _save(plt, fig, out: Path, dpi: int) -> Path:
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
@@ -67,6 +80,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, keys: Sequence[st
               size: tuple[int, int] = (1200, 400), dpi: int = 100) -> Path:
     """One subplot per metric in ``keys`` that any run logged, one line per run (labelled by its path, see
     :func:`run_labels`); writes a PNG of ``size`` pixels."""
+    out = check_out_path(out)
     runs = dict(zip(run_labels(run_dirs), (read_metrics(d) for d in run_dirs)))
     present = [k for k in keys if any(any(k in r for r in recs) for recs in runs.values())]
     if not present:
@@ -87,6 +101,7 @@ def plot_alignment(run_dirs: Sequence[str | Path], out: str | Path, size: tuple[
                    dpi: int = 100) -> Path:
     """cos(g_S, g_V) before (solid) and after (dashed) each logged update, one colour per run, one panel per
     level that any run logged (supervised; the bilevel outer and inner levels): the seed paper's Figure 1."""
+    out = check_out_path(out)
     runs = dict(zip(run_labels(run_dirs), (read_metrics(d) for d in run_dirs)))
     levels = {title: keys for title, keys in ALIGNMENT_LEVELS.items()
               if any(keys[0] in r for recs in runs.values() for r in recs)}

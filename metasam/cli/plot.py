@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 from metasam.analysis import plot_alignment, plot_runs
+from metasam.cli.flags import add
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="training curves of one or several runs on one PNG")
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", default="curves.png")
-    p.add_argument("--alignment", action="store_true", help="plot cos(g_S, g_V) before and after each logged update instead (runs trained with --alignment-every N)")
+    p.add_argument("run_dirs", nargs="+", help="run folders (each with its metrics.jsonl)")
+    add(p, "--out", default="curves.png", help="the PNG to write")
+    add(p, "--alignment", action="store_true", help="plot cos(g_S, g_V) before and after each logged update instead (runs trained with --alignment-every N)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from metasam.cli.flags import add
 from metasam.errors import ConfigError
 from metasam.optim.sam import ASAM_SCOPES
 from metasam.train.supervised import DATASETS, OPTIMIZER_PARAMS, OPTIMIZERS, SHARPNESS_PARAMS, SupervisedConfig, train_supervised
@@ -18,32 +19,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train a classifier; symmetric label noise on the training labels only, clean test labels. "
         "Prints the final result as JSON.",
     )
-    p.add_argument("--dataset", choices=DATASETS, default="digits", help="digits is offline (scikit-learn's bundled set)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    p.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels flipped, 0..0.8")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--val-batch-size", type=int, default=16, help="size of Agnostic-SAM's validation batch B_V (from the training set)")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--rho1", "--rho", dest="rho1", type=float, default=None,
+    add(p, "--dataset", choices=DATASETS, default="digits", help="digits is offline (scikit-learn's bundled set)")
+    add(p, "--optimizer", choices=OPTIMIZERS, default="sgd", help="the optimizer, over SGD with momentum")
+    add(p, "--label-noise", type=float, default=0.0, help="fraction of training labels flipped, 0..0.8")
+    add(p, "--seed", type=int, default=0, help="seeds the split, the noisy labels, the weights and the batches")
+    add(p, "--epochs", type=int, default=30, help="passes over the training set")
+    add(p, "--batch-size", type=int, default=64, help="size of the training batch B_S")
+    add(p, "--val-batch-size", type=int, default=16, help="size of Agnostic-SAM's validation batch B_V (from the training set)")
+    add(p, "--lr", type=float, default=0.05, help="learning rate of SGD (cosine schedule over all steps)")
+    add(p, "--momentum", type=float, default=0.9, help="SGD momentum")
+    add(p, "--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    add(p, "--rho1", "--rho", dest="rho1", type=float, default=None,
                    help="SAM/ASAM radius rho, Agnostic-SAM's rho1 (default 0.05; 0.5 for the adaptive variants)")
-    p.add_argument("--rho2", type=float, default=None, help="Agnostic-SAM's descent radius rho2 (default rho1/2)")
-    p.add_argument("--beta", type=float, default=None, help="momentum of Agnostic-SAM's validation gradient (default 0.9)")
-    p.add_argument("--eta", type=float, default=None, help="ASAM's eta in T = |theta| + eta (default 0.01)")
-    p.add_argument("--asam-scope", choices=ASAM_SCOPES, default=None,
+    add(p, "--rho2", type=float, default=None, help="Agnostic-SAM's descent radius rho2 (default rho1/2)")
+    add(p, "--beta", type=float, default=None, help="momentum of Agnostic-SAM's validation gradient (default 0.9)")
+    add(p, "--eta", type=float, default=None, help="ASAM's eta in T = |theta| + eta (default 0.01)")
+    add(p, "--asam-scope", choices=ASAM_SCOPES, default=None,
                    help="the tensors ASAM's T scales: all (default, the ASAM paper) or weights (the ASAM authors' code)")
-    p.add_argument("--alignment-every", type=int, default=0, metavar="N",
+    add(p, "--alignment-every", type=int, default=0, metavar="N",
                    help="every N steps log cos(g_S, g_V) before and after the update (two to four more passes "
                    "per logged step); 0 logs none (default). `metasam plot --alignment` draws them")
-    p.add_argument("--data-root", default="data", help="folder holding CIFAR (digits needs none)")
-    p.add_argument("--download", action="store_true", help="download CIFAR (needs a network)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--tf32", action="store_true", help=TF32_HELP)
-    p.add_argument("--out", default=None, help="folder for config.json, metrics.jsonl and result.json")
-    p.add_argument("--no-progress", action="store_true")
+    add(p, "--data-root", default="data", help="folder holding CIFAR (digits needs none)")
+    add(p, "--download", action="store_true", help="download CIFAR (needs a network)")
+    add(p, "--device", default="cpu", help="cpu, cuda or cuda:N")
+    add(p, "--tf32", action="store_true", help=TF32_HELP)
+    add(p, "--out", default=None, help="folder for config.json, metrics.jsonl, model.pt and result.json (default: none, print only)")
+    add(p, "--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -93,3 +93,13 @@ def test_runs_with_the_same_name_in_different_folders_stay_apart(tmp_path):
     with pytest.raises(ConfigError, match="twice"):
         run_labels([dirs[0], dirs[0]])
     assert plot_runs(dirs, tmp_path / "curves.png").is_file()
+
+
+def test_plot_out_under_a_file_or_onto_a_folder_is_one_line_before_any_run_is_read(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out, message in ((afile / "x.png", "is a file, not a folder"), (tmp_path, "is a folder: give the PNG's file name")):
+        assert main(["plot", str(tmp_path / "no-such-run"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert afile.read_text() == "mine"
