@@ -17,7 +17,7 @@ from metasam.meta import PRESETS
 from metasam.meta.learner import check_hparams
 from metasam.meta.presets import RULE_PARAMS
 
-# ALGORITHMS.md §2, standard settings: (inner_lr, inner_steps, test_inner_steps, meta_batch)
+# the standard settings of docs/algorithms.md §3: (inner_lr, inner_steps, test_inner_steps, meta_batch)
 STANDARD = {
     ("omniglot", 5): (0.4, 1, 3, 32),
     ("omniglot", 20): (0.1, 5, 5, 16),
@@ -37,7 +37,7 @@ is the same for any number of iterations), not what a step computes."""
 @dataclass
 class MetaTrainConfig:
     """Everything that defines a meta-training run. None fields take the standard setting of the
-    dataset and ways (ALGORITHMS.md §2); ``rule`` holds inner_/outer_ rule hyperparameters."""
+    dataset and ways (docs/algorithms.md §3); ``rule`` holds inner_/outer_ rule hyperparameters."""
 
     dataset: str = "glyphs"
     data_root: str | None = None
