@@ -305,6 +305,7 @@ class MetaLearner:
         self.outer_optimizer = optimizer_class(list(self.params.values()), lr=outer_lr, **(outer_kwargs or {}))
         self.outer_scheduler = None if outer_scheduler is None else outer_scheduler(self.outer_optimizer)
         self.outer_momentum: list[Tensor] | None = None
+        self._outputs: int | None = None  # the model's output size, measured by _checked
         self.iteration = 0
         device = next(iter(self.params.values())).device
         if path == "auto":
@@ -346,6 +347,21 @@ class MetaLearner:
             if visit is not None:
                 visit(self._with_adapted(fixed, previous), self._with_adapted(fixed, phi))
         return self._with_adapted(theta, phi)
+
+    def _checked(self, batch: Sequence[Tensor]) -> Sequence[Tensor]:
+        """``batch`` (a task or a task batch), once its labels are known to fit the model's outputs: with the
+        default cross-entropy, a model of C outputs cannot learn labels ≥ C (a 5-way Conv4 on 20-way tasks)."""
+        if self.loss_fn is not nn.functional.cross_entropy:
+            return batch
+        if self._outputs is None:  # one forward of one support set at θ, once
+            with torch.no_grad():
+                x = batch[0] if batch[1].dim() == 1 else batch[0][0]
+                self._outputs = self._logits([self.params[n] for n in self.names], x).shape[-1]
+        labels = max(int(batch[1].max()), int(batch[3].max())) + 1
+        if labels > self._outputs:
+            raise ConfigError(f"the tasks have labels up to {labels - 1} ({labels} ways) but the model gives {self._outputs} "
+                              f"outputs per example: build it for {labels} ways (e.g. Conv4(ways={labels}))")
+        return batch
 
     def _with_adapted(self, values: Sequence[Tensor], adapted: Sequence[Tensor]) -> list[Tensor]:
         """``values`` with the adapted parameters' entries replaced by ``adapted`` (in ``self.adapted`` order)."""
@@ -433,7 +449,8 @@ class MetaLearner:
         (agnostic outer) is not advanced either. With a ``reducer``, ``batch`` (and ``val_batch``) hold
         this process's tasks and the direction is that of the whole meta-batch, the same on every process.
         """
-        direction, _, _ = self._outer_direction(as_task_batch(batch), val_batch)
+        batch = self._checked(as_task_batch(batch))
+        direction, _, _ = self._outer_direction(batch, val_batch)
         return {n: g.detach() for n, g in zip(self.names, direction)}
 
     def _outer_direction(self, batch: TaskBatch, val_batch: Sequence[Tensor] | None):
@@ -473,7 +490,7 @@ class MetaLearner:
         ``batch`` and ``val_batch``, which it then needs whatever the outer rule) and ``inner_cos_before``
         / ``inner_cos_after`` (:meth:`inner_alignment`). It costs four more meta-gradients and the inner
         diagnostic's passes: a diagnostic to take every few steps, not at every one."""
-        batch = as_task_batch(batch)
+        batch = self._checked(as_task_batch(batch))
         aligned = {}
         if alignment:
             if val_batch is None:
@@ -584,7 +601,7 @@ class MetaLearner:
         per_item: list[list[float]] = []
         mine = tasks if self.reducer is None else self.reducer.share(tasks)
         for task in tqdm(mine, desc="evaluate", disable=not progress, leave=False):
-            sx, sy, qx, qy = task
+            sx, sy, qx, qy = self._checked(task)
             if sy.dim() == 1:
                 sx, sy, qx, qy = sx.unsqueeze(0), sy.unsqueeze(0), qx.unsqueeze(0), qy.unsqueeze(0)
             item = []

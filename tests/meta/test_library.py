@@ -152,3 +152,15 @@ def test_regression_learner_reports_no_accuracy():
 def test_anil_example_learns_above_chance():
     result = runpy.run_path(str(EXAMPLES / "anil.py"))["main"](iterations=30, meta_batch=4, episodes=20)
     assert result["accuracy"] > 0.3, result  # chance is 0.2
+
+
+def test_a_model_with_fewer_outputs_than_the_tasks_have_ways_is_named():
+    """Conv4(ways=5) on 20-way tasks: one line naming both numbers, not an IndexError from inside the loss."""
+    from metasam.models import Conv4
+
+    learner = MetaLearner(Conv4(ways=5, hidden=4), "maml", inner_lr=0.4)
+    y = torch.arange(20).repeat(2, 1)
+    batch = TaskBatch(torch.rand(2, 20, 1, 28, 28), y, torch.rand(2, 20, 1, 28, 28), y)
+    for call in (lambda: learner.meta_step(batch), lambda: learner.meta_gradient(batch), lambda: learner.evaluate([batch])):
+        with pytest.raises(ConfigError, match=r"labels up to 19 \(20 ways\) but the model gives 5 outputs.*Conv4\(ways=20\)"):
+            call()
