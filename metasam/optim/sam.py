@@ -125,7 +125,8 @@ class _SharpnessOptimizer(Optimizer):
         """θ ← θ + ε, remembering θ exactly (θ + ε − ε is not θ in floating point)."""
         with torch.no_grad():
             self._origin = [(p, p.detach().clone()) for p in params]
-            torch._foreach_add_(list(params), list(perturbation))
+            for p, e in zip(params, perturbation):
+                p.add_(e)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
