@@ -268,6 +268,8 @@ class MetaLearner:
         )
         preset = PRESETS[algo]
         optimizer_class = outer_optimizer_class(outer_optimizer)
+        if "lr" in (outer_kwargs or {}):
+            raise ConfigError("outer_kwargs holds 'lr': give the outer learning rate as outer_lr= (it is checked and saved there)")
         self.loss_fn = refuse_custom_spec(loss_fn, "loss_fn") or nn.functional.cross_entropy
         self.accuracy = loss_fn is None if accuracy is None else accuracy
         outer_scheduler = refuse_custom_spec(outer_scheduler, "outer_scheduler")

@@ -108,6 +108,10 @@ def test_outer_optimizer_arguments_and_scheduler_survive_a_checkpoint():
     buffer.seek(0)
     with pytest.raises(CheckpointError, match="outer_scheduler="):
         make_learner(scheduler=False).load_state_dict(torch.load(buffer, weights_only=True))
+    with pytest.raises(ConfigError, match="outer_lr="):
+        MetaLearner(Net(), outer_kwargs={"lr": 0.1})
+    with pytest.raises(ConfigError, match="torch.optim.Optimizer class or the name of one"):
+        MetaLearner(Net(), outer_optimizer="Adamm")
 
 
 def smoothed_cross_entropy(output, target):
