@@ -230,20 +230,25 @@ class TextbookConv4(nn.Module):
 
 
 def build(key: str, ways: int, device: str, path: str) -> Impl:
-    """A fresh implementation ``key`` ("metasam:<preset>[:val4][:loop|:vmap]", a BASELINES key or
-    ATTRIBUTION) with the seeded Conv4's weights; a path token overrides ``path``."""
+    """A fresh implementation ``key`` ("metasam:<preset>[:val4][:loop|:vmap][:textbook]", a BASELINES key or
+    ATTRIBUTION) with the seeded Conv4's weights; a path token overrides ``path``; ``textbook`` runs metasam
+    on the baselines' textbook Conv4 (a model of the user's own, as a library user brings it)."""
     torch.manual_seed(0)
     model = Conv4(ways).to(device)
+    textbook = TextbookConv4(ways).to(device)
+    textbook.load_state_dict(model.state_dict())
     if key.startswith("metasam:"):
         _, algo, *options = key.split(":")
         path = next((o for o in options if o in ("loop", "vmap")), path)
-        return Metasam(model, algo, INNER_LR[ways], path, val_fraction=0.25 if "val4" in options else 1.0)
+        impl = Metasam(textbook if "textbook" in options else model, algo, INNER_LR[ways], path,
+                       val_fraction=0.25 if "val4" in options else 1.0)
+        if "textbook" in options:
+            impl.name += " on the textbook Conv4 (a model of your own, MetaLearner's defaults)"
+        return impl
     if key == ATTRIBUTION:
         impl = TorchBaseline(model, INNER_LR[ways])
         impl.name = "torch.autograd loop (hand-written) on metasam's Conv4 (attribution, not a baseline)"
         return impl
-    textbook = TextbookConv4(ways).to(device)
-    textbook.load_state_dict(model.state_dict())
     return BASELINES[key](textbook, INNER_LR[ways])
 
 
@@ -436,11 +441,15 @@ def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list
         keys.insert(keys.index("metasam:agnostic-sam-both") + 1, "metasam:agnostic-sam-both:val4")
     impls = {k: build(k, ways, args.device, args.path) for k in keys}
     checked = ["metasam:maml"]
+    if args.textbook:  # metasam as a library user runs it: on the textbook Conv4
+        keys.insert(1, "metasam:maml:textbook")
+        checked.append("metasam:maml:textbook")
+        impls["metasam:maml:textbook"] = build("metasam:maml:textbook", ways, args.device, args.path)
     if args.compare_paths:  # maml on the path that "auto" did not take, checked and timed like the rest
         other = "vmap" if impls["metasam:maml"].learner.path == "loop" else "loop"
         checked.append(f"metasam:maml:{other}")
-        keys.insert(1, checked[1])
-        impls[checked[1]] = build(checked[1], ways, args.device, args.path)
+        keys.insert(1, checked[-1])
+        impls[checked[-1]] = build(checked[-1], ways, args.device, args.path)
 
     truth = float64_truth(ways, args.device, batches[0][0])
     compared = nonzero_tensors(truth)
@@ -566,6 +575,8 @@ def main() -> None:
                         help="let CUDA convolutions and matrix products use TF32, for every implementation in the process "
                              "(default: full float32, as metasam's commands run)")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--textbook", action="store_true",
+                        help="add metasam maml on the baselines' textbook Conv4 (MetaLearner's defaults, a user's own model)")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="keep freed memory in the process (glibc), as `metasam train` does on a CPU; it applies to "
                              "every implementation in the process")
