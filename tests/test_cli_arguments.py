@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metasam.cli.main import build_parser, main
-from metasam.meta.presets import PRESETS, RULE_PARAMS
+from metasam.meta.presets import PRESETS
 from metasam.train import meta
 
 
@@ -27,6 +27,9 @@ class DataReached(Exception):
 INT_FLAGS = {"ways": 2, "shots": 1, "queries": 1, "iterations": 1, "meta_batch": 1, "outer_val_tasks": 1, "inner_steps": 1,
              "test_inner_steps": 1, "val_every": 1, "val_tasks": 1, "seed": 0, "skip_nonfinite": 0}
 POSITIVE_FLOATS = ("inner_lr", "outer_lr")
+USES = {"gd": (), "plain": (), "sam": ("rho", "adaptive", "eta", "detach_perturbation"),
+        "agnostic": ("rho1", "rho2", "beta", "adaptive", "eta", "detach_perturbation")}
+"""The settings each rule takes, as docs/algorithms.md lists them."""
 RULE_FLOATS = ("inner_rho", "inner_rho1", "inner_rho2", "inner_eta", "inner_beta",
                "outer_rho", "outer_rho1", "outer_rho2", "outer_eta", "outer_beta")
 
@@ -57,7 +60,7 @@ def expected_valid(ns) -> bool:
         if value is None:
             continue
         level, param = name.split("_", 1)
-        if param not in RULE_PARAMS[preset.inner if level == "inner" else preset.outer]:
+        if param not in USES[preset.inner if level == "inner" else preset.outer]:
             return False  # the algorithm does not use it
         if isinstance(value, bool):
             continue

@@ -77,7 +77,7 @@ def test_random_bytes_as_a_config(finished, tmp_path, data):
 
 
 @FUZZ
-@given(key=st.sampled_from(["dataset", "ways", "shots", "iterations", "meta_batch", "inner_lr", "rule", "device",
+@given(key=st.sampled_from(["dataset", "ways", "shots", "iterations", "meta_batch", "inner_lr", "inner_rule", "device",
                             "image_size", "seed", "test_split", "first_order"]), value=JSON_VALUES)
 def test_a_random_value_for_one_setting_of_a_config(finished, tmp_path, key, value):
     run = fresh_copy(finished, tmp_path)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torch import Tensor
+from torch.func import grad
 
 from metasam.analysis.hessian import LossFn
 from metasam.errors import ConfigError
 from metasam.meta import MetaLearner
+from metasam.meta.functional import forward, task_loss
 
 
 def meta_loss_fn(learner: MetaLearner, tasks: Iterable, kind: str = "query") -> LossFn:
@@ -31,14 +33,13 @@ def meta_loss_fn(learner: MetaLearner, tasks: Iterable, kind: str = "query") -> 
         raise ConfigError("meta_loss_fn got no tasks")
 
     def loss_fn(params: dict[str, Tensor]) -> Tensor:
-        theta = [params[n] for n in learner.names]
+        theta = {n: params[n] for n in learner.names}
         total = 0.0
         for sx, sy, qx, qy in episodes:
             if kind == "support":
-                total = total + learner._loss(theta, sx, sy)
-            else:
-                phi = learner._adapt_values(theta, sx, sy, learner.inner_steps, learner.inner_rule, learner.first_order)
-                total = total + learner._loss(phi, qx, qy)
+                total = total + learner.loss_fn(forward(learner.model, theta, sx), sy)
+            else:  # torch.func.grad inside, so that the Hessian's jvp composes with the adaptation
+                total = total + task_loss(learner.model, theta, (sx, sy, qx, qy), learner.inner, grad)[0]
         return total / len(episodes)
 
     return loss_fn

@@ -48,7 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             others(message, category, filename, lineno, file, line)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("once")  # a setting checked twice (config, then learner) warns once
         warnings.showwarning = one_line
         try:
             rank, world_size = launched_as()

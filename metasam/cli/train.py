@@ -8,10 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-from metasam.cli.flags import add, add_rule_flags
+from metasam.cli.flags import add, add_rule_flags, rules_from_flags
 from metasam.errors import CheckpointError, ConfigError, RunFolderInUse
 from metasam.meta import PRESETS
-from metasam.train.config import RESUME_OVERRIDES, RULE_KEYS, MetaTrainConfig, check_device
+from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, check_device
 from metasam.train.meta import MetaTrainer, datasets_summary, load_run_checkpoint
 from metasam.train.run_folder import check_new_run_dir, check_writable
 from metasam.train.precision import TF32_HELP
@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="drop second-order terms of the meta-gradient (default: the algorithm's; fomaml is first order)")
     add(p, "--outer-lr", type=float, default=1e-3, help="Adam's step size for θ")
     add(p, "--test-rule", choices=("same", "gd"), default="same", help="inner rule at meta-test time")
-    add_rule_flags(p, RULE_KEYS)
+    add_rule_flags(p)
     add(p, "--train-split", default=None, help="meta-training split (default: background / train; see docs/data.md)")
     add(p, "--val-split", default=None, help="validation split (default: val, or a seeded tenth of the training classes)")
     add(p, "--test-split", default=None, help="split `metasam evaluate` uses (default: evaluation / test)")
@@ -92,8 +92,8 @@ def _start(args: argparse.Namespace) -> MetaTrainer:
         raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(MetaTrainConfig)
                 if getattr(args, f.name, None) is not None}
-    rule = {k: getattr(args, k) for k in RULE_KEYS if getattr(args, k) is not None}
-    cfg = MetaTrainConfig(**settings, rule=rule)
+    inner_rule, outer_rule = rules_from_flags(args)
+    cfg = MetaTrainConfig(**settings, inner_rule=inner_rule, outer_rule=outer_rule)
     check_new_run_dir(args.out)
     check_device(cfg.device)
     trainer = MetaTrainer(cfg, args.out)

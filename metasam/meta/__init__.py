@@ -1,7 +1,8 @@
 """The bilevel (meta-learning) loops: inner and outer rules over the optimizer core, and presets."""
 
 from metasam.data.episodes import TaskBatch
-from metasam.meta.learner import MetaLearner, as_task_batch
+from metasam.meta.arguments import as_task_batch
+from metasam.meta.learner import MetaLearner
 from metasam.meta.presets import PRESETS, Preset
 from metasam.meta.rules import AgnosticRule, Rule, SAMRule, make_rule
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from metasam.errors import ConfigError
+from metasam.meta.rules import Rule, make_rule, settings_of
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,23 @@ PRESETS: dict[str, Preset] = {
     "agnostic-sam-both": Preset("agnostic", "agnostic"),
 }
 
-RULE_PARAMS = {"gd": (), "plain": (), "sam": ("rho", "adaptive", "eta", "detach_perturbation"),
-               "agnostic": ("rho1", "rho2", "beta", "adaptive", "eta", "detach_perturbation")}
-"""The hyperparameters each rule takes; the learner accepts them prefixed ``inner_`` / ``outer_``."""
+
+
+def preset_rules(algo: str, inner: dict[str, Any] | None = None, outer: dict[str, Any] | None = None) -> tuple[Rule, Rule]:
+    """The (inner, outer) rules of preset ``algo``, with the settings ``inner`` and ``outer`` given (the rules'
+    defaults for the others): ``preset_rules("agnostic-sam", {"rho1": 0.1, "rho2": 0.05})``.
+
+    Raises :class:`ConfigError` for an unknown preset, or a setting its rule at that level does not have."""
+    if algo not in PRESETS:
+        raise ConfigError(f"unknown algo {algo!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[algo]
+    rules = []
+    for level, kind, given in (("inner", preset.inner, inner or {}), ("outer", preset.outer, outer or {})):
+        unused = sorted(set(given) - set(settings_of(kind)))
+        if unused:
+            takes = ", ".join(f"{level}_{k}" for k in settings_of(kind)) or "nothing"
+            raise ConfigError(f"{algo} does not use {', '.join(f'{level}_{k}' for k in unused)}: its {level} rule is "
+                              f"{kind!r}, which takes {takes}")
+        rules.append(make_rule(kind, **given))
+    return rules[0], rules[1]
+

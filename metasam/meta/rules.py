@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from torch import Tensor
@@ -66,6 +66,11 @@ class Rule:
         return None, state, {}
 
 
+def setting(default: Any, help: str) -> Any:
+    """A rule hyperparameter: its default and the help text ``metasam train --help`` shows for its flags."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class SAMRule(Rule):
     """d = ∇L(φ + ε), ε = ρ · unit(∇L(φ)) (adaptive: ρ T²g/‖Tg‖). Sharp-MAML's rule at either level.
@@ -76,15 +81,14 @@ class SAMRule(Rule):
     the perturbation).
     """
 
-    rho: float = 0.05
-    adaptive: bool = False
-    eta: float = 0.0
-    detach_perturbation: bool = False
+    rho: float = setting(0.05, "ρ, the radius of the SAM perturbation")
+    adaptive: bool = setting(False, "scale the radius by |φ| + η (ASAM)")
+    eta: float = setting(0.0, "η of ASAM's scale |φ| + η")
+    detach_perturbation: bool = setting(False, "treat the perturbation as a constant (no gradient through it; cheaper)")
     name = "sam"
 
     def __post_init__(self) -> None:
-        for key in ("rho", "eta"):
-            check_nonnegative(getattr(self, key), f"sam rule: {key}")
+        _check_settings(self)
 
     def perturbation(self, params, grads, state, val_grad_fn):
         if self.detach_perturbation:
@@ -101,17 +105,16 @@ class AgnosticRule(Rule):
     the first step then equals :class:`SAMRule` with radius ρ1 − ρ2, later steps differ through m.
     """
 
-    rho1: float = 0.05
-    rho2: float = 0.025
-    beta: float = 0.9
-    adaptive: bool = False
-    eta: float = 0.0
-    detach_perturbation: bool = False
+    rho1: float = setting(0.05, "ρ1, the radius of the ascent along the training gradient")
+    rho2: float = setting(0.025, "ρ2, the radius of the step against the validation momentum")
+    beta: float = setting(0.9, "β, the decay of the validation momentum m ← β m + (1 − β) ∇L_v")
+    adaptive: bool = setting(False, "scale the radii by |φ| + η (ASAM)")
+    eta: float = setting(0.0, "η of ASAM's scale |φ| + η")
+    detach_perturbation: bool = setting(False, "treat the perturbation as a constant (no gradient through it; cheaper)")
     name = "agnostic"
 
     def __post_init__(self) -> None:
-        for key in ("rho1", "rho2", "eta"):
-            check_nonnegative(getattr(self, key), f"agnostic rule: {key}")
+        _check_settings(self)
         check_beta(self.beta)
         if self.rho2 > self.rho1:
             warnings.warn(
@@ -134,6 +137,17 @@ class AgnosticRule(Rule):
         return eps, momentum, stats
 
 
+def _check_settings(rule: Rule) -> None:
+    """Radii and η finite and ≥ 0, switches bools: the checks every rule's settings share."""
+    for f in fields(rule):
+        value = getattr(rule, f.name)
+        if f.type in (bool, "bool"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{rule.name} rule: {f.name} must be True or False, got {value!r}")
+        elif f.name != "beta":
+            check_nonnegative(value, f"{rule.name} rule: {f.name}")
+
+
 def _detached(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [t.detach() for t in tensors]
 
@@ -141,14 +155,20 @@ def _detached(tensors: Sequence[Tensor]) -> list[Tensor]:
 RULES: dict[str, type[Rule]] = {"gd": Rule, "plain": Rule, "sam": SAMRule, "agnostic": AgnosticRule}
 
 
-def make_rule(kind: str, **params: Any) -> Rule:
-    """The rule named ``kind`` (gd/plain, sam, agnostic) with its hyperparameters."""
+def settings_of(kind: str) -> list[str]:
+    """The hyperparameters of the rule named ``kind``, in their dataclass order (none for gd / plain)."""
     if kind not in RULES:
         raise ConfigError(f"unknown rule {kind!r}; choose one of {', '.join(RULES)}")
-    try:
-        return RULES[kind](**params)
-    except TypeError as exc:
-        raise ConfigError(f"rule {kind!r} does not take {sorted(params)}: {exc}") from exc
+    return [f.name for f in fields(RULES[kind])]
+
+
+def make_rule(kind: str, **params: Any) -> Rule:
+    """The rule named ``kind`` (gd/plain, sam, agnostic) with its hyperparameters."""
+    unknown = sorted(set(params) - set(settings_of(kind)))
+    if unknown:
+        raise ConfigError(f"the {kind} rule has no setting {', '.join(unknown)}; it takes "
+                          f"{', '.join(settings_of(kind)) or 'nothing'}")
+    return RULES[kind](**params)
 
 
 def rule_spec(rule: Rule) -> dict[str, Any]:

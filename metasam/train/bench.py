@@ -14,7 +14,7 @@ from typing import Any
 
 from metasam.checkpoint import write_text_atomic
 from metasam.errors import ConfigError
-from metasam.meta.learner import mean_ci95
+from metasam.stats import mean_ci95
 from metasam.train.config import MetaTrainConfig, check_int
 from metasam.train.evaluation import evaluate_run
 from metasam.train.meta import MetaTrainer

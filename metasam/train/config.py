@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -14,8 +15,9 @@ import torch
 
 from metasam.errors import CheckpointError, ConfigError
 from metasam.meta import PRESETS
-from metasam.meta.learner import check_hparams
-from metasam.meta.presets import RULE_PARAMS
+from metasam.meta.arguments import check_hparams
+from metasam.meta.presets import preset_rules
+from metasam.meta.rules import RULES, Rule, rule_from_spec, rule_spec
 
 # the standard settings of docs/algorithms.md §3: (inner_lr, inner_steps, test_inner_steps, meta_batch)
 STANDARD = {
@@ -28,7 +30,6 @@ DEFAULT_SPLITS = {
     "miniimagenet": ("train", "val", "test"),
     "glyphs": ("train", "val", "test"),
 }
-RULE_KEYS = sorted({f"{lvl}_{p}" for lvl in ("inner", "outer") for ps in RULE_PARAMS.values() for p in ps})
 RESUME_OVERRIDES = ("skip_nonfinite", "iterations")
 """Settings ``--resume`` may change: what happens on a failure, and how long the run goes on (meta-batch i
 is the same for any number of iterations), not what a step computes."""
@@ -37,7 +38,9 @@ is the same for any number of iterations), not what a step computes."""
 @dataclass
 class MetaTrainConfig:
     """Everything that defines a meta-training run. None fields take the standard setting of the
-    dataset and ways (docs/algorithms.md §3); ``rule`` holds inner_/outer_ rule hyperparameters."""
+    dataset and ways (docs/algorithms.md §3). ``inner_rule`` / ``outer_rule`` are the preset's rules
+    themselves (:class:`~metasam.meta.rules.SAMRule`, :class:`~metasam.meta.rules.AgnosticRule`, ...), or
+    their plain-data spec as config.json stores it; None: the rule with its defaults."""
 
     dataset: str = "glyphs"
     data_root: str | None = None
@@ -64,13 +67,17 @@ class MetaTrainConfig:
     seed: int = 0
     device: str = "cpu"
     path: str = "auto"
-    rule: dict[str, Any] | None = None
+    inner_rule: Rule | None = None
+    outer_rule: Rule | None = None
     skip_nonfinite: int = 0
     outer_val_tasks: int | None = None
     alignment_every: int = 0
     tf32: bool = False
 
     def __post_init__(self) -> None:
+        for level in ("inner_rule", "outer_rule"):  # config.json's form of a rule: its spec
+            if isinstance(getattr(self, level), dict):
+                setattr(self, level, rule_from_spec(getattr(self, level), level.removesuffix("_rule")))
         check_types(self)
         if self.dataset not in DEFAULT_SPLITS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DEFAULT_SPLITS)}")
@@ -83,10 +90,7 @@ class MetaTrainConfig:
             raise ConfigError(f"unknown --model {self.model!r}; choose conv4 or resnet12")
         if self.ways < 2:
             raise ConfigError(f"--ways must be >= 2, got {self.ways}")
-        self.rule = dict(self.rule or {})
-        unknown = sorted(set(self.rule) - set(RULE_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown rule parameters {unknown}; valid: {RULE_KEYS}")
+        self._check_rules()
         family = "omniglot" if self.dataset == "glyphs" else self.dataset
         # the nearest standard setting: Omniglot's 20-way one above 5 ways, MiniImageNet's 5-way one
         lr, steps, test_steps, batch = STANDARD[(family, 20 if family == "omniglot" and self.ways > 5 else 5)]
@@ -106,7 +110,38 @@ class MetaTrainConfig:
         for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0), ("alignment_every", 0)):
             check_int(name, getattr(self, name), low)
         check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,
-                      self.test_rule, self.path, **self.rule)
+                      self.test_rule, self.path)
+
+    def _check_rules(self) -> None:
+        """Fill unset rules with the preset's defaults; refuse a rule of another kind than the preset's."""
+        default_inner, default_outer = preset_rules(self.algo)
+        preset = PRESETS[self.algo]
+        for level, kind, default in (("inner", preset.inner, default_inner), ("outer", preset.outer, default_outer)):
+            rule = getattr(self, f"{level}_rule")
+            if rule is None:
+                setattr(self, f"{level}_rule", default)
+            elif type(rule) is not RULES[kind]:
+                raise ConfigError(f"{self.algo} does not use a {type(rule).__name__} as its {level} rule: it takes a "
+                                  f"{RULES[kind].__name__} ({kind!r}); choose the algo whose rules you mean")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as config.json holds them (the rules as their specs); ``MetaTrainConfig(**d)`` reads them."""
+        return {**asdict(self), "inner_rule": rule_spec(self.inner_rule), "outer_rule": rule_spec(self.outer_rule)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MetaTrainConfig":
+        """:meth:`to_dict`'s output back, also in the form of metasam 0.1's runs (their rule settings in one
+        ``rule`` dict of ``inner_rho1``-style keys)."""
+        data = dict(data)
+        legacy = data.pop("rule", None)
+        if legacy:
+            preset = PRESETS.get(data.get("algo", "maml"))
+            if preset is None:
+                raise ConfigError(f"unknown algo {data.get('algo')!r}; choose one of {', '.join(PRESETS)}")
+            for level, kind in (("inner", preset.inner), ("outer", preset.outer)):
+                params = {k.partition("_")[2]: v for k, v in legacy.items() if k.startswith(level + "_")}
+                data[f"{level}_rule"] = {"kind": kind, "params": params}
+        return cls(**data)
 
     @classmethod
     def load(cls, path: str | Path) -> "MetaTrainConfig":
@@ -121,13 +156,19 @@ class MetaTrainConfig:
             raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from a copy of the run folder") from exc
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} does not hold a metasam configuration (a JSON object)")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        unknown = sorted(set(data) - {f.name for f in fields(cls)} - {"rule"})
         if unknown:
             raise CheckpointError(f"{path} has settings this metasam does not know: {unknown}; was it written by a newer version?")
         try:
-            return cls(**data)
+            return cls.from_dict(data)
         except ConfigError as exc:
             raise CheckpointError(f"{path}: {exc}; correct it there") from exc
+
+
+def as_flags(text: str) -> str:
+    """``text`` with the settings it names (inner_lr, outer_rho1, ...) spelled as ``metasam train``'s flags
+    (--inner-lr, --outer-rho1): the library names a setting as its argument, the command line as its flag."""
+    return re.sub(r"\b(inner|outer)_([a-z0-9_]+)\b", lambda m: f"--{m[1]}-{m[2].replace('_', '-')}", text)
 
 
 def check_int(name: str, value: Any, low: int = 1) -> None:

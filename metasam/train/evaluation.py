@@ -20,7 +20,7 @@ from metasam.checkpoint import write_text_atomic
 from metasam.data import TaskSet
 from metasam.errors import ConfigError, NonFiniteError
 from metasam.meta import MetaLearner
-from metasam.meta.learner import mean_ci95
+from metasam.stats import mean_ci95
 from metasam.train.config import MetaTrainConfig, check_int
 from metasam.train.distributed import join
 from metasam.train.meta import load_run_checkpoint

@@ -23,7 +23,6 @@ import math
 import signal
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from metasam.data.episodes import check_episode_shape
 from metasam.errors import CheckpointError, ConfigError, DatasetError, MetaSAMError, NonFiniteError
 from metasam.meta import PRESETS, MetaLearner
 from metasam.models import MODELS
-from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, check_device, check_meta_batch_memory
+from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, as_flags, check_device, check_meta_batch_memory
 from metasam.train.distributed import join
 from metasam.train.precision import use_tf32
 from metasam.train.run_folder import RUN_FILES, RunLock, check_new_run_dir
@@ -69,10 +68,10 @@ def load_run_checkpoint(path: str | Path, cfg: MetaTrainConfig) -> dict[str, Any
     if ckpt.get("version", 1) >= 2 and DIGEST_KEY not in ckpt:
         raise CheckpointError(f"checkpoint {path} has lost its content hash: the file is damaged; restore it from a copy")
     try:  # fill settings added since the checkpoint was written with their defaults
-        saved = asdict(MetaTrainConfig(**ckpt["config"]))
+        saved = MetaTrainConfig.from_dict(ckpt["config"]).to_dict()
     except (TypeError, MetaSAMError) as exc:
         raise CheckpointError(f"{path} holds a configuration this metasam cannot read ({exc})") from exc
-    current = asdict(cfg)
+    current = cfg.to_dict()
     for key in RESUME_OVERRIDES:
         saved[key] = current[key]
     if saved != current:
@@ -93,7 +92,8 @@ def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
     model = MODELS[name](**model_kwargs).to(cfg.device)
     learner = MetaLearner(
         model, cfg.algo, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, test_inner_steps=cfg.test_inner_steps,
-        first_order=cfg.first_order, outer_lr=cfg.outer_lr, test_rule=cfg.test_rule, path=cfg.path, **cfg.rule,
+        first_order=cfg.first_order, outer_lr=cfg.outer_lr, test_rule=cfg.test_rule, path=cfg.path,
+        inner_rule=cfg.inner_rule, outer_rule=cfg.outer_rule,
     )
     learner.model_spec = {"name": name, "kwargs": model_kwargs}
     return learner
@@ -156,7 +156,7 @@ class MetaTrainer:
     def _checkpoint(self) -> dict[str, Any]:
         return {
             "format": "metasam.checkpoint", "version": CHECKPOINT_VERSION,
-            "config": asdict(self.cfg), "hparams": self.learner.hparams, "model": self.learner.model_spec,
+            "config": self.cfg.to_dict(), "hparams": self.learner.hparams, "model": self.learner.model_spec,
             "learner": self.learner.state_dict(), "best_val": self.best_val, "best_iteration": self.best_iteration,
             "skipped_nonfinite": self.skipped_nonfinite,
         }
@@ -178,7 +178,7 @@ class MetaTrainer:
             return
         if not restart:
             check_new_run_dir(self.out)
-        write_text_atomic(json.dumps(asdict(self.cfg), indent=2), self.out / "config.json")
+        write_text_atomic(json.dumps(self.cfg.to_dict(), indent=2), self.out / "config.json")
         self.val_set.save(self.out / "val_tasks.json")
         self._save("last.pt")
 
@@ -193,7 +193,7 @@ class MetaTrainer:
         if not self.procs.is_main:
             return
         remove_stale_temporaries(self.out, RUN_FILES)  # left by a kill between writing and renaming a file
-        write_text_atomic(json.dumps(asdict(self.cfg), indent=2), self.out / "config.json")  # RESUME_OVERRIDES
+        write_text_atomic(json.dumps(self.cfg.to_dict(), indent=2), self.out / "config.json")  # RESUME_OVERRIDES
         log = self.out / "metrics.jsonl"
         if log.exists():
             keep = [r for r in read_jsonl(log) if r.get("iteration", math.inf) <= self.learner.iteration]
@@ -254,7 +254,7 @@ class MetaTrainer:
             self._log({"iteration": exc.iteration, "nonfinite": exc.tensor, "stopped": True})
             skipped = f" after skipping {self.skipped_nonfinite} such step(s)" if self.skipped_nonfinite else ""
             raise NonFiniteError(
-                f"{exc}. The run stopped{skipped}; {self.out / 'last.pt'} keeps iteration {self.checkpoint_iteration}. "
+                f"{as_flags(str(exc))}. The run stopped{skipped}; {self.out / 'last.pt'} keeps iteration {self.checkpoint_iteration}. "
                 f"To skip such steps instead: metasam train --resume {self.out} --skip-nonfinite {self.skipped_nonfinite + 1}",
                 iteration=exc.iteration, tensor=exc.tensor,
             ) from exc

@@ -41,7 +41,7 @@ def test_nan_query_loss_is_named_with_the_iteration_and_changes_nothing():
         learner.meta_step(bad, tasks(seed=6))
     message = str(info.value)
     assert message.startswith("iteration 3: the query loss is NaN;")
-    assert "--inner-lr (now 0.3)" in message and "--inner-rho1 (now 0.05)" in message and "--outer-rho1 (now 0.04)" in message
+    assert "inner_lr (now 0.3)" in message and "inner_rho1 (now 0.05)" in message and "outer_rho1 (now 0.04)" in message
     assert (info.value.iteration, info.value.tensor) == (3, "query loss")
     assert_same_state(before, snapshot(learner))
 

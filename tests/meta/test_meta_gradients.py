@@ -9,6 +9,7 @@ from torch import nn
 from metasam import ConfigError
 from metasam.core import global_norm
 from metasam.meta import MetaLearner, TaskBatch
+from metasam.meta.functional import meta_gradient_loop, meta_gradient_vmap
 from metasam.models import BatchNorm
 
 D = torch.float64
@@ -33,7 +34,8 @@ def tasks(n=2, shots=2, queries=3, seed=1) -> TaskBatch:
 
 
 def meta_loss(learner: MetaLearner, values, batch) -> float:
-    return float(learner._meta_grad(values, batch)[1])
+    compute = meta_gradient_vmap if learner.path == "vmap" else meta_gradient_loop
+    return float(compute(learner.model, dict(zip(learner.names, values)), batch, learner.inner).loss)
 
 
 def directional_fd(learner, batch, direction, h=1e-5) -> float:

@@ -1,6 +1,7 @@
 """Meta-training runs on the synthetic glyph set: resume exactness, checkpoint choice, CLI, evaluation."""
 
 import json
+from dataclasses import asdict
 import os
 import signal
 
@@ -9,7 +10,7 @@ import torch
 
 from metasam import CheckpointError, ConfigError
 from metasam.cli.main import main
-from metasam.meta import MetaLearner
+from metasam.meta import AgnosticRule, MetaLearner, SAMRule
 from metasam.train.config import MetaTrainConfig
 from metasam.train.meta import MetaTrainer
 
@@ -52,7 +53,7 @@ def test_interrupted_and_resumed_run_reaches_the_weights_of_an_uninterrupted_one
 
 
 def test_best_checkpoint_is_the_best_validation_score_and_loads_back(tmp_path):
-    cfg = MetaTrainConfig(algo="sharp-maml-low", iterations=6, rule={"inner_rho": 0.05}, **TINY)
+    cfg = MetaTrainConfig(algo="sharp-maml-low", iterations=6, inner_rule=SAMRule(rho=0.05), **TINY)
     trainer = MetaTrainer(cfg, tmp_path / "run")
     trainer.start()
     summary = trainer.train(progress=False)
@@ -74,7 +75,9 @@ def test_cli_train_then_evaluate_and_refuse_to_overwrite(tmp_path, capsys):
             "--iterations", "2", "--val-every", "1", "--val-tasks", "3", "--algo", "agnostic-sam",
             "--inner-rho1", "0.1", "--inner-rho2", "0.05", "--out", str(run), "--no-progress"]
     assert main(args) == 0
-    assert json.loads((run / "config.json").read_text())["rule"] == {"inner_rho1": 0.1, "inner_rho2": 0.05}
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["inner_rule"] == {"kind": "agnostic", "params": {**asdict(AgnosticRule()), "rho1": 0.1, "rho2": 0.05}}
+    assert saved["outer_rule"] == {"kind": "gd", "params": {}}
     assert {"best.pt", "last.pt", "val_tasks.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
     capsys.readouterr()
     assert main(["evaluate", str(run), "--episodes", "5", "--no-progress"]) == 0
@@ -87,10 +90,10 @@ def test_cli_train_then_evaluate_and_refuse_to_overwrite(tmp_path, capsys):
 def test_config_errors_are_specific():
     with pytest.raises(ConfigError, match="--algo"):
         MetaTrainConfig(algo="reptile")
-    with pytest.raises(ConfigError, match="unknown rule parameters"):
-        MetaTrainConfig(rule={"inner_rhoo": 0.1})
-    with pytest.raises(ConfigError, match="does not use"):
-        MetaTrainer(MetaTrainConfig(algo="maml", rule={"inner_rho": 0.1}, **TINY), "unused")
+    with pytest.raises(ConfigError, match="the agnostic rule has no setting rhoo; it takes rho1, rho2"):
+        MetaTrainConfig(algo="agnostic-sam", inner_rule={"kind": "agnostic", "params": {"rhoo": 0.1}})
+    with pytest.raises(ConfigError, match="maml does not use a SAMRule as its inner rule"):
+        MetaTrainConfig(algo="maml", inner_rule=SAMRule(rho=0.1), **TINY)
 
 
 def test_standard_settings_fill_unset_hyperparameters():
@@ -141,7 +144,7 @@ def test_bench_grid_writes_a_table_whose_cells_equal_each_runs_evaluation(tmp_pa
 
 
 def test_mean_ci95_by_hand():
-    from metasam.meta.learner import mean_ci95
+    from metasam.stats import mean_ci95
 
     mean, ci = mean_ci95([0.5, 1.0, 0.75])
     assert mean == pytest.approx(0.75)

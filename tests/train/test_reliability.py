@@ -16,6 +16,7 @@ from metasam import NonFiniteError
 from metasam.cli.main import main
 from metasam.data import EpisodeSampler
 from metasam.errors import DatasetError
+from metasam.meta import AgnosticRule
 from metasam.train import meta
 from metasam.train.config import MetaTrainConfig
 from metasam.train.meta import MetaTrainer
@@ -79,7 +80,7 @@ def test_nan_stops_the_run_in_one_line_keeps_the_last_good_checkpoint_and_resume
 
 def test_a_skipped_step_changes_no_weight_optimizer_state_or_momentum_and_the_next_one_over_budget_stops(tmp_path, monkeypatch):
     cfg = MetaTrainConfig(algo="agnostic-sam-both", iterations=6, skip_nonfinite=1,
-                          rule={"outer_rho1": 0.05, "outer_rho2": 0.02}, **TINY)
+                          outer_rule=AgnosticRule(rho1=0.05, rho2=0.02), **TINY)
     trainer = MetaTrainer(cfg, tmp_path / "run")
     trainer.start()
     poison(monkeypatch, {3, 5})

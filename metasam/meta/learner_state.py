@@ -1,0 +1,103 @@
+"""How a :class:`~metasam.meta.MetaLearner` is saved and restored: its state dict (weights, outer optimizer and
+scheduler, outer momentum, iteration) and its rebuilding from a checkpoint ``metasam train`` wrote
+(``{"model": {"name", "kwargs"}, "hparams": constructor arguments, "learner": state dict}``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from metasam.checkpoint import load_checkpoint, state_dict_mismatch
+from metasam.errors import CheckpointError
+from metasam.meta.arguments import custom_spec
+from metasam.meta.rules import rule_spec
+from metasam.models import MODELS
+
+if TYPE_CHECKING:
+    from metasam.meta.learner import MetaLearner
+
+
+def constructor_record(learner: MetaLearner, **given: Any) -> dict[str, Any]:
+    """The constructor arguments :func:`from_checkpoint` rebuilds ``learner`` from (its ``hparams``): the settings
+    as given (None where the preset's default applies), the rules as specs, and the callables a checkpoint cannot
+    hold named by :func:`~metasam.meta.arguments.custom_spec`, so that loading asks for them."""
+    optimizer = given.pop("outer_optimizer")
+    record = {
+        "algo": learner.algo, "inner_lr": learner.inner_lr, "inner_steps": learner.inner_steps, "test_rule": learner.test_rule,
+        "test_inner_steps": given.pop("test_inner_steps"), "first_order": given.pop("first_order"),
+        "outer_lr": given.pop("outer_lr"), "outer_kwargs": dict(given.pop("outer_kwargs") or {}),
+        "outer_optimizer": optimizer.__name__ if getattr(torch.optim, optimizer.__name__, None) is optimizer else custom_spec(optimizer),
+        "accuracy": learner.accuracy, "allow_running_stats": given.pop("allow_running_stats"),
+        "adapt": None if learner.inner.adapted is None else list(learner.inner.adapted),
+        "inner_rule": rule_spec(learner.inner_rule), "outer_rule": rule_spec(learner.outer_rule),
+    }
+    record.update({name: custom_spec(value) for name, value in given.items() if value is not None})  # loss_fn, scheduler
+    return record
+
+
+def state_dict(learner: MetaLearner) -> dict[str, Any]:
+    """Weights, outer optimizer (and scheduler), the agnostic outer momentum and the iteration."""
+    return {
+        "model": learner.model.state_dict(),
+        "outer_optimizer": learner.outer_optimizer.state_dict(),
+        "outer_scheduler": None if learner.outer_scheduler is None else learner.outer_scheduler.state_dict(),
+        "outer_momentum": learner.outer_momentum,
+        "iteration": learner.iteration,
+    }
+
+
+def load(cls: type[MetaLearner], run_dir_or_checkpoint: str | Path, which: str = "best", **overrides: Any) -> MetaLearner:
+    """``cls`` rebuilt from a run folder (its ``{which}.pt``) or a checkpoint file, read with ``weights_only=True``."""
+    path = Path(run_dir_or_checkpoint)
+    if path.is_dir():
+        path = path / f"{which}.pt"
+    return from_checkpoint(cls, load_checkpoint(path), path, **overrides)
+
+
+def from_checkpoint(cls: type[MetaLearner], ckpt: dict[str, Any], source: str | Path = "the checkpoint",
+                    **overrides: Any) -> MetaLearner:
+    """``cls(model, **hparams)`` with the state of a checkpoint already read; ``source`` names it in errors."""
+    try:
+        model_name, model_kwargs = ckpt["model"]["name"], ckpt["model"]["kwargs"]
+        learner = cls(MODELS[model_name](**model_kwargs), **{**ckpt["hparams"], **overrides})
+        state = ckpt["learner"]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{source} is not a metasam meta-learning checkpoint (missing {exc})") from exc
+    load_state_dict(learner, state, source)
+    return learner
+
+
+def load_state_dict(learner: MetaLearner, state: dict[str, Any], source: str | Path = "the checkpoint") -> None:
+    """Restore :func:`state_dict`'s output into ``learner``; raises :class:`CheckpointError` naming what does not
+    fit, and leaves the learner unchanged in that case."""
+    keys = ("model", "outer_optimizer", "outer_momentum", "iteration")
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise CheckpointError(f"{source} holds no learner state (missing {missing})")
+    mismatch = state_dict_mismatch(state["model"], learner.model.state_dict())
+    if mismatch:
+        raise CheckpointError(f"{source} was written for another model: {mismatch}")
+    scheduler = state.get("outer_scheduler")
+    if (scheduler is None) != (learner.outer_scheduler is None):
+        raise CheckpointError(
+            f"{source} was written {'with' if scheduler is not None else 'without'} an outer learning-rate scheduler "
+            f"and this learner has {'none' if learner.outer_scheduler is None else 'one'}: pass the same outer_scheduler= "
+            "as the run that wrote it"
+        )
+    momentum = state["outer_momentum"]
+    if momentum is not None and [tuple(m.shape) for m in momentum] != [tuple(learner.params[n].shape) for n in learner.names]:
+        raise CheckpointError(f"{source}: its outer momentum does not match this model's parameters")
+    try:
+        learner.outer_optimizer.load_state_dict(state["outer_optimizer"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{source}: its outer optimizer state does not fit this learner ({exc}); was it written by another "
+            "outer optimizer or model?"
+        ) from exc
+    learner.model.load_state_dict(state["model"])
+    if scheduler is not None:
+        learner.outer_scheduler.load_state_dict(scheduler)
+    learner.outer_momentum = momentum
+    learner.iteration = int(state["iteration"])
