@@ -10,13 +10,8 @@ import pickle
 import pytest
 import torch
 
-from metasam.checkpoint import (
-    load_checkpoint,
-    read_jsonl,
-    save_atomic,
-    state_dict_mismatch,
-    write_text_atomic,
-)
+from metasam.atomic_write import save_atomic, write_text_atomic
+from metasam.checkpoint import load_checkpoint, read_jsonl, state_dict_mismatch
 from metasam.errors import CheckpointError
 
 
@@ -61,7 +56,7 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, mon
         f.write(b"half of the new")
         raise KeyboardInterrupt
 
-    import metasam.checkpoint as ck
+    import metasam.atomic_write as ck
 
     with pytest.raises(KeyboardInterrupt):
         ck.replace_atomically(path, interrupted)

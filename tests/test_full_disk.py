@@ -11,7 +11,8 @@ import subprocess
 import pytest
 import torch
 
-from metasam.checkpoint import load_checkpoint, save_atomic
+from metasam.atomic_write import save_atomic
+from metasam.checkpoint import load_checkpoint
 from metasam.cli.main import main
 from metasam.errors import CheckpointError
 from metasam.train.config import MetaTrainConfig

@@ -11,7 +11,7 @@ from pathlib import Path
 import metasam
 
 from metasam.cli import analyze, bench, evaluate, plot, supervised, train
-from metasam.checkpoint import write_failure
+from metasam.atomic_write import write_failure
 from metasam.errors import ConfigError, MetaSAMError
 from metasam.train.distributed import launched_as
 from metasam.train.memory import retain_freed_memory

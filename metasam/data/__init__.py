@@ -1,5 +1,5 @@
 """Few-shot datasets and seeded episodes. Depends on nothing of metasam but :mod:`metasam.errors` and the
-leaf :mod:`metasam.checkpoint` (atomic writes of the image cache)."""
+leaves :mod:`metasam.atomic_write` and :mod:`metasam.checkpoint` (atomic writes and checked loads of the image cache)."""
 
 from metasam.data.base import FewShotDataset, check_disjoint
 from metasam.data.episodes import EpisodeSampler, Task, TaskBatch, TaskSpec, collate_tasks

@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from metasam.checkpoint import load_checkpoint, save_atomic
+from metasam.atomic_write import save_atomic
+from metasam.checkpoint import load_checkpoint
 from metasam.errors import CheckpointError, ConfigError
 
 CACHE_VERSION = 2  # 2: files carry a content hash. Bump when the decoding of any dataset changes, so old caches are never reused
@@ -87,7 +88,7 @@ def load_or_build(
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
-    """Write through :func:`metasam.checkpoint.save_atomic` (a reader never sees a half-written file);
+    """Write through :func:`metasam.atomic_write.save_atomic` (a reader never sees a half-written file);
     a cache that cannot be written (no space, read-only folder) is skipped with a warning."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

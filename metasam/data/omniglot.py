@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from metasam.checkpoint import replace_atomically
+from metasam.atomic_write import replace_atomically
 from metasam.data._cache import load_or_build
 from metasam.data._checks import check_flag, check_int, names
 from metasam.data._decode import is_image_name, is_special, to_array

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from metasam.checkpoint import write_text_atomic
+from metasam.atomic_write import write_text_atomic
 from metasam.data.base import FewShotDataset
 from metasam.data.episodes import EpisodeSampler, Task, TaskBatch, TaskSpec, build_task, collate_tasks
 from metasam.errors import ConfigError, DatasetError

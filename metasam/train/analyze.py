@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from metasam.analysis import hessian_eigenvalues, loss_landscape, meta_loss_fn, model_loss_fn, plot_landscape
-from metasam.checkpoint import load_checkpoint, write_text_atomic
+from metasam.atomic_write import write_text_atomic
+from metasam.checkpoint import load_checkpoint
 from metasam.data import TaskSet
 from metasam.data.label_noise import symmetric_label_noise
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError

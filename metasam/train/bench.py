@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from metasam.checkpoint import write_text_atomic
+from metasam.atomic_write import write_text_atomic
 from metasam.errors import ConfigError
 from metasam.stats import mean_ci95
 from metasam.train.config import MetaTrainConfig, check_int

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metasam.checkpoint import write_text_atomic
+from metasam.atomic_write import write_text_atomic
 from metasam.data import TaskSet
 from metasam.errors import ConfigError, NonFiniteError
 from metasam.meta import MetaLearner

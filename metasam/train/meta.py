@@ -29,16 +29,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metasam.checkpoint import (
-    DIGEST_KEY,
-    config_differences,
-    load_checkpoint,
-    read_jsonl,
-    remove_stale_temporaries,
-    save_atomic,
-    write_failure,
-    write_text_atomic,
-)
+from metasam.atomic_write import remove_stale_temporaries, save_atomic, write_failure, write_text_atomic
+from metasam.checkpoint import DIGEST_KEY, config_differences, load_checkpoint, read_jsonl
 from metasam.data import EpisodeSampler, FewShotDataset, TaskSet
 from metasam.data.episodes import check_episode_shape
 from metasam.errors import CheckpointError, ConfigError, DatasetError, MetaSAMError, NonFiniteError

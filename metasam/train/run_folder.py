@@ -17,7 +17,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from metasam.checkpoint import write_failure
+from metasam.atomic_write import write_failure
 from metasam.errors import ConfigError, RunFolderInUse
 
 LOCK_NAME = ".metasam.lock"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from metasam.analysis.alignment import gradient_cosine
-from metasam.checkpoint import save_atomic, write_text_atomic
+from metasam.atomic_write import save_atomic, write_text_atomic
 from metasam.core import check_nonnegative
 from metasam.data.label_noise import symmetric_label_noise
 from metasam.data.supervised import SupervisedSplits, load_cifar_splits, load_digits_splits

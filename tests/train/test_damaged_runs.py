@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from metasam.checkpoint import DIGEST_KEY, load_checkpoint, save_atomic
+from metasam.atomic_write import save_atomic
+from metasam.checkpoint import DIGEST_KEY, load_checkpoint
 from metasam.cli.main import main
 
 CLI = ["train", "--dataset", "glyphs", "--ways", "3", "--queries", "2", "--meta-batch", "2", "--iterations", "2",

@@ -32,7 +32,7 @@ ARGS = ["train", "--dataset", "glyphs", "--ways", "3", "--queries", "2", "--meta
 MID_SAVE_DRIVER = """
 import io, os, signal, sys
 from pathlib import Path
-import metasam.checkpoint as ck
+import metasam.atomic_write as ck
 from metasam.cli.main import main
 
 mode, argv = sys.argv[1], sys.argv[2:]
