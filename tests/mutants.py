@@ -52,7 +52,7 @@ MUTANTS = [
            "return [a - d for a, d in zip(ascent, descent)]", "return [a + d for a, d in zip(ascent, descent)]"),
     Mutant("asam-scale-not-squared", "metasam/core/perturbation.py",
            "return [coef * t * tg for t, tg in zip(scales, scaled)]", "return [coef * tg for t, tg in zip(scales, scaled)]"),
-    Mutant("asam-weights-scope-ignored", "metasam/optim/sam.py",
+    Mutant("asam-weights-scope-ignored", "metasam/optim/base.py",
            'return None if self._scaled_of is None else [self._scaled_of[p] for p in params]', "return None"),
     Mutant("detach-keeps-asam-scale", "metasam/meta/rules.py",
            "at, g_s, m = _detached(at), _detached(g_s), _detached(m)", "g_s, m = _detached(g_s), _detached(m)"),
@@ -60,16 +60,16 @@ MUTANTS = [
            "params, grads = _detached(params), _detached(grads)", "pass"),
     Mutant("val-view-ignored", "metasam/meta/functional.py",
            'if inner.val_view is not None and inner.rule.name == "agnostic":', "if False:"),
-    Mutant("optimizer-momentum-reset-when-params-change", "metasam/optim/sam.py",
+    Mutant("optimizer-momentum-reset-when-params-change", "metasam/optim/agnostic_sam.py",
            "self.momentum.update(self._pending_momentum)", "self.momentum = dict(self._pending_momentum)"),
-    Mutant("optimizer-momentum-stored-before-check", "metasam/optim/sam.py",
+    Mutant("optimizer-momentum-stored-before-check", "metasam/optim/agnostic_sam.py",
            "        self._check_finite(norm, \"training\")\n        self._check_finite(val_norm, \"validation\")\n"
            "        momentum = momentum_update([self.momentum.get(p) for p in params], val, self.beta)\n"
            "        self._pending_momentum = dict(zip(params, momentum))\n",
            "        momentum = momentum_update([self.momentum.get(p) for p in params], val, self.beta)\n"
            "        self.momentum.update(zip(params, momentum))\n"
            "        self._check_finite(norm, \"training\")\n        self._check_finite(val_norm, \"validation\")\n"),
-    Mutant("optimizer-momentum-committed-before-second-step", "metasam/optim/sam.py",
+    Mutant("optimizer-momentum-committed-before-second-step", "metasam/optim/agnostic_sam.py",
            "        self._pending_momentum = dict(zip(params, momentum))\n",
            "        self._pending_momentum = dict(zip(params, momentum))\n"
            "        self.momentum.update(self._pending_momentum)\n"),
@@ -82,7 +82,7 @@ MUTANTS = [
     Mutant("outer-alignment-after-taken-before-the-step", "metasam/meta/learner.py",
            "out.update(aligned, outer_cos_after=self.outer_alignment(batch, val_batch))",
            "out.update(aligned, outer_cos_after=aligned['outer_cos_before'])"),
-    Mutant("val-batches-not-advanced", "metasam/optim/sam.py",
+    Mutant("val-batches-not-advanced", "metasam/optim/agnostic_sam.py",
            "batch = next(self._val_iterator) if self._val_iterator is not None else None", "batch = None",
            ("tests/test_optim.py",)),
     Mutant("adapt-selection-ignored", "metasam/meta/learner.py",

@@ -7,7 +7,7 @@ import json
 
 from metasam.cli.flags import add
 from metasam.errors import ConfigError
-from metasam.optim.sam import ASAM_SCOPES
+from metasam.optim.base import ASAM_SCOPES
 from metasam.train.supervised import DATASETS, OPTIMIZER_PARAMS, OPTIMIZERS, SHARPNESS_PARAMS, SupervisedConfig, train_supervised
 from metasam.train.precision import TF32_HELP
 

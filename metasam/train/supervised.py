@@ -27,7 +27,7 @@ from metasam.data.supervised import SupervisedSplits, load_cifar_splits, load_di
 from metasam.errors import ConfigError
 from metasam.models import DigitsCNN, resnet18_cifar
 from metasam.optim import SAM, AgnosticSAM
-from metasam.optim.sam import ASAM_SCOPES
+from metasam.optim.base import ASAM_SCOPES
 from metasam.train.precision import use_tf32
 
 OPTIMIZERS = ("sgd", "sam", "asam", "agnostic-sam", "agnostic-asam")
