@@ -96,8 +96,8 @@ def test_asam_is_invariant_to_elementwise_rescaling_and_sam_is_not():
     theta = [torch.randn(5, generator=gen, dtype=D)]
     grads = [torch.randn(5, generator=gen, dtype=D)]
     scale = torch.rand(5, generator=gen, dtype=D) * 4 + 0.25
-    eps = sam_perturbation(theta, grads, 0.5, adaptive=True)[0]
-    eps_scaled = sam_perturbation([scale * theta[0]], [grads[0] / scale], 0.5, adaptive=True)[0]
+    eps = sam_perturbation(theta, grads, 0.5, adaptive=True, eta=0.0)[0]  # exact at η = 0
+    eps_scaled = sam_perturbation([scale * theta[0]], [grads[0] / scale], 0.5, adaptive=True, eta=0.0)[0]
     assert torch.allclose(eps_scaled, scale * eps)
     sam = sam_perturbation(theta, grads, 0.5)[0]
     sam_scaled = sam_perturbation([scale * theta[0]], [grads[0] / scale], 0.5)[0]
@@ -116,7 +116,7 @@ def test_asam_invariant_under_relu_layer_rescaling_in_a_network():
     def perturbed_loss(w1, w2, adaptive):
         w = [w1.clone().requires_grad_(), w2.clone().requires_grad_()]
         grads = torch.autograd.grad(loss_at(*w), w)
-        eps = sam_perturbation([p.detach() for p in w], grads, 0.3, adaptive=adaptive)
+        eps = sam_perturbation([p.detach() for p in w], grads, 0.3, adaptive=adaptive, eta=0.0)  # exact at η = 0
         return loss_at(w1 + eps[0], w2 + eps[1])
 
     w1, w2 = torch.randn(4, 3, dtype=D), torch.randn(1, 4, dtype=D)

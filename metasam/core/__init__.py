@@ -1,6 +1,7 @@
 """Pure functions of the sharpness optimizer core (one place for the math of docs/algorithms.md §1)."""
 
 from metasam.core.perturbation import (
+    ASAM_ETA,
     EPS,
     add,
     agnostic_perturbation,
@@ -15,6 +16,7 @@ from metasam.core.perturbation import (
 )
 
 __all__ = [
+    "ASAM_ETA",
     "EPS",
     "add",
     "agnostic_perturbation",

@@ -23,6 +23,8 @@ from metasam.errors import ConfigError
 
 EPS = 1e-12
 """The constant of unit(g) = g / (‖g‖ + EPS); it makes the perturbation of a zero gradient zero."""
+ASAM_ETA = 0.01
+"""η of ASAM's scale T = |θ| + η (the ASAM paper's value): the default of every ASAM setting in metasam."""
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
@@ -48,7 +50,7 @@ def sam_perturbation(
     grads: Sequence[Tensor],
     rho: float,
     adaptive: bool = False,
-    eta: float = 0.0,
+    eta: float = ASAM_ETA,
     scaled: Sequence[bool] | None = None,
 ) -> list[Tensor]:
     """The ascent perturbation ε of SAM (Foret et al. 2021) or ASAM (Kwon et al. 2021).
@@ -99,7 +101,7 @@ def agnostic_perturbation(
     rho1: float,
     rho2: float,
     adaptive: bool = False,
-    eta: float = 0.0,
+    eta: float = ASAM_ETA,
     scaled: Sequence[bool] | None = None,
 ) -> list[Tensor]:
     """The perturbation ε of Agnostic-SAM (Nguyen et al. 2024) or Agnostic-ASAM.

@@ -266,8 +266,8 @@ class MetaLearner:
     def _nonfinite_error(self, query_loss: Tensor, direction: Sequence[Tensor]) -> NonFiniteError:
         """Name the first non-finite tensor of the step (the query loss, else a parameter's meta-gradient)
         and the settings that tame it, by their names here (``metasam train`` spells them as flags)."""
-        tame = {"inner_lr": self.inner_lr, **{f"{level}_{attr}": getattr(rule, attr) for level, rule in
-                (("inner", self.inner_rule), ("outer", self.outer_rule)) for attr in ("rho", "rho1") if hasattr(rule, attr)},
+        tame = {"inner_lr": self.inner_lr, **{f"{level}_{rule.ascent}": getattr(rule, rule.ascent) for level, rule in
+                (("inner", self.inner_rule), ("outer", self.outer_rule)) if rule.ascent is not None},
                 "outer_lr": self.outer_optimizer.param_groups[0]["lr"]}
         return nonfinite_step_error(self.iteration + 1, query_loss, dict(zip(self.names, direction)), tame)
 

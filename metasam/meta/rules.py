@@ -19,11 +19,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from metasam.core import (
+    ASAM_ETA,
     add,
     agnostic_perturbation,
     check_beta,
@@ -49,6 +50,7 @@ class Rule:
     """
 
     name = "gd"
+    ascent: ClassVar[str | None] = None  # the name of the setting that is the radius of the ascent, if any
 
     def direction(
         self, grad_fn: GradFn, params: Sequence[Tensor], state: Any = None, val_grad_fn: GradFn | None = None
@@ -83,9 +85,10 @@ class SAMRule(Rule):
 
     rho: float = setting(0.05, "ρ, the radius of the SAM perturbation")
     adaptive: bool = setting(False, "scale the radius by |φ| + η (ASAM)")
-    eta: float = setting(0.0, "η of ASAM's scale |φ| + η")
+    eta: float = setting(ASAM_ETA, "η of ASAM's scale |φ| + η")
     detach_perturbation: bool = setting(False, "treat the perturbation as a constant (no gradient through it; cheaper)")
     name = "sam"
+    ascent = "rho"
 
     def __post_init__(self) -> None:
         _check_settings(self)
@@ -109,9 +112,10 @@ class AgnosticRule(Rule):
     rho2: float = setting(0.025, "ρ2, the radius of the step against the validation momentum")
     beta: float = setting(0.9, "β, the decay of the validation momentum m ← β m + (1 − β) ∇L_v")
     adaptive: bool = setting(False, "scale the radii by |φ| + η (ASAM)")
-    eta: float = setting(0.0, "η of ASAM's scale |φ| + η")
+    eta: float = setting(ASAM_ETA, "η of ASAM's scale |φ| + η")
     detach_perturbation: bool = setting(False, "treat the perturbation as a constant (no gradient through it; cheaper)")
     name = "agnostic"
+    ascent = "rho1"
 
     def __post_init__(self) -> None:
         _check_settings(self)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from metasam.core import (
+    ASAM_ETA,
     agnostic_perturbation,
     check_beta,
     check_nonnegative,
@@ -56,7 +57,7 @@ class AgnosticSAM(SharpnessOptimizer):
         rho2: float = 0.025,
         beta: float = 0.9,
         adaptive: bool = False,
-        eta: float = 0.0,
+        eta: float = ASAM_ETA,
         asam_scope: str = "all",
         model: nn.Module | None = None,
         val_batches: Iterable[Any] | None = None,

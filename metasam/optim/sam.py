@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from metasam.core import (
+    ASAM_ETA,
     check_nonnegative,
     global_norm,
     sam_perturbation,
@@ -63,7 +64,7 @@ class SAM(SharpnessOptimizer):
         base_optimizer: type[Optimizer],
         rho: float = 0.05,
         adaptive: bool = False,
-        eta: float = 0.0,
+        eta: float = ASAM_ETA,
         asam_scope: str = "all",
         model: nn.Module | None = None,
         **base_kwargs: Any,

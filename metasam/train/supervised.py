@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from metasam.analysis.alignment import gradient_cosine
 from metasam.atomic_write import save_atomic, write_text_atomic
-from metasam.core import check_nonnegative
+from metasam.core import ASAM_ETA, check_nonnegative
 from metasam.data.label_noise import symmetric_label_noise
 from metasam.data.supervised import SupervisedSplits, load_cifar_splits, load_digits_splits
 from metasam.errors import ConfigError
@@ -68,7 +68,7 @@ class SupervisedConfig:
     rho1: float | None = None
     rho2: float | None = None
     beta: float = 0.9
-    eta: float = 0.01
+    eta: float = ASAM_ETA
     asam_scope: str = "all"
     alignment_every: int = 0
     data_root: str = "data"
