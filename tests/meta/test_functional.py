@@ -1,0 +1,30 @@
+"""The functional layer as docs/meta.md shows it: functions of a parameter dict, with no learner."""
+
+import torch
+from test_meta_gradients import mlp, tasks
+
+from metasam.meta import AgnosticRule, MetaLearner
+from metasam.meta.functional import InnerLoop, adapt, forward, meta_gradient_loop, meta_gradient_vmap, task_loss
+
+
+def test_the_documented_functional_calls_give_the_learners_numbers():
+    model, batch = mlp(), tasks()
+    inner = InnerLoop(inner_lr=0.4, steps=2, rule=AgnosticRule(rho1=0.05, rho2=0.025))
+    params = dict(model.named_parameters())
+    task = [t[0] for t in batch]
+    phi = adapt(model, params, task[0], task[1], inner)
+    loss, output = task_loss(model, params, task, inner)
+    assert torch.equal(output, forward(model, phi, task[2]))
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(output, task[3]))
+    (grad_w,) = torch.autograd.grad(loss, [params["0.weight"]])  # differentiable in θ through the adaptation
+    assert grad_w.abs().sum() > 0
+    result = meta_gradient_loop(model, params, batch, inner)
+    vmapped = meta_gradient_vmap(model, params, batch, inner)
+    learner = MetaLearner(model, "agnostic-sam", inner_lr=0.4, inner_steps=2, inner_rho1=0.05, inner_rho2=0.025)
+    expected = learner.meta_gradient(batch)
+    for name in params:
+        assert torch.equal(result.grads[name], expected[name]), name
+        assert torch.allclose(vmapped.grads[name], expected[name], rtol=1e-10, atol=1e-12), name
+    assert 0 <= float(result.accuracy) <= 1 and torch.allclose(result.loss, vmapped.loss)
+    summed = meta_gradient_loop(model, params, batch, inner, reduction="sum")
+    assert torch.allclose(summed.loss, result.loss * batch.support_x.shape[0])
