@@ -14,7 +14,9 @@ layer over these functions (outer optimizer, outer rule, checkpoints).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -166,16 +168,61 @@ def meta_gradient_loop(
 ) -> MetaGradient:
     """∇_θ (1/T) Σ_τ L_q^τ(φ_K^τ(θ)) over the T tasks of ``batch``, one task at a time with
     ``torch.autograd`` (least memory). The sum over tasks accumulates in task order."""
-    names = list(params)
-    total: list[Tensor] | None = None
-    for task in zip(*batch):
-        with torch.enable_grad():
-            leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
-            loss, (value, acc) = _loss_and_metrics(model, leaves, task, inner, None, measure_accuracy)
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
-        terms = [*grads, value, acc]
-        total = terms if total is None else [a + b for a, b in zip(total, terms)]
-    return _reduce(names, total, batch.support_x.shape[0], reduction)
+    terms = [_task_terms(model, params, task, inner, measure_accuracy) for task in zip(*batch)]
+    return _reduce(list(params), terms, reduction)
+
+
+def meta_gradient_threads(
+    copies: Sequence[nn.Module], params: Params, batch: TaskBatch, inner: InnerLoop, measure_accuracy: bool = True,
+    reduction: str = "mean",
+) -> MetaGradient:
+    """:func:`meta_gradient_loop` with the tasks shared among ``len(copies)`` threads, for CPUs where one task's
+    small operations leave cores idle: thread w runs tasks w, w + n, … on ``copies[w]`` (one copy of the model
+    per thread, from :func:`thread_copies`: ``functional_call`` cannot run one module in two threads at once),
+    with torch's intra-op threads set to 1 for the call and restored after it. The sum over tasks is taken in
+    task order, as the loop's; the values differ from it by rounding only."""
+    tasks = list(zip(*batch))
+    n = len(copies)
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            work = lambda w: [_task_terms(copies[w], params, task, inner, measure_accuracy) for task in tasks[w::n]]  # noqa: E731
+            done = list(pool.map(work, range(n)))
+    finally:
+        torch.set_num_threads(intra_op)
+    return _reduce(list(params), [done[i % n][i // n] for i in range(len(tasks))], reduction)
+
+
+def thread_copies(model: nn.Module, n: int) -> list[nn.Module]:
+    """``n`` copies of ``model`` for :func:`meta_gradient_threads`: their parameters are never used (the
+    parameter dict replaces them), their buffers are ``model``'s own tensors, and :func:`sync_modes` gives them
+    ``model``'s train/eval modes before each use."""
+    copies = [copy.deepcopy(model) for _ in range(n)]
+    for clone in copies:
+        for (name, buffer), module in zip(model.named_buffers(), _buffer_owners(clone)):
+            setattr(module, name.rpartition(".")[2], buffer)
+    return copies
+
+
+def _buffer_owners(model: nn.Module) -> list[nn.Module]:
+    return [model.get_submodule(name.rpartition(".")[0]) for name, _ in model.named_buffers()]
+
+
+def sync_modes(model: nn.Module, copies: Sequence[nn.Module]) -> None:
+    """Give every module of each copy the train/eval mode of its counterpart in ``model``."""
+    for clone in copies:
+        for original, module in zip(model.modules(), clone.modules()):
+            module.training = original.training
+
+
+def _task_terms(model: nn.Module, params: Params, task: Sequence[Tensor], inner: InnerLoop, measure_accuracy: bool):
+    """[∇_θ L_q(φ_K(θ)) per parameter, the query loss, the query accuracy] of one task, with torch.autograd."""
+    with torch.enable_grad():
+        leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
+        loss, (value, acc) = _loss_and_metrics(model, leaves, task, inner, None, measure_accuracy)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
+    return [*grads, value, acc]
 
 
 def meta_gradient_vmap(
@@ -194,13 +241,17 @@ def meta_gradient_vmap(
 
     grads, (losses, accs) = grad(loss_sum, has_aux=True)({n: t.detach() for n, t in params.items()})
     total = [*(grads[n] for n in names), losses.sum(), accs.sum()]
-    return _reduce(names, total, batch.support_x.shape[0], reduction)
+    return _reduce(names, [total], reduction, batch.support_x.shape[0])
 
 
-def _reduce(names: list[str], total: list[Tensor], tasks: int, reduction: str) -> MetaGradient:
+def _reduce(names: list[str], terms: list[list[Tensor]], reduction: str, tasks: int | None = None) -> MetaGradient:
+    """Σ of ``terms`` (one list per task, or one list of sums), in order, divided by the task count for "mean"."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    total = terms[0]
+    for more in terms[1:]:
+        total = [a + b for a, b in zip(total, more)]
     if reduction == "mean":
-        total = [t / tasks for t in total]
+        total = [t / (tasks or len(terms)) for t in total]
     *grads, loss, acc = total
     return MetaGradient(dict(zip(names, grads)), loss, acc)

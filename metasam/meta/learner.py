@@ -49,6 +49,9 @@ from metasam.meta.functional import (
     forward,
     task_alignment,
     meta_gradient_loop,
+    meta_gradient_threads,
+    sync_modes,
+    thread_copies,
     meta_gradient_vmap,
 )
 from metasam.meta.presets import PRESETS
@@ -85,6 +88,9 @@ class MetaLearner:
             None duplicates the support set (the seed paper). Never the query set.
         path: "loop", "vmap" or "auto" (loop on CPU; vmap on CUDA when the model allows it — not yet
             measured on a GPU, so pass "loop" or "vmap" to choose by your own measurement).
+        task_threads: on the loop path, the number of threads that share the tasks of a meta-batch, each on
+            its own copy of the model with one intra-op thread (:func:`~metasam.meta.functional.meta_gradient_threads`);
+            1 (default): one task at a time with torch's intra-op threads.
         reducer: shares meta-batches and evaluation tasks between processes (data parallel, see
             :mod:`metasam.meta.distributed`): each process passes its own tasks and gets
             ∇L_meta = Σ_r Σ_{τ∈S_r} ∇L_q^τ / Σ_r |S_r| of the whole meta-batch. None: one process.
@@ -114,6 +120,7 @@ class MetaLearner:
         test_rule: str = "same",
         val_view: ValView | None = None,
         path: str = "auto",
+        task_threads: int = 1,
         reducer: Reducer | None = None,
         **rule_params: Any,
     ) -> None:
@@ -148,6 +155,13 @@ class MetaLearner:
         self.iteration = 0
         self._outputs: int | None = None  # the model's output size, measured by _checked
         self.path = resolve_path(path, model)
+        if isinstance(task_threads, bool) or not isinstance(task_threads, int) or task_threads < 1:
+            raise ConfigError(f"task_threads must be an int >= 1, got {task_threads!r}")
+        if task_threads > 1 and self.path != "loop":
+            raise ConfigError(f"task_threads={task_threads} shares the tasks of the loop path; path={self.path!r} "
+                              "runs them together: pass path='loop' or task_threads=1")
+        self.task_threads = task_threads
+        self._copies: list[nn.Module] = []  # the models of the task threads, made at the first meta-gradient
         self.hparams = learner_state.constructor_record(
             self, test_inner_steps=test_inner_steps, first_order=first_order, outer_lr=outer_lr, outer_optimizer=optimizer_class,
             outer_kwargs=outer_kwargs, loss_fn=loss_fn, outer_scheduler=outer_scheduler, allow_running_stats=allow_running_stats,
@@ -173,10 +187,14 @@ class MetaLearner:
     def _meta_gradient(self, params: dict[str, Tensor], batch: TaskBatch) -> MetaGradient:
         """∇_θ L_meta at ``params`` and the mean query loss and accuracy, of the whole meta-batch when a
         reducer shares it (one all-reduce of the sums over this process's tasks and of their count)."""
-        compute = meta_gradient_vmap if self.path == "vmap" else meta_gradient_loop
+        model, compute = self.model, meta_gradient_vmap if self.path == "vmap" else meta_gradient_loop
+        if self.task_threads > 1:
+            self._copies = self._copies or thread_copies(self.model, self.task_threads)
+            sync_modes(self.model, self._copies)
+            model, compute = self._copies, meta_gradient_threads
         if self.reducer is None:
-            return compute(self.model, params, batch, self.inner, self.accuracy)
-        total = compute(self.model, params, batch, self.inner, self.accuracy, reduction="sum")
+            return compute(model, params, batch, self.inner, self.accuracy)
+        total = compute(model, params, batch, self.inner, self.accuracy, reduction="sum")
         *grads, loss, acc = self._task_mean([*total.grads.values(), total.loss, total.accuracy], batch.support_x.shape[0])
         return MetaGradient(dict(zip(self.names, grads)), loss, acc)
 

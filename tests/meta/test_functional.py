@@ -1,8 +1,10 @@
 """The functional layer as docs/meta.md shows it: functions of a parameter dict, with no learner."""
 
+import pytest
 import torch
 from test_meta_gradients import mlp, tasks
 
+from metasam import ConfigError
 from metasam.meta import AgnosticRule, MetaLearner
 from metasam.meta.functional import InnerLoop, adapt, forward, meta_gradient_loop, meta_gradient_vmap, task_loss
 
@@ -28,3 +30,20 @@ def test_the_documented_functional_calls_give_the_learners_numbers():
     assert 0 <= float(result.accuracy) <= 1 and torch.allclose(result.loss, vmapped.loss)
     summed = meta_gradient_loop(model, params, batch, inner, reduction="sum")
     assert torch.allclose(summed.loss, result.loss * batch.support_x.shape[0])
+
+
+def test_task_threads_give_the_loops_meta_gradient_and_leave_the_thread_count_as_it_was():
+    batch = tasks(n=5)
+    before = torch.get_num_threads()
+    alone = MetaLearner(mlp(), "sharp-maml-low", inner_lr=0.3, inner_steps=2)
+    threaded = MetaLearner(mlp(), "sharp-maml-low", inner_lr=0.3, inner_steps=2, task_threads=3)
+    expected, got = alone.meta_gradient(batch), threaded.meta_gradient(batch)
+    assert torch.get_num_threads() == before
+    for name in expected:  # float64: one intra-op thread per task changes rounding at most
+        assert torch.allclose(got[name], expected[name], rtol=1e-12, atol=1e-14), name
+    a, b = alone.meta_step(batch), threaded.meta_step(batch)
+    assert a["query_loss"] == pytest.approx(b["query_loss"], rel=1e-12)
+    for p, q in zip(alone.model.parameters(), threaded.model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ConfigError, match="task_threads=2 shares the tasks of the loop path"):
+        MetaLearner(mlp("metasam"), "maml", path="vmap", task_threads=2)
