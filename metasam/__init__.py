@@ -14,7 +14,7 @@ from metasam.data import (
     TaskSet,
 )
 from metasam.meta import PRESETS, AgnosticRule, MetaLearner, Rule, SAMRule
-from metasam.models import BatchNorm, Conv4
+from metasam.models import BatchNorm, Conv4, CPUConv4
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "AgnosticRule",
     "BatchNorm",
     "Conv4",
+    "CPUConv4",
     "EpisodeSampler",
     "Glyphs",
     "ImageFolderClasses",

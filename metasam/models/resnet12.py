@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from metasam.models.conv4 import BatchNorm
+from metasam.models.batchnorm import BatchNorm
 
 
 class _Block(nn.Module):
