@@ -75,9 +75,12 @@ def load_run_checkpoint(path: str | Path, cfg: MetaTrainConfig) -> dict[str, Any
 
 
 def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
-    """Conv4 (``hidden`` filters, ``image_size`` input) or ResNet-12, seeded, wrapped in a MetaLearner."""
+    """Conv4 (``hidden`` filters, ``image_size`` input; as :class:`~metasam.models.CPUConv4` on a CPU outside
+    the vmap path, the same function computed faster there) or ResNet-12, seeded, wrapped in a MetaLearner."""
     if cfg.model == "conv4":
-        name, model_kwargs = "Conv4", {"ways": cfg.ways, "in_channels": channels, "hidden": cfg.hidden, "image_size": cfg.image_size}
+        cpu_blocks = torch.device(cfg.device).type == "cpu" and cfg.path != "vmap"
+        name = "CPUConv4" if cpu_blocks else "Conv4"
+        model_kwargs = {"ways": cfg.ways, "in_channels": channels, "hidden": cfg.hidden, "image_size": cfg.image_size}
     else:
         name, model_kwargs = "ResNet12", {"ways": cfg.ways, "in_channels": channels}
     torch.manual_seed(cfg.seed)

@@ -192,3 +192,17 @@ def test_alignment_every_logs_both_levels_before_and_after_and_plot_draws_them(t
     for a, b in zip(plain.learner.model.parameters(), aligned.learner.model.parameters()):
         assert torch.equal(a, b)
     assert curves.plot_alignment([tmp_path / "aligned"], tmp_path / "align.png").is_file()
+
+
+@pytest.mark.parametrize("path,model", [("auto", "CPUConv4"), ("loop", "CPUConv4"), ("vmap", "Conv4")])
+def test_trainer_builds_cpu_conv4_on_the_cpu_outside_the_vmap_path_and_records_it(path, model):
+    """The trainer picks the model; the checkpoint names its class, and both models have the same weights."""
+    from metasam.models import MODELS
+    from metasam.train.meta import build_learner
+
+    learner = build_learner(MetaTrainConfig(path=path, **TINY), channels=1)
+    assert type(learner.model).__name__ == model and learner.model_spec["name"] == model
+    rebuilt = MODELS[model](**learner.model_spec["kwargs"])
+    other = build_learner(MetaTrainConfig(path="vmap" if model == "CPUConv4" else "loop", **TINY), channels=1)
+    for name, value in learner.model.state_dict().items():
+        assert torch.equal(other.model.state_dict()[name], value) and rebuilt.state_dict()[name].shape == value.shape
