@@ -7,9 +7,12 @@ episodes of Omniglot's small subset ``images_background_small1`` (in ``--data-ro
 * metasam: maml, fomaml, sharp-maml-low, agnostic-sam, sharp-maml-up, agnostic-sam-both at the first
   setting (the overhead of each rule; agnostic-sam-both also with a validation meta-batch of a quarter
   of the tasks, the seed paper's setting, ``--outer-val-tasks``), maml at the others
-  (``MetaLearner.meta_step``, without the optional pre-adaptation metrics), on ``metasam.models.Conv4``;
-* baselines, second-order MAML on the textbook Conv4 written with torch's layers (``nn.BatchNorm2d``,
-  ReLU before the max-pool), as their users write it: ``higher.innerloop_ctx``; learn2learn's
+  (``MetaLearner.meta_step``, without the optional pre-adaptation metrics), on metasam's Conv4 as
+  ``metasam train`` builds it: ``metasam.models.CPUConv4`` on the CPU outside the vmap path, ``Conv4``
+  elsewhere;
+* baselines, second-order MAML on the textbook Conv4 written with torch's layers, as their users write
+  it (``Conv4(ways, norm=textbook_norm)``: ``nn.BatchNorm2d`` with batch statistics, ReLU before the
+  max-pool): ``higher.innerloop_ctx``; learn2learn's
   ``MAML.clone().adapt()`` where it imports (its release on the package index does not build on
   Python 3.11: it is then skipped, and the table says so); a hand-written per-task
   ``torch.autograd.grad(create_graph=True)`` loop, the style of the papers' own scripts;
@@ -20,8 +23,8 @@ Before timing, the second-order MAML meta-gradient of metasam, of each baseline 
 row on the same task batch from the same weights is compared with metasam's and with the truth: the
 hand-written loop on the textbook Conv4 in float64 (the other presets' meta-gradients are checked by
 the test suite, against finite differences and their definitions).
-The float32 implementations differ by rounding (metasam's CPU Conv4 computes its blocks in another
-order, ``metasam.models.conv4.first_block`` and ``conv_block``); the run stops if metasam's is further from the float64
+The float32 implementations differ by rounding (``CPUConv4`` computes its blocks in another
+order, ``metasam.models.cpu_conv4.first_block`` and ``conv_block``); the run stops if metasam's is further from the float64
 truth than ``MAX_RELATIVE_ERROR`` or twice the closest baseline's distance, whichever is larger. Timing
 interleaves the implementations (rotating their order every repeat) and reports the median tasks/s;
 peak memory is measured in a fresh subprocess per implementation (on CPU the kernel's high-water mark
@@ -65,7 +68,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metasam.data import EpisodeSampler, TaskBatch, collate_tasks
 from metasam.meta import MetaLearner
-from metasam.models import Conv4
+from metasam.models import Conv4, CPUConv4
 from metasam.train.memory import retain_freed_memory
 from metasam.train.precision import use_tf32
 from metasam.train.splits import load_split
@@ -209,37 +212,30 @@ BASELINES: dict[str, Callable[[nn.Module, float], Impl]] = {
 ATTRIBUTION = "torch on metasam Conv4"  # the hand-written loop on metasam's model: not a baseline
 
 
-class TextbookConv4(nn.Module):
-    """Conv4 as learn2learn's and higher's users write it: 4 × [conv 3×3, ``nn.BatchNorm2d`` (batch
-    statistics), ReLU, max-pool 2×2] + linear head. Same function and parameter names as metasam's Conv4,
-    which pools before the ReLU and uses its own batch norm."""
+def textbook_norm(channels: int) -> nn.Module:
+    """The batch norm of Conv4 as learn2learn's and higher's users write it: torch's, with batch statistics.
+    ``Conv4(ways, norm=textbook_norm)`` is their textbook Conv4, with metasam's parameter names."""
+    return nn.BatchNorm2d(channels, track_running_stats=False)
 
-    def __init__(self, ways: int, hidden: int = 64) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = 1
-        for _ in range(4):
-            layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden, track_running_stats=False),
-                       nn.ReLU(), nn.MaxPool2d(2)]
-            channels = hidden
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.head = nn.Linear(hidden, ways)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+def metasam_conv4(ways: int, device: str, path: str) -> nn.Module:
+    """metasam's Conv4 as ``metasam train`` builds it: CPUConv4 on the CPU outside the vmap path, else Conv4."""
+    cpu_blocks = torch.device(device).type == "cpu" and path != "vmap"
+    return (CPUConv4 if cpu_blocks else Conv4)(ways).to(device)
 
 
 def build(key: str, ways: int, device: str, path: str) -> Impl:
     """A fresh implementation ``key`` ("metasam:<preset>[:val4][:loop|:vmap][:textbook]", a BASELINES key or
     ATTRIBUTION) with the seeded Conv4's weights; a path token overrides ``path``; ``textbook`` runs metasam
     on the baselines' textbook Conv4 (a model of the user's own, as a library user brings it)."""
+    if key.startswith("metasam:"):
+        path = next((o for o in key.split(":") if o in ("loop", "vmap")), path)
     torch.manual_seed(0)
-    model = Conv4(ways).to(device)
-    textbook = TextbookConv4(ways).to(device)
+    model = metasam_conv4(ways, device, path)
+    textbook = Conv4(ways, norm=textbook_norm).to(device)
     textbook.load_state_dict(model.state_dict())
     if key.startswith("metasam:"):
         _, algo, *options = key.split(":")
-        path = next((o for o in options if o in ("loop", "vmap")), path)
         impl = Metasam(textbook if "textbook" in options else model, algo, INNER_LR[ways], path,
                        val_fraction=0.25 if "val4" in options else 1.0)
         if "textbook" in options:
@@ -367,7 +363,7 @@ def query_pass_rates(ways: int, device: str, batch: TaskBatch, repeats: int) -> 
     query passes"): ∇ of each task's query loss in the weights, for metasam's Conv4 and the textbook Conv4
     with the same weights, interleaved. A meta-training step runs the same pass at φ instead of θ."""
     torch.manual_seed(0)
-    models = {"metasam": Conv4(ways).to(device), "textbook": TextbookConv4(ways).to(device)}
+    models = {"metasam": metasam_conv4(ways, device, "loop"), "textbook": Conv4(ways, norm=textbook_norm).to(device)}
     models["textbook"].load_state_dict(models["metasam"].state_dict())
     tasks = batch.query_x.shape[0]
 
@@ -500,7 +496,8 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
     lines += [f"Command: `{command}`", ""]
     lines += [("Conv4 (64 filters, batch-statistics BatchNorm), Omniglot 28×28 from `images_background_small1`"
                if args.dataset == "omniglot" else "Conv4 (64 filters) on the synthetic glyph set") +
-              " (metasam rows: `metasam.models.Conv4`; baselines: the textbook Conv4 of torch layers with the same weights)" +
+              " (metasam rows: `metasam.models.CPUConv4` on the CPU outside the vmap path, as `metasam train` builds it, "
+              "`Conv4` elsewhere; baselines: the textbook Conv4 of torch layers with the same weights)" +
               f", 1-shot, {args.queries} queries per class, one inner step (α = 0.4 at 5-way, 0.1 at 20-way), Adam outer "
               f"step; median tasks/s of {args.repeats} interleaved repeats over {args.batches} meta-batches each.", ""]
     for key, why in skipped.items():

@@ -2,9 +2,9 @@
 batch-statistics BatchNorm: a hand-written torch.autograd loop, and ``higher`` where it is installed
 (``pip install -e ".[bench]"``). benchmarks/throughput.py runs the same check before it times anything.
 
-The references run the textbook Conv4 built from torch's own layers (``nn.BatchNorm2d``, ReLU before
-the max-pool), loaded with the same weights, so the check covers metasam's model as well as its
-learner. The images are binary, like Omniglot's: constant regions give exactly tied maxima in the
+The references run the textbook Conv4 built from torch's own layers (``Conv4`` with ``nn.BatchNorm2d``,
+ReLU before the max-pool), loaded with the same weights, so the check covers metasam's models (``Conv4``
+with its own BatchNorm, and ``CPUConv4``'s re-associated blocks) as well as its learner. The images are binary, like Omniglot's: constant regions give exactly tied maxima in the
 pooling windows, where the two layer orders must still route the gradient identically."""
 
 import pytest
@@ -13,36 +13,21 @@ from torch import nn
 from torch.func import functional_call
 
 from metasam.meta import MetaLearner, TaskBatch
-from metasam.models import Conv4
+from metasam.models import MODELS, Conv4
 
 ALPHA = 0.4
+MODEL_NAMES = ["Conv4", "CPUConv4"]
 
 
-def conv4() -> nn.Module:
+def conv4(name: str = "Conv4") -> nn.Module:
     torch.manual_seed(0)
-    return Conv4(5, hidden=8).double()
-
-
-class TextbookConv4(nn.Module):
-    """Finn et al.'s Conv4 as a user would write it with torch layers: conv, BatchNorm2d, ReLU, max-pool."""
-
-    def __init__(self, hidden: int = 8, ways: int = 5) -> None:
-        super().__init__()
-        layers, channels = [], 1
-        for _ in range(4):
-            layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden, track_running_stats=False),
-                       nn.ReLU(), nn.MaxPool2d(2)]
-            channels = hidden
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.head = nn.Linear(hidden, ways)
-
-    def forward(self, x):
-        return self.head(self.features(x))
+    return MODELS[name](5, hidden=8).double()
 
 
 def textbook() -> nn.Module:
-    """The textbook Conv4 holding exactly conv4()'s weights."""
-    model = TextbookConv4().double()
+    """Finn et al.'s Conv4 as a user writes it with torch layers (conv, BatchNorm2d, ReLU, max-pool), holding
+    exactly conv4()'s weights."""
+    model = Conv4(5, hidden=8, norm=lambda c: nn.BatchNorm2d(c, track_running_stats=False)).double()
     model.load_state_dict(conv4().state_dict())
     return model
 
@@ -71,16 +56,18 @@ def hand_written(model: nn.Module, b: TaskBatch, steps: int) -> list[torch.Tenso
     return total
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("steps", [1, 2])
-def test_maml_meta_gradient_equals_a_hand_written_autograd_loop(steps):
+def test_maml_meta_gradient_equals_a_hand_written_autograd_loop(steps, name):
     b = batch()
-    ours = MetaLearner(conv4(), "maml", inner_lr=ALPHA, inner_steps=steps).meta_gradient(b)
+    ours = MetaLearner(conv4(name), "maml", inner_lr=ALPHA, inner_steps=steps).meta_gradient(b)
     theirs = hand_written(textbook(), b, steps)
     for (name, g), h in zip(ours.items(), theirs):
         assert torch.allclose(g, h, rtol=1e-9, atol=1e-12), name
 
 
-def test_maml_meta_gradient_equals_higher():
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_maml_meta_gradient_equals_higher(name):
     higher = pytest.importorskip("higher", reason="higher is not installed (pip install -e '.[bench]')")
     b, model = batch(), textbook()
     inner_opt = torch.optim.SGD(model.parameters(), lr=ALPHA)
@@ -88,17 +75,18 @@ def test_maml_meta_gradient_equals_higher():
         with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
             diffopt.step(nn.functional.cross_entropy(fmodel(b.support_x[t]), b.support_y[t]))
             (nn.functional.cross_entropy(fmodel(b.query_x[t]), b.query_y[t]) / 3).backward()
-    ours = MetaLearner(conv4(), "maml", inner_lr=ALPHA).meta_gradient(b)
-    for (name, g), p in zip(ours.items(), model.parameters()):
-        assert torch.allclose(g, p.grad, rtol=1e-9, atol=1e-12), name
+    ours = MetaLearner(conv4(name), "maml", inner_lr=ALPHA).meta_gradient(b)
+    for (tensor, g), p in zip(ours.items(), model.parameters()):
+        assert torch.allclose(g, p.grad, rtol=1e-9, atol=1e-12), tensor
 
 
-def test_conv4_computes_the_textbook_function_with_tied_pooling_windows():
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_conv4_computes_the_textbook_function_with_tied_pooling_windows(name):
     b = batch()
     x = torch.cat([b.support_x.flatten(0, 1), b.query_x.flatten(0, 1)])
-    ours, theirs = conv4(), textbook()
+    ours, theirs = conv4(name), textbook()
     pre_pool = theirs.features[:3](x)  # conv, batch norm, ReLU of the first block
     windows = pre_pool.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
     top2 = windows.topk(2, dim=-1).values
     assert ((top2[..., 0] == top2[..., 1]) & (top2[..., 0] > 0)).sum() > 100  # the data really has positive ties
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)  # rounding: the CPU first block
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)  # rounding: CPUConv4's first block
