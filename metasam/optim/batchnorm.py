@@ -18,7 +18,7 @@ from torch import nn
 def preserve_bn_stats(model: nn.Module | None) -> Iterator[None]:
     """Within the block, forward passes of ``model`` leave every BatchNorm buffer as it was.
 
-    The buffers (running_mean, running_var, num_batches_tracked) of all ``_BatchNorm`` modules are
+    The buffers (running_mean, running_var, num_batches_tracked) of all torch BatchNorm modules are
     copied on entry and written back on exit, so the block is exact for any momentum, including
     ``momentum=None`` (cumulative averaging), where the popular momentum-zero trick is not.
     ``model=None`` is a no-op, for callers that have no module to protect.
@@ -26,7 +26,8 @@ def preserve_bn_stats(model: nn.Module | None) -> Iterator[None]:
     saved = []
     if model is not None:
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+                                   nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)) and module.track_running_stats:
                 saved.append((module, {name: buf.detach().clone() for name, buf in module.named_buffers(recurse=False) if buf is not None}))
     try:
         yield
