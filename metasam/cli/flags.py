@@ -1,15 +1,17 @@
-"""Flags whose ``--help`` line always states the default, and the rule flags generated from the rules."""
+"""Flags whose ``--help`` line always states the default, and the flags generated from the run configuration:
+one per :class:`~metasam.train.config.MetaTrainConfig` setting and one per level and rule setting, shared by
+``metasam train`` and ``metasam bench`` so that the two cannot drift apart."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import Field, fields
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from metasam.errors import ConfigError
 from metasam.meta.presets import PRESETS, preset_rules
 from metasam.meta.rules import RULES, Rule
-from metasam.train.config import as_flags
+from metasam.train.config import MetaTrainConfig, as_flags
 
 def add(parser: argparse.ArgumentParser, *names: str, help: str, **kwargs: Any) -> None:
     """``parser.add_argument`` with ``(default: X)`` appended to ``help`` when there is a default to state
@@ -49,12 +51,49 @@ def add_rule_flags(parser: argparse.ArgumentParser) -> None:
                 parser.add_argument(flag, dest=dest, type=type(f.default), default=None, help=text)
 
 
+def rule_flags_given(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The rule settings given on the command line, by level: ``{"inner": {"rho1": 0.1}, "outer": {}}``."""
+    return {level: {name: getattr(args, f"{level}_{name}") for name in rule_settings()
+                    if getattr(args, f"{level}_{name}", None) is not None} for level in LEVELS}
+
+
 def rules_from_flags(args: argparse.Namespace) -> tuple[Rule, Rule]:
     """The (inner, outer) rules of ``args.algo`` with the rule flags given; a flag the preset's rule at its
     level does not take is refused, naming what it takes."""
-    given = {level: {name: getattr(args, f"{level}_{name}") for name in rule_settings()
-                     if getattr(args, f"{level}_{name}", None) is not None} for level in LEVELS}
+    given = rule_flags_given(args)
     try:
-        return preset_rules(args.algo, given["inner"], given["outer"])
+        return preset_rules(args.algo or MetaTrainConfig.algo, given["inner"], given["outer"])
     except ConfigError as exc:  # spell the settings as the flags the user typed
         raise ConfigError(as_flags(str(exc))) from exc
+
+
+def run_settings() -> list[Field]:
+    """The :class:`MetaTrainConfig` fields that are flags (those with help text), in their dataclass order."""
+    return [f for f in fields(MetaTrainConfig) if "help" in f.metadata]
+
+
+def add_run_flags(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
+    """``--dataset`` … ``--val-view`` (one per :func:`run_settings` field but ``leave_out``), then the rule flags.
+
+    Each flag takes its name, type, help and choices from the field; its default is None ("not given": the
+    configuration fills in the field's default, which the help states), so that a command can tell a setting
+    the user gave from one left alone. A bool field is a switch."""
+    hints = get_type_hints(MetaTrainConfig)
+    for f in run_settings():
+        if f.name in leave_out:
+            continue
+        kind = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        text = f.metadata["help"]
+        if f.default is not None and f.default is not False and "default" not in text:
+            text += f" (default: {f.default})"
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=text, **f.metadata["flag"])
+    add_rule_flags(parser)
+
+
+def settings_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`run_settings` given on the command line (not None), by field name."""
+    return {f.name: getattr(args, f.name) for f in run_settings() if getattr(args, f.name, None) is not None}

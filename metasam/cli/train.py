@@ -8,13 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from metasam.cli.flags import add, add_rule_flags, rules_from_flags
+from metasam.cli.flags import add, add_run_flags, rules_from_flags, settings_given
 from metasam.errors import CheckpointError, ConfigError, RunFolderInUse
-from metasam.meta import PRESETS
 from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, check_device
 from metasam.train.meta import MetaTrainer, datasets_summary, load_run_checkpoint
 from metasam.train.run_folder import check_new_run_dir, check_writable
-from metasam.train.precision import TF32_HELP
 
 DEFAULTS: dict[str, object] = {}
 """The parser's defaults: with --resume, any other value is a setting the saved run would ignore."""
@@ -24,47 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="meta-train on Omniglot, MiniImageNet or the synthetic glyph set",
                        description="Meta-train a Conv4. Unset hyperparameters take the standard setting of the "
                        "dataset and ways (Finn et al. 2017). Checkpoints on a fixed validation task set.")
-    standard = "default: the standard setting of the dataset and ways, docs/algorithms.md"
-    add(p, "--dataset", choices=("omniglot", "miniimagenet", "glyphs"), default="glyphs",
-        help="glyphs is synthetic and offline (rendered from fonts)")
-    add(p, "--data-root", default=None, help="folder holding the dataset (default: $METASAM_DATA)")
-    add(p, "--ways", type=int, default=5, help="classes per task (N)")
-    add(p, "--shots", type=int, default=1, help="support images per class (K)")
-    add(p, "--queries", type=int, default=15, help="query images per class")
-    add(p, "--algo", choices=tuple(PRESETS), default="maml", help="the inner and outer rules (docs/algorithms.md)")
-    add(p, "--iterations", type=int, default=None,
-        help="outer steps (default: 1000; the papers train 60,000). With --resume: continue the run to N")
-    add(p, "--meta-batch", type=int, default=None, help=f"tasks per outer step ({standard})")
-    add(p, "--inner-lr", type=float, default=None, help=f"α, the inner step size ({standard})")
-    add(p, "--inner-steps", type=int, default=None, help=f"inner steps while training ({standard})")
-    add(p, "--test-inner-steps", type=int, default=None, help=f"inner steps at validation and test ({standard})")
-    add(p, "--first-order", action="store_true", default=None,
-        help="drop second-order terms of the meta-gradient (default: the algorithm's; fomaml is first order)")
-    add(p, "--outer-lr", type=float, default=1e-3, help="Adam's step size for θ")
-    add(p, "--test-rule", choices=("same", "gd"), default="same", help="inner rule at meta-test time")
-    add_rule_flags(p)
-    add(p, "--train-split", default=None, help="meta-training split (default: background / train; see docs/data.md)")
-    add(p, "--val-split", default=None, help="validation split (default: val, or a seeded tenth of the training classes)")
-    add(p, "--test-split", default=None, help="split `metasam evaluate` uses (default: evaluation / test)")
-    add(p, "--val-every", type=int, default=100, help="iterations between validations (and checkpoints)")
-    add(p, "--val-tasks", type=int, default=100, help="tasks of the fixed validation set")
-    add(p, "--model", choices=("conv4", "resnet12"), default="conv4", help="resnet12 is meant for GPUs")
-    add(p, "--seed", type=int, default=0, help="seeds the model, the tasks and the validation set")
-    add(p, "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    add(p, "--path", choices=("auto", "loop", "vmap"), default="auto", help="how tasks of a meta-batch are run")
-    add(p, "--tf32", action="store_true", help=TF32_HELP)
+    add_run_flags(p)
     add(p, "--out", help="new run folder (config, metrics.jsonl, last.pt, best.pt); must be empty or new")
     add(p, "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
-    add(p, "--outer-val-tasks", type=int, default=None, metavar="V",
-        help="tasks in each validation meta-batch of the agnostic outer rule (default: --meta-batch; "
-        "the seed paper's validation batches are a quarter of the training batch)")
-    add(p, "--alignment-every", type=int, default=0, metavar="N",
-        help="every N iterations log cos(g_S, g_V) before and after the update at the outer level (meta-batch vs "
-        "validation meta-batch) and the inner level (support vs query), four more meta-gradients per logged "
-        "iteration; 0 logs none (default). `metasam plot --alignment` draws them")
-    add(p, "--skip-nonfinite", type=int, default=None, metavar="N",
-        help="skip up to N steps whose loss or gradient is NaN/Inf (θ unchanged, counted in metrics.jsonl) "
-        "before stopping (default: 0). Also allowed with --resume")
     add(p, "--no-progress", action="store_true", help="no progress bar")
     DEFAULTS.update(vars(p.parse_args([])))
 
@@ -90,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
 def _start(args: argparse.Namespace) -> MetaTrainer:
     if not args.out:
         raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
-    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(MetaTrainConfig)
-                if getattr(args, f.name, None) is not None}
+    settings = settings_given(args)
     inner_rule, outer_rule = rules_from_flags(args)
     cfg = MetaTrainConfig(**settings, inner_rule=inner_rule, outer_rule=outer_rule)
     check_new_run_dir(args.out)

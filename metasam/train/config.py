@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -18,6 +18,7 @@ from metasam.meta import PRESETS
 from metasam.meta.arguments import check_hparams
 from metasam.meta.presets import preset_rules
 from metasam.meta.rules import RULES, Rule, rule_from_spec, rule_spec
+from metasam.train.precision import TF32_HELP
 
 # the standard settings of docs/algorithms.md §3: (inner_lr, inner_steps, test_inner_steps, meta_batch)
 STANDARD = {
@@ -33,6 +34,14 @@ DEFAULT_SPLITS = {
 RESUME_OVERRIDES = ("skip_nonfinite", "iterations")
 """Settings ``--resume`` may change: what happens on a failure, and how long the run goes on (meta-batch i
 is the same for any number of iterations), not what a step computes."""
+STANDARD_HELP = "default: the standard setting of the dataset and ways, docs/algorithms.md"
+
+
+def option(default: Any, help: str, **flag: Any) -> Any:
+    """A run setting with its command-line help and argparse extras (``choices``, ``metavar``): ``metasam train``
+    and ``metasam bench`` generate the flag ``--<name>`` from the field (metasam/cli/flags.py), so a setting has
+    one name, type, default and help text everywhere. Fields without help have no flag."""
+    return field(default=default, metadata={"help": help, "flag": flag})
 
 
 @dataclass
@@ -40,39 +49,48 @@ class MetaTrainConfig:
     """Everything that defines a meta-training run. None fields take the standard setting of the
     dataset and ways (docs/algorithms.md §3). ``inner_rule`` / ``outer_rule`` are the preset's rules
     themselves (:class:`~metasam.meta.rules.SAMRule`, :class:`~metasam.meta.rules.AgnosticRule`, ...), or
-    their plain-data spec as config.json stores it; None: the rule with its defaults."""
+    their plain-data spec as config.json stores it; None: the rule with its defaults. A field with help text is
+    also a flag of ``metasam train`` and ``metasam bench`` (:func:`option`)."""
 
-    dataset: str = "glyphs"
-    data_root: str | None = None
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    algo: str = "maml"
-    iterations: int = 1000
-    meta_batch: int | None = None
-    inner_lr: float | None = None
-    inner_steps: int | None = None
-    test_inner_steps: int | None = None
-    first_order: bool | None = None
-    outer_lr: float = 1e-3
-    test_rule: str = "same"
-    train_split: str | None = None
-    val_split: str | None = None
-    test_split: str | None = None
-    val_every: int = 100
-    val_tasks: int = 100
+    dataset: str = option("glyphs", "glyphs is synthetic and offline (rendered from fonts)", choices=tuple(DEFAULT_SPLITS))
+    data_root: str | None = option(None, "folder holding the dataset (default: $METASAM_DATA)")
+    ways: int = option(5, "classes per task (N)")
+    shots: int = option(1, "support images per class (K)")
+    queries: int = option(15, "query images per class")
+    algo: str = option("maml", "the inner and outer rules (docs/algorithms.md)", choices=tuple(PRESETS))
+    iterations: int = option(1000, "outer steps (the papers train 60,000); with train --resume: continue the run to N")
+    meta_batch: int | None = option(None, f"tasks per outer step ({STANDARD_HELP})")
+    inner_lr: float | None = option(None, f"α, the inner step size ({STANDARD_HELP})")
+    inner_steps: int | None = option(None, f"inner steps while training ({STANDARD_HELP})")
+    test_inner_steps: int | None = option(None, f"inner steps at validation and test ({STANDARD_HELP})")
+    first_order: bool | None = option(
+        None, "drop second-order terms of the meta-gradient (default: the algorithm's; fomaml is first order)")
+    outer_lr: float = option(1e-3, "Adam's step size for θ")
+    test_rule: str = option("same", "inner rule at meta-test time", choices=("same", "gd"))
+    train_split: str | None = option(None, "meta-training split (default: background / train; see docs/data.md)")
+    val_split: str | None = option(None, "validation split (default: val, or a seeded tenth of the training classes)")
+    test_split: str | None = option(None, "split `metasam evaluate` uses (default: evaluation / test)")
+    val_every: int = option(100, "iterations between validations (and checkpoints)")
+    val_tasks: int = option(100, "tasks of the fixed validation set")
     image_size: int | None = None
     hidden: int | None = None
-    model: str = "conv4"
-    seed: int = 0
-    device: str = "cpu"
-    path: str = "auto"
+    model: str = option("conv4", "resnet12 is meant for GPUs", choices=("conv4", "resnet12"))
+    seed: int = option(0, "seeds the model, the tasks and the validation set")
+    device: str = option("cpu", "cpu, cuda, cuda:N or mps")
+    path: str = option("auto", "how tasks of a meta-batch are run", choices=("auto", "loop", "vmap"))
     inner_rule: Rule | None = None
     outer_rule: Rule | None = None
-    skip_nonfinite: int = 0
-    outer_val_tasks: int | None = None
-    alignment_every: int = 0
-    tf32: bool = False
+    skip_nonfinite: int = option(
+        0, "skip up to N steps whose loss or gradient is NaN/Inf (θ unchanged, counted in metrics.jsonl) before "
+        "stopping. Also allowed with train --resume", metavar="N")
+    outer_val_tasks: int | None = option(
+        None, "tasks in each validation meta-batch of the agnostic outer rule (default: --meta-batch; the seed "
+        "paper's validation batches are a quarter of the training batch)", metavar="V")
+    alignment_every: int = option(
+        0, "every N iterations log cos(g_S, g_V) before and after the update at the outer level (meta-batch vs "
+        "validation meta-batch) and the inner level (support vs query), four more meta-gradients per logged "
+        "iteration; 0 logs none. `metasam plot --alignment` draws them", metavar="N")
+    tf32: bool = option(False, TF32_HELP)
 
     def __post_init__(self) -> None:
         for level in ("inner_rule", "outer_rule"):  # config.json's form of a rule: its spec
