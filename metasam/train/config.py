@@ -13,6 +13,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
+from metasam.data.val_views import VAL_VIEWS, ValView, check_val_view, make_val_view
 from metasam.errors import CheckpointError, ConfigError
 from metasam.meta import PRESETS
 from metasam.meta.arguments import check_hparams
@@ -49,8 +50,9 @@ class MetaTrainConfig:
     """Everything that defines a meta-training run. None fields take the standard setting of the
     dataset and ways (docs/algorithms.md §3). ``inner_rule`` / ``outer_rule`` are the preset's rules
     themselves (:class:`~metasam.meta.rules.SAMRule`, :class:`~metasam.meta.rules.AgnosticRule`, ...), or
-    their plain-data spec as config.json stores it; None: the rule with its defaults. A field with help text is
-    also a flag of ``metasam train`` and ``metasam bench`` (:func:`option`)."""
+    their plain-data spec as config.json stores it; None: the rule with its defaults. ``val_view``: the agnostic
+    inner rule's validation view (:mod:`metasam.data.val_views`; "support" is the seed paper's). A field with
+    help text is also a flag of ``metasam train`` and ``metasam bench`` (:func:`option`)."""
 
     dataset: str = option("glyphs", "glyphs is synthetic and offline (rendered from fonts)", choices=tuple(DEFAULT_SPLITS))
     data_root: str | None = option(None, "folder holding the dataset (default: $METASAM_DATA)")
@@ -91,6 +93,10 @@ class MetaTrainConfig:
         "validation meta-batch) and the inner level (support vs query), four more meta-gradients per logged "
         "iteration; 0 logs none. `metasam plot --alignment` draws them", metavar="N")
     tf32: bool = option(False, TF32_HELP)
+    val_view: str = option(
+        "support", "the agnostic inner rule's validation view of a support set: support (the seed paper's: the "
+        "support set itself), split (NOT the paper's; K >= 2: half of each class's shots) or augment (NOT the "
+        "paper's: the support images shifted by a few pixels); docs/meta.md", choices=VAL_VIEWS)
 
     def __post_init__(self) -> None:
         for level in ("inner_rule", "outer_rule"):  # config.json's form of a rule: its spec
@@ -109,6 +115,10 @@ class MetaTrainConfig:
         if self.ways < 2:
             raise ConfigError(f"--ways must be >= 2, got {self.ways}")
         self._check_rules()
+        check_val_view(self.val_view, self.shots)
+        if self.val_view != "support" and PRESETS[self.algo].inner != "agnostic":
+            raise ConfigError(f"--val-view {self.val_view} changes the agnostic inner rule's validation view, and {self.algo}'s "
+                              f"inner rule is {PRESETS[self.algo].inner!r}; drop --val-view, or use agnostic-sam(-both)")
         family = "omniglot" if self.dataset == "glyphs" else self.dataset
         # the nearest standard setting: Omniglot's 20-way one above 5 ways, MiniImageNet's 5-way one
         lr, steps, test_steps, batch = STANDARD[(family, 20 if family == "omniglot" and self.ways > 5 else 5)]
@@ -141,6 +151,11 @@ class MetaTrainConfig:
             elif type(rule) is not RULES[kind]:
                 raise ConfigError(f"{self.algo} does not use a {type(rule).__name__} as its {level} rule: it takes a "
                                   f"{RULES[kind].__name__} ({kind!r}); choose the algo whose rules you mean")
+
+    def validation_view(self) -> ValView | None:
+        """The agnostic inner rule's validation view that ``val_view`` names, seeded by the run's seed (None: the
+        support set itself, the seed paper's choice); :func:`metasam.data.val_views.make_val_view`."""
+        return make_val_view(self.val_view, self.ways, self.shots, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as config.json holds them (the rules as their specs); ``MetaTrainConfig(**d)`` reads them."""

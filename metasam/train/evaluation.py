@@ -72,7 +72,8 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
         check_int("steps", steps)
     path = run_dir / f"{which}.pt"
     procs = join("cpu")  # under torchrun the processes share the tasks
-    learner = MetaLearner.from_checkpoint(load_run_checkpoint(path, cfg), path, reducer=procs.reducer)
+    learner = MetaLearner.from_checkpoint(load_run_checkpoint(path, cfg), path, reducer=procs.reducer,
+                                          val_view=cfg.validation_view())
     check_finite_weights(learner.model.state_dict(), path)
     _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
     tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
