@@ -120,8 +120,10 @@ class CPUConv4(nn.Module):
 
     Input [N, in_channels, image_size, image_size] on the CPU → logits [N, ways]. Anywhere else it refuses
     with a :class:`~metasam.errors.ConfigError` that names ``Conv4`` as the fix: input on another device,
-    input that is not [N, C, H, W], and under ``torch.func.vmap`` (the blocks ask for channels-last memory,
-    which vmap cannot give; per-example batching is what Conv4 is for).
+    input that is not [N, C, H, W], and under ``torch.func.vmap`` (the blocks start from a channels-last copy
+    of the input, which vmap cannot make; per-example batching is what Conv4 is for). One case needs no
+    copy and runs, computing the same function: grayscale input (already channels-last) under
+    ``vmap(grad(f))`` with f differentiated in the input, where torch can answer for the batched tensor.
 
     It has no layers to hook or swap: ``features.<i>`` (the indices of Conv4's convolutions and batch norms)
     hold parameters only, and the blocks are computed from them. A module hook registered on one of them
@@ -140,9 +142,8 @@ class CPUConv4(nn.Module):
         self.config = layout.config
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
+        h = self._channels_last(x)
         layers = list(self.features.values())
-        h = x
         for i in range(0, len(layers), 2):
             conv, bn = layers[i], layers[i + 1]
             block = first_block if i == 0 and x.shape[1] == 1 else conv_block
@@ -150,16 +151,18 @@ class CPUConv4(nn.Module):
         return self.head(h.flatten(1))
 
     @staticmethod
-    def _check(x: Tensor) -> None:
-        """Refuse, naming Conv4, where the blocks cannot run."""
+    def _channels_last(x: Tensor) -> Tensor:
+        """x in channels-last memory, where the blocks start; refuses, naming Conv4, where they cannot run."""
         if x.device.type != "cpu":
             raise ConfigError(f"CPUConv4 runs on the CPU only (input on {x.device}); use metasam.models.Conv4 there, "
                               "the same function with the same parameters")
         if x.dim() != 4:
             raise ConfigError(f"CPUConv4 takes images [N, C, H, W] (got shape {list(x.shape)}); use "
                               "metasam.models.Conv4 for other input, the same function with the same parameters")
-        try:  # vmap cannot say whether a tensor is channels-last (torch raises NYI); nothing else does here
-            x.is_contiguous(memory_format=torch.channels_last)
-        except RuntimeError:
+        try:
+            return x.contiguous(memory_format=torch.channels_last)
+        except RuntimeError as exc:  # torch's "NYI: ... inside of vmap ..." for a batched tensor
+            if "vmap" not in str(exc):
+                raise
             raise ConfigError("CPUConv4 cannot run under torch.func.vmap (its blocks need channels-last memory); "
                               "use metasam.models.Conv4, the same function with the same parameters") from None

@@ -155,7 +155,8 @@ def test_cpu_conv4_has_no_layers_to_hook():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_cpu_conv4_refuses_torch_func_vmap_naming_conv4(channels):
     """The blocks ask for channels-last memory, which vmap cannot give: one line that names Conv4, before
-    anything is computed; torch.func's other transforms (grad, jvp) run the blocks."""
+    anything is computed; torch.func's other transforms (grad, jvp) run the blocks, and so does vmap over a
+    gradient in the input where no copy is needed (grayscale input: the same function as Conv4's)."""
     torch.manual_seed(0)
     model = CPUConv4(5, in_channels=channels, hidden=8, image_size=28).double()
     xs = torch.randn(3, 4, channels, 28, 28, dtype=D)
@@ -165,6 +166,14 @@ def test_cpu_conv4_refuses_torch_func_vmap_naming_conv4(channels):
     params = {n: p.detach() for n, p in model.named_parameters()}
     loss = lambda p: torch.func.functional_call(model, p, (xs[0],)).square().mean()  # noqa: E731
     torch.func.jvp(torch.func.grad(loss), (params,), (params,))
+    # vmap over a gradient in the input: grayscale input needs no channels-last copy and computes the function
+    gradient_in_input = lambda m: torch.func.vmap(torch.func.grad(lambda x: m(x).square().sum()))(xs)  # noqa: E731
+    if channels == 1:
+        torch.testing.assert_close(gradient_in_input(model), gradient_in_input(conv4_with_the_same_weights(model)),
+                                   rtol=1e-10, atol=1e-12)
+    else:
+        with pytest.raises(ConfigError, match=r"^CPUConv4 cannot run under torch\.func\.vmap"):
+            gradient_in_input(model)
 
 
 def test_metalearner_vmap_path_with_cpu_conv4_is_refused_naming_conv4():
