@@ -26,3 +26,18 @@ def t_interval(values: Sequence[float]) -> tuple[float, float]:
         return mean, float("nan")
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+
+
+def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> tuple[float, float, list[float]]:
+    """(mean, t-interval half-width, per-seed differences) of method a minus method b, paired by seed and task:
+    ``a[s][t]`` and ``b[s][t]`` are the accuracies of seed s on test task t (the same seeds, the same fixed tasks),
+
+        d_s = (1/n) Σ_t (a[s][t] − b[s][t]),   mean ± :func:`t_interval` over the seeds' d_s.
+
+    Raises ValueError unless a and b have the same number of seeds and, per seed, of tasks."""
+    if not a or len(a) != len(b) or any(len(x) != len(y) or not x for x, y in zip(a, b)):
+        raise ValueError(f"a paired difference needs the same seeds and tasks on both sides, got "
+                         f"{[len(x) for x in a]} and {[len(y) for y in b]} tasks per seed")
+    per_seed = [sum(x - y for x, y in zip(xs, ys)) / len(xs) for xs, ys in zip(a, b)]
+    mean, half = t_interval(per_seed)
+    return mean, half, per_seed

@@ -1,46 +1,96 @@
-"""``metasam bench``: train and evaluate algorithms × settings, write a Markdown table and raw JSON."""
+"""``metasam bench``: algorithms × settings × seeds, grids chosen on validation, controls, intervals over seeds and
+paired differences; OUT/results.md, results.json and results.png. Shares its run flags with ``metasam train``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 
-from metasam.cli.flags import add
+from metasam.cli.flags import add, add_run_flags, rule_flags_given, settings_given
+from metasam.errors import ConfigError
 from metasam.meta import PRESETS
-from metasam.train.bench import parse_settings, run_grid
-from metasam.train.precision import TF32_HELP
+from metasam.train.bench import BenchPlan, load_plan, merge, parse_seeds, parse_settings, parse_shard, run_bench
+from metasam.train.bench.report import render_markdown
+from metasam.train.distributed import main_process
+
+GRID_AXES = ("algo", "ways", "shots", "seed")
+"""The settings of ``metasam train`` that are the bench's axes (--algos, --settings, --seeds) instead of flags."""
+REPORT = ("controls", "reference", "episodes", "test_seed")
+"""The flags that change what is tested and reported, not what is trained (--merge takes them)."""
+DEFAULTS: dict[str, object] = {}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="train + evaluate a grid of algorithms and N-way K-shot settings",
-                       description="Each cell is a normal run folder OUT/<ways>w<shots>s/<algo> (resumable); "
-                       "OUT/results.md holds the table (accuracy % ± 95 % CI), OUT/results.json the raw numbers. "
-                       "Unset hyperparameters take the standard setting of each setting's ways and shots.")
-    add(p, "--dataset", choices=("omniglot", "miniimagenet", "glyphs"), default="glyphs",
-        help="glyphs is synthetic and offline (rendered from fonts)")
-    add(p, "--data-root", default=None, help="folder holding the dataset (default: $METASAM_DATA)")
+    p = sub.add_parser(
+        "bench", help="train + evaluate algorithms × settings × seeds, with grids chosen on validation",
+        description="Every cell is a normal, resumable run folder OUT/<ways>w<shots>s/<algo>[/<grid point>]/seed<s>. Each "
+        "algorithm's grid point is chosen on validation accuracy only (best mean over seeds); only the chosen points "
+        "and their controls are tested, all on one fixed test TaskSet. OUT/results.md holds the table (mean over seeds "
+        "± 95 % t-interval, paired differences to --reference), results.json the numbers, results.png the plot. "
+        "Run settings apply to every algorithm that takes them; unset ones take each setting's standard values.")
     add(p, "--algos", default="maml,sharp-maml-low,agnostic-sam", help=f"comma list of {', '.join(PRESETS)}")
     add(p, "--settings", default="5w1s,5w5s", help="comma list of <ways>w<shots>s, like 5w1s,5w5s,20w1s,20w5s")
-    add(p, "--iterations", type=int, default=1000, help="outer steps of each run (the papers train 60,000)")
-    add(p, "--meta-batch", type=int, default=None, help="tasks per outer step (default: the standard setting)")
-    add(p, "--queries", type=int, default=15, help="query images per class")
-    add(p, "--train-split", default=None, help="meta-training split (default: the dataset's)")
-    add(p, "--val-split", default=None, help="validation split (default: the dataset's)")
-    add(p, "--test-split", default=None, help="test split (default: the dataset's)")
-    add(p, "--val-every", type=int, default=100, help="iterations between validations (and checkpoints)")
-    add(p, "--val-tasks", type=int, default=100, help="tasks of the fixed validation set")
-    add(p, "--episodes", type=int, default=600, help="test tasks per cell (the same for every method)")
-    add(p, "--seed", type=int, default=0, help="seeds every run")
-    add(p, "--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    add(p, "--tf32", action="store_true", default=None, help=TF32_HELP)
-    add(p, "--out", required=True, help="folder of the grid: OUT/<ways>w<shots>s/<algo> and the tables")
+    add(p, "--seeds", default="0", help="comma list of seeds: every cell is trained once with each")
+    add(p, "--grid", action="append", metavar="ALGO:KEY=V1,V2",
+        help="values of a setting for one algorithm, chosen on validation (repeat for more settings: their product), "
+        "e.g. sharp-maml-low:inner_rho=0.005,0.01; a tied setting takes KEY=OTHER*NUMBER or KEY=OTHER/NUMBER of "
+        "another setting of the grid, e.g. agnostic-sam:inner_rho2=rho1/2. KEY: any run or rule setting but the "
+        "data, the device and the bench's axes")
+    add(p, "--controls", action="store_true",
+        help="add the controls of the selected points: sharp-maml-low at ρ = ρ1 − ρ2 of agnostic-sam's, agnostic-sam "
+        "with β = 0, and each method adapted at test by the other --test-rule (the same weights)")
+    add(p, "--reference", default="maml", help="the method the paired differences are taken to (one of --algos)")
+    add(p, "--episodes", type=int, default=600, help="test tasks (the same for every method and seed)")
+    add(p, "--test-seed", type=int, default=1234, help="seed of the fixed test TaskSet")
+    add(p, "--out", required=True, help="folder of the bench: its cells, bench.json (the plan) and the results")
+    add(p, "--shard", metavar="I/N", help="train only the cells of index I modulo N (run I = 0 … N−1 as N processes, "
+        "then --merge); no results are written")
+    add(p, "--merge", action="store_true",
+        help="train nothing: test and write the results of the bench in --out from its finished cells (its plan "
+        "from OUT/bench.json); refuses, naming them, while cells are unfinished")
     add(p, "--no-progress", action="store_true", help="no progress bars")
+    add_run_flags(p, leave_out=GRID_AXES)
+    DEFAULTS.update(vars(p.parse_args(["--out", "x"])))
+
 
 def run(args: argparse.Namespace) -> int:
-    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    settings = parse_settings(args.settings)
-    keys = ("dataset", "data_root", "iterations", "meta_batch", "queries", "train_split", "val_split", "test_split",
-            "val_every", "val_tasks", "seed", "device", "tf32")
-    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    grid = run_grid(overrides, algos, settings, args.out, episodes=args.episodes, progress=not args.no_progress)
-    print(grid["table"])
+    progress = not args.no_progress
+    if args.merge:
+        results = merge(_stored_plan(args), args.out, progress)
+    else:
+        plan = BenchPlan(
+            settings=parse_settings(args.settings), algos=[a.strip() for a in args.algos.split(",") if a.strip()],
+            seeds=parse_seeds(args.seeds), grids=args.grid or [], overrides=settings_given(args),
+            rules=rule_flags_given(args), controls=args.controls, reference=args.reference, episodes=args.episodes,
+            test_seed=args.test_seed)
+        shard = parse_shard(args.shard) if args.shard else None
+        results = run_bench(plan, args.out, shard, progress)
+        if shard is not None:
+            _shard_done(args, results)
+            return 0
+    if main_process():  # under torchrun, rank 0 reports for all processes
+        print(render_markdown(results))
     return 0
+
+
+def _stored_plan(args: argparse.Namespace) -> BenchPlan:
+    """The plan of OUT/bench.json, with the report flags given; other flags are refused."""
+    fixed = ("out", "merge", "no_progress", "command", *REPORT)
+    given = [k for k, v in vars(args).items() if k in DEFAULTS and k not in fixed and v != DEFAULTS[k]]
+    if given:
+        raise ConfigError(f"--merge builds the table of the bench whose plan is in {args.out}/bench.json; drop "
+                          f"{', '.join('--' + k.replace('_', '-') for k in given)} (only --controls, --reference, --episodes "
+                          "and --test-seed may change what is tested)")
+    report = {k: getattr(args, k) for k in REPORT if getattr(args, k) != DEFAULTS[k]}
+    return dataclasses.replace(load_plan(args.out), **report)
+
+
+def _shard_done(args: argparse.Namespace, status: dict) -> None:
+    trained = len(status["trained"])
+    print(f"metasam bench: shard {args.shard} trained {trained} cell(s)", file=sys.stderr)
+    if status["waiting"]:
+        print(f"metasam bench: the controls wait for the selection, which needs {len(status['waiting'])} more finished "
+              f"grid cell(s) (e.g. {status['waiting'][0].folder}) from the other shards; rerun this command when they are "
+              "done to train this shard's controls", file=sys.stderr)
+    print(f"metasam bench: when every shard is done: metasam bench --out {args.out} --merge", file=sys.stderr)

@@ -58,10 +58,12 @@ def refusing_nonfinite_outputs(model: nn.Module, source: str | Path) -> Iterator
 
 
 def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, which: str = "best",
-                 test_split: str | None = None, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 test_split: str | None = None, steps: int | None = None, progress: bool = True,
+                 test_rule: str | None = None) -> dict[str, Any]:
     """Mean accuracy ± 95 % CI of a run's ``which`` checkpoint on a fixed seeded TaskSet of the test split;
-    also written to ``RUN_DIR/eval_<which>_<episodes>_seed<seed>.json``. Non-finite weights or logits raise
-    :class:`NonFiniteError`."""
+    also written to ``RUN_DIR/eval_<which>_<episodes>_seed<seed>.json`` (``…_<test_rule>.json`` when
+    ``test_rule`` overrides the run's: the same weights adapted by another rule). Non-finite weights or logits
+    raise :class:`NonFiniteError`."""
     run_dir = Path(run_dir)
     cfg = MetaTrainConfig.load(run_dir)
     split = test_split or cfg.test_split
@@ -72,8 +74,9 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
         check_int("steps", steps)
     path = run_dir / f"{which}.pt"
     procs = join("cpu")  # under torchrun the processes share the tasks
+    rule = test_rule or cfg.test_rule
     learner = MetaLearner.from_checkpoint(load_run_checkpoint(path, cfg), path, reducer=procs.reducer,
-                                          val_view=cfg.validation_view())
+                                          val_view=cfg.validation_view(), test_rule=rule)
     check_finite_weights(learner.model.state_dict(), path)
     _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
     tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
@@ -82,7 +85,13 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     mean, ci = mean_ci95(accuracies)
     result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
               "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": steps or cfg.test_inner_steps,
-              "accuracy": mean, "ci95": ci, "task_accuracies": accuracies}
+              "test_rule": rule, "accuracy": mean, "ci95": ci, "task_accuracies": accuracies}
     if procs.is_main:
-        write_text_atomic(json.dumps(result, indent=2), run_dir / f"eval_{which}_{episodes}_seed{seed}.json")
+        write_text_atomic(json.dumps(result, indent=2), run_dir / eval_file_name(which, episodes, seed, rule, cfg.test_rule))
     return result
+
+
+def eval_file_name(which: str, episodes: int, seed: int, test_rule: str, trained_rule: str) -> str:
+    """Where :func:`evaluate_run` writes its result in the run folder: ``eval_best_600_seed1234.json``, with
+    ``_<test_rule>`` before ``.json`` when the test rule is not the run's own."""
+    return f"eval_{which}_{episodes}_seed{seed}" + ("" if test_rule == trained_rule else f"_{test_rule}") + ".json"

@@ -113,36 +113,6 @@ def test_loading_a_checkpoint_of_another_model_names_the_mismatch(tmp_path):
         other.resume()
 
 
-def test_bench_grid_writes_a_table_whose_cells_equal_each_runs_evaluation(tmp_path, capsys):
-    out = tmp_path / "grid"
-    args = ["bench", "--dataset", "glyphs", "--algos", "maml,fomaml", "--settings", "3w1s", "--queries", "2",
-            "--meta-batch", "2", "--iterations", "2", "--val-every", "2", "--val-tasks", "3", "--episodes", "4",
-            "--out", str(out), "--no-progress"]
-    assert main(args) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert [(r["algo"], r["ways"], r["shots"]) for r in results] == [("maml", 3, 1), ("fomaml", 3, 1)]
-    table = (out / "results.md").read_text()
-    for r in results:
-        assert f"| {r['algo']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |" in table
-        separate = json.loads((out / "3w1s" / r["algo"] / "eval_best_4_seed1234.json").read_text())
-        assert separate["accuracy"] == r["accuracy"]
-    paired = [a - b for a, b in zip(results[1]["task_accuracies"], results[0]["task_accuracies"])]
-    diff = sum(paired) / len(paired)
-    assert f"| fomaml | {100 * diff:+.2f} ± " in table
-    # a second call finds the finished runs and only re-evaluates: same numbers
-    assert main(args) == 0
-    assert json.loads((out / "results.json").read_text()) == results
-    for p in (out / "3w1s" / "fomaml").iterdir():  # as if killed before its first checkpoint: trained again
-        if p.name not in ("config.json", "val_tasks.json"):
-            p.unlink()
-    assert main(args) == 0
-    assert json.loads((out / "results.json").read_text()) == results
-    with pytest.raises(ConfigError, match="5w1s"):
-        from metasam.train.bench import parse_settings
-
-        parse_settings("5way1shot")
-
-
 def test_mean_ci95_by_hand():
     from metasam.stats import mean_ci95
 

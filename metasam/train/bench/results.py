@@ -1,0 +1,149 @@
+"""From finished cells to the numbers of a bench: the selection of each grid on validation accuracy, the test
+evaluation of the selected points and their controls, and the intervals over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from metasam.errors import ConfigError
+from metasam.stats import mean_ci95, paired_difference, t_interval
+from metasam.train.bench.grid import edges, point_name
+from metasam.train.bench.plan import BenchPlan, Cell, Method
+from metasam.train.config import MetaTrainConfig
+from metasam.train.evaluation import eval_file_name, evaluate_run
+
+SELECTION_RULE = (
+    "For each algorithm and setting, the grid point whose runs have the highest mean, over seeds, of their best "
+    "validation accuracy (each run's best mean accuracy on its fixed validation TaskSet: --val-tasks tasks of the "
+    "validation split drawn with the run's seed, so every point of a seed is scored on the same tasks; the "
+    "checkpoint of that accuracy, best.pt, is the one tested). Ties go to the first point in grid order. No test "
+    "task is read before the choice, and only the chosen points and the controls built from them are tested."
+)
+SAME_TASKS = ("test_split", "episodes", "seed", "ways", "shots")
+"""What fixes a test TaskSet: two evaluations that agree on these (and the dataset) scored the same tasks."""
+
+
+def summary_of(run: Path) -> dict[str, Any] | None:
+    """The run's train_summary.json (written when it finished), or None while it is unfinished."""
+    try:
+        return json.loads((run / "train_summary.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def select(plan: BenchPlan, out: Path, ways: int, shots: int) -> tuple[dict[str, Method], dict[str, Any], list[Cell]]:
+    """(selected method per algorithm, the grid report, the cells still unfinished) of one setting: an algorithm
+    is selected once all its grid's cells are finished, by :data:`SELECTION_RULE`."""
+    selected, report, missing = {}, {}, []
+    for algo in plan.algos:
+        scored = []
+        for method in (m for m in plan.methods() if m.algo == algo):
+            val = {}
+            for cell in method.cells(ways, shots, plan.seeds):
+                summary = summary_of(out / cell.folder)
+                if summary is None:
+                    missing.append(cell)
+                else:
+                    val[cell.seed] = summary["best_val_acc"]
+            scored.append((method, val))
+        if any(len(val) < len(plan.seeds) for _, val in scored):
+            continue
+        means = [sum(val.values()) / len(val) for _, val in scored]
+        best = max(range(len(means)), key=lambda i: (means[i], -i))
+        selected[algo] = scored[best][0]
+        report[algo] = {
+            "points": [{"point": dict(m.point), "name": point_name(dict(m.point)), "val_acc": {str(s): v for s, v in val.items()},
+                        "mean_val_acc": mean} for (m, val), mean in zip(scored, means)],
+            "selected": best, "edges": edges(plan.entries[algo], dict(scored[best][0].point)),
+        }
+    return selected, report, missing
+
+
+def methods_of(plan: BenchPlan, selected: dict[str, Method], ways: int, shots: int) -> list[Method]:
+    """The rows of a setting: the selected method of each algorithm, then (with ``plan.controls``) the controls."""
+    rows = [selected[a] for a in plan.algos]
+    return rows + (plan.controls_of(ways, shots, selected) if plan.controls else [])
+
+
+def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, progress: bool) -> dict[str, Any]:
+    """The run's best checkpoint on the bench's fixed test TaskSet, adapted by ``test_rule`` (None: its own);
+    read back from the run folder when an evaluation newer than best.pt is there."""
+    run = out / cell.folder
+    cfg = MetaTrainConfig.load(run)
+    path = run / eval_file_name("best", plan.episodes, plan.test_seed, test_rule or cfg.test_rule, cfg.test_rule)
+    if path.exists() and path.stat().st_mtime_ns >= (run / "best.pt").stat().st_mtime_ns:
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass  # a damaged result is evaluated again
+    return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress)
+
+
+def missing_cells(plan: BenchPlan, out: Path) -> list[Cell]:
+    """The cells the table needs that are not finished: grid cells, and the controls of finished grids."""
+    missing = []
+    for ways, shots in plan.settings:
+        selected, _, unfinished = select(plan, out, ways, shots)
+        missing += unfinished
+        if len(selected) == len(plan.algos) and plan.controls:
+            missing += [c for m in plan.controls_of(ways, shots, selected) for c in m.cells(ways, shots, plan.seeds)
+                        if summary_of(out / c.folder) is None]
+    return list(dict.fromkeys(missing))
+
+
+def build_results(plan: BenchPlan, out: Path, progress: bool = True) -> dict[str, Any]:
+    """The numbers of the table (see :func:`method_numbers`), per setting; refuses while a cell is unfinished."""
+    missing = missing_cells(plan, out)
+    if missing:
+        shown = ", ".join(str(c.folder) for c in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ConfigError(f"{out} lacks {len(missing)} finished cell(s): {shown}; finish them with the bench's command "
+                          f"(or its shards): {plan.command(out)}")
+    settings = []
+    for ways, shots in plan.settings:
+        selected, report, _ = select(plan, out, ways, shots)
+        rows = methods_of(plan, selected, ways, shots)
+        tested = {m: [test_result(plan, out, c, m.test_rule, progress) for c in m.cells(ways, shots, plan.seeds)]
+                  for m in rows}
+        reference = tested[selected[plan.reference]]
+        numbers = [method_numbers(plan, out, m, tested[m], reference, ways, shots) for m in rows]
+        settings.append({"ways": ways, "shots": shots, "grids": report, "methods": numbers})
+    return {"format": "metasam.bench.results", "version": 1, "command": plan.command(out),
+            "selection_rule": SELECTION_RULE, "reference": plan.reference, "seeds": plan.seeds,
+            "plan": plan.to_json(), "settings": settings}
+
+
+def method_numbers(plan: BenchPlan, out: Path, method: Method, tested: list[dict[str, Any]],
+                   reference: list[dict[str, Any]], ways: int, shots: int) -> dict[str, Any]:
+    """A row: test accuracy per seed (the mean over the test tasks), their mean ± 95 % t-interval over seeds,
+    the mean over seeds × tasks ± 1.96·sd/√n, and the paired difference to the reference method (per seed the
+    mean over the same test tasks of the difference, t-interval over seeds)."""
+    for result in tested:
+        if any(result[k] != reference[0][k] for k in SAME_TASKS):
+            raise ConfigError(f"{result['run']} was tested on other tasks than {reference[0]['run']} "
+                              f"({', '.join(f'{k} {result[k]} vs {reference[0][k]}' for k in SAME_TASKS)}); "
+                              "delete its eval_*.json files and merge again")
+    per_seed = [r["accuracy"] for r in tested]
+    mean, t95 = t_interval(per_seed)
+    pooled, pooled_ci = mean_ci95([a for r in tested for a in r["task_accuracies"]])
+    diff, diff_t95, diff_per_seed = paired_difference([r["task_accuracies"] for r in tested],
+                                                      [r["task_accuracies"] for r in reference])
+    cells = method.cells(ways, shots, plan.seeds)
+    cfg = MetaTrainConfig.load(out / cells[0].folder)
+    return _finite({
+        "name": method.name, "control": method.control, "algo": method.algo, "point": dict(method.point),
+        "test_rule": tested[0]["test_rule"], "val_view": cfg.val_view, "runs": [str(c.folder) for c in cells],
+        "seeds": plan.seeds, "val_acc": [summary_of(out / c.folder)["best_val_acc"] for c in cells],
+        "test_acc": per_seed, "test_acc_mean": mean, "test_acc_t95": t95,
+        "pooled_mean": pooled, "pooled_ci95": pooled_ci,
+        "paired_diff": diff, "paired_t95": diff_t95, "paired_diff_per_seed": diff_per_seed,
+        "test_tasks": {k: tested[0][k] for k in SAME_TASKS},
+        "task_accuracies": [r["task_accuracies"] for r in tested],
+    })
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN (a t-interval of one seed) as null, which JSON has."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}

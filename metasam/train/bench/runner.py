@@ -1,0 +1,137 @@
+"""Running a bench: train its cells (resuming the unfinished, skipping the finished), then the controls of the
+selected points, then test and write OUT/results.{json,md,png}; as one process, or as shards and a merge.
+
+Shard I/N trains the grid cells whose index (in :meth:`BenchPlan.grid_cells` order) is I modulo N, then, once
+every grid cell of a setting is finished (by any shard), the control cells of index I modulo N. It tests
+nothing: ``merge`` tests the selected points and controls and writes the table, and refuses, naming them,
+while cells are unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from metasam.atomic_write import write_text_atomic
+from metasam.checkpoint import config_differences
+from metasam.errors import ConfigError
+from metasam.train.bench.plan import BenchPlan, Cell
+from metasam.train.bench.report import plot, render_markdown
+from metasam.train.bench.results import build_results, select, summary_of
+from metasam.train.config import MetaTrainConfig, check_device
+from metasam.train.distributed import main_process
+from metasam.train.meta import MetaTrainer
+from metasam.train.run_folder import is_run_dir
+
+PLAN_FILE = "bench.json"
+TRAINING_FLAGS = {"settings": "--settings", "algos": "--algos", "seeds": "--seeds", "grids": "--grid",
+                  "overrides": "run settings (--inner-lr, --iterations, …)", "rules": "rule settings (--inner-rho, …)"}
+
+
+def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Train what ``shard`` (None: all) owns of the plan, then, without a shard, write the results and return
+    them; with one, return ``{"trained": cells trained now, "waiting": grid cells the controls wait for}``."""
+    out = Path(out)
+    cells = plan.grid_cells()
+    configs = {cell: plan.config(cell) for cell in cells}  # every grid cell's settings are checked first
+    check_device(configs[cells[0]].device)
+    check_layout(out, plan)
+    record_plan(out, plan)
+    trained = [c for c in _share(cells, shard) if train_cell(out, c, configs[c], f"{len(cells)} grid cells", progress)]
+    waiting: list[Cell] = []
+    if plan.controls:
+        controls = []
+        for ways, shots in plan.settings:
+            selected, _, missing = select(plan, out, ways, shots)
+            waiting += missing
+            if not missing:
+                controls += [c for m in plan.controls_of(ways, shots, selected) for c in m.cells(ways, shots, plan.seeds)
+                             if c not in configs]
+        controls = list(dict.fromkeys(controls))
+        trained += [c for c in _share(controls, shard) if train_cell(out, c, plan.config(c), f"{len(controls)} control cells", progress)]
+    if shard is not None:
+        return {"trained": trained, "waiting": waiting}
+    return merge(plan, out, progress)
+
+
+def merge(plan: BenchPlan, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Test the selected points and their controls (reusing evaluations already in the run folders) and write
+    OUT/results.json, results.md and results.png; refuses, naming them, while cells are unfinished."""
+    out = Path(out)
+    results = build_results(plan, out, progress)
+    if main_process():
+        write_text_atomic(json.dumps(results, indent=1), out / "results.json")
+        write_text_atomic(render_markdown(results), out / "results.md")
+        plot(results, out / "results.png")
+    return results
+
+
+def _share(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    return cells if shard is None else cells[shard[0]::shard[1]]
+
+
+def train_cell(out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: bool) -> bool:
+    """Train ``cell`` to the end (a new run, or resumed from its last.pt); a finished one is left alone once its
+    config.json is checked to be ``cfg``. Returns whether it trained."""
+    run = out / cell.folder
+    if summary_of(run) is not None:
+        saved, wanted = MetaTrainConfig.load(run).to_dict(), cfg.to_dict()
+        if saved != wanted:
+            raise ConfigError(f"{run} was trained with other settings than this bench gives it ({config_differences(saved, wanted)}); "
+                              "rerun the bench with the flags it was started with, or use another --out")
+        return False
+    if main_process():
+        print(f"metasam bench: {cell.folder} (one of {of})", file=sys.stderr)
+    with MetaTrainer(cfg, run) as trainer:
+        if (run / "last.pt").exists():
+            trainer.resume()
+        else:  # new, or killed before its first checkpoint (nothing trained)
+            trainer.start(restart=is_run_dir(run))
+        try:
+            trainer.train(progress=progress)
+        except KeyboardInterrupt as exc:
+            raise KeyboardInterrupt(f"{exc}, or rerun the same metasam bench command: it resumes every unfinished cell") from exc
+    return True
+
+
+def check_layout(out: Path, plan: BenchPlan) -> None:
+    """Refuse an OUT where ``OUT/<setting>/<algo>`` is itself a run: the one-seed layout of earlier benches."""
+    for ways, shots in plan.settings:
+        for algo in plan.algos:
+            old = out / f"{ways}w{shots}s" / algo
+            if is_run_dir(old):
+                raise ConfigError(f"{old} is a run of an earlier metasam bench (one seed per cell, no seed folder); use "
+                                  f"another --out, or move it to {old}/<grid point>/seed<its seed> if it is a cell of this bench")
+
+
+def record_plan(out: Path, plan: BenchPlan) -> None:
+    """Write the plan to OUT/bench.json (for merge); refuse one that trains otherwise than the plan already there."""
+    stored = load_plan(out, required=False)
+    if stored is not None:
+        differ = plan.training_differences(stored)
+        if differ:
+            raise ConfigError(f"{out} holds a bench with other {', '.join(TRAINING_FLAGS[k] for k in differ)} "
+                              f"({out / PLAN_FILE}: {stored.command(out)}); rerun that command, or choose another --out")
+    if main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps({"format": "metasam.bench", "version": 1, "plan": plan.to_json()}, indent=1),
+                          out / PLAN_FILE)
+
+
+def load_plan(out: Path, required: bool = True) -> BenchPlan | None:
+    """The plan in OUT/bench.json (None when absent and not ``required``)."""
+    path = Path(out) / PLAN_FILE
+    if not path.exists():
+        if required:
+            raise ConfigError(f"{out} has no {PLAN_FILE}: it is not the folder of a metasam bench; pass the --out "
+                              "the bench (or its shards) ran with")
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return BenchPlan.from_json(data["plan"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is damaged ({exc}); rerun the bench's command to write it again "
+                          "(its finished cells are kept)") from exc

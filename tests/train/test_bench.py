@@ -1,0 +1,205 @@
+"""metasam bench as an experiment runner, on a 2-seed × 2-value grid of two algorithms (glyphs, a tiny budget):
+selection on validation accuracy only, intervals over seeds, paired differences on the same test tasks, the
+controls, shards + merge giving one process's table, and a killed grid resuming without retraining what finished."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metasam.cli.main import main
+from metasam.train.evaluation import evaluate_run
+
+pytestmark = pytest.mark.slow
+
+T_975_1 = 12.706204736174707
+"""Student's t quantile 0.975 at 1 degree of freedom (two seeds), from a table."""
+TINY = ["--dataset", "glyphs", "--settings", "3w1s", "--queries", "2", "--meta-batch", "2", "--iterations", "2",
+        "--val-every", "2", "--val-tasks", "3", "--test-inner-steps", "1", "--episodes", "12", "--seeds", "0,1", "--no-progress"]
+GRID = ["--algos", "maml,agnostic-sam", "--grid", "maml:inner_lr=0.001,0.4", "--grid", "agnostic-sam:inner_rho1=0.01,0.05",
+        "--grid", "agnostic-sam:inner_rho2=rho1/2", "--controls"]
+ARGS = ["bench", *TINY, *GRID]
+MAML = ["3w1s/maml/inner_lr=0.001", "3w1s/maml/inner_lr=0.4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tasks gain nothing from a second intra-op thread, and on a machine whose cores are busy with other work
+    torch's threads wait on each other: a run of this module took 20× longer with two threads than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bench(out: Path, *extra: str) -> int:
+    return main([*ARGS, "--out", str(out), *extra])
+
+
+def trained(err: str) -> list[str]:
+    """The cells a bench announced it trains (stderr lines 'metasam bench: <cell> (one of …)')."""
+    return [line.split(": ", 1)[1].split(" (one of")[0] for line in err.splitlines() if "(one of" in line]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """One bench of the grid, run once for the tests that only read it: (OUT, results.json)."""
+    out = tmp_path_factory.mktemp("bench") / "out"
+    assert bench(out) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def rows(results):
+    (setting,) = results["settings"]
+    return {m["name"]: m for m in setting["methods"]}
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def test_the_table_has_the_selected_methods_and_the_controls_and_nothing_else_was_tested(grid):
+    out, results = grid
+    assert list(rows(results)) == ["maml", "agnostic-sam", "sharp-maml-low at ρ = ρ1 − ρ2 of agnostic-sam",
+                                   "agnostic-sam with β = 0", "agnostic-sam, adapted by gd at test"]
+    agnostic = rows(results)["agnostic-sam"]
+    radius = rows(results)["sharp-maml-low at ρ = ρ1 − ρ2 of agnostic-sam"]
+    assert radius["point"] == {"inner_rho": agnostic["point"]["inner_rho1"] - agnostic["point"]["inner_rho2"]}
+    assert rows(results)["agnostic-sam with β = 0"]["point"] == {**agnostic["point"], "inner_beta": 0.0}
+    gd = rows(results)["agnostic-sam, adapted by gd at test"]
+    assert gd["runs"] == agnostic["runs"] and gd["test_rule"] == "gd" and agnostic["test_rule"] == "same"
+    tested = {str(p.parent.relative_to(out)) for p in out.glob("3w1s/**/eval_*.json")}
+    assert tested == {run for m in rows(results).values() for run in m["runs"]}  # the grid's other points: never tested
+    table = (out / "results.md").read_text()
+    assert results["command"] in table and results["selection_rule"] in table and (out / "results.png").stat().st_size > 0
+    assert "is the smallest of" in table or "is the largest of" in table  # two-value grids: always at an edge
+
+
+def test_the_intervals_are_over_seeds(grid):
+    out, results = grid
+    for m in rows(results).values():
+        per_seed = []
+        for run in m["runs"]:
+            name = "eval_best_12_seed1234" + ("_gd" if m["test_rule"] == "gd" else "") + ".json"
+            per_seed.append(mean(json.loads((out / run / name).read_text())["task_accuracies"]))
+        assert m["test_acc"] == pytest.approx(per_seed)
+        sd = math.sqrt(sum((a - mean(per_seed)) ** 2 for a in per_seed) / (len(per_seed) - 1))
+        assert m["test_acc_mean"] == pytest.approx(mean(per_seed))
+        assert m["test_acc_t95"] == pytest.approx(T_975_1 * sd / math.sqrt(2))
+        pooled = [a for seed in m["task_accuracies"] for a in seed]
+        assert len(pooled) == 24 and m["pooled_mean"] == pytest.approx(mean(pooled))
+        row = f"{100 * m['test_acc_mean']:.2f} ± {100 * m['test_acc_t95']:.2f} |"
+        assert row in (out / "results.md").read_text()
+
+
+def test_the_paired_difference_takes_each_seed_on_the_same_test_tasks(grid):
+    out, results = grid
+    reference = rows(results)["maml"]
+    for m in rows(results).values():
+        assert m["test_tasks"] == reference["test_tasks"] == {"test_split": "test", "episodes": 12, "seed": 1234,
+                                                             "ways": 3, "shots": 1}
+        by_hand = [mean([a - b for a, b in zip(mine, ref)]) for mine, ref in zip(m["task_accuracies"], reference["task_accuracies"])]
+        assert m["paired_diff_per_seed"] == pytest.approx(by_hand)
+        sd = math.sqrt(sum((d - mean(by_hand)) ** 2 for d in by_hand))
+        assert m["paired_diff"] == pytest.approx(mean(by_hand))
+        assert m["paired_t95"] == pytest.approx(T_975_1 * sd / math.sqrt(2))
+
+
+def test_selection_reads_validation_accuracy_only(grid, tmp_path, capsys):
+    """A constructed case: the validation accuracies are rewritten so that the point that is worse on the test
+    tasks is the better one on validation. The bench must choose it; a choice on test accuracy would not."""
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    test_acc = {p: mean([evaluate_run(out / p / f"seed{s}", 12, 1234, progress=False)["accuracy"] for s in (0, 1)]) for p in MAML}
+    worse, better = sorted(MAML, key=test_acc.get)
+    assert test_acc[worse] < test_acc[better], "the construction needs two points that differ on the test tasks"
+    for p, val in ((worse, 0.9), (better, 0.1)):
+        for s in (0, 1):
+            summary = out / p / f"seed{s}" / "train_summary.json"
+            summary.write_text(json.dumps({**json.loads(summary.read_text()), "best_val_acc": val}))
+    capsys.readouterr()
+    assert bench(out) == 0
+    assert trained(capsys.readouterr().err) == []  # every cell was finished: nothing trained again
+    results = json.loads((out / "results.json").read_text())
+    maml = rows(results)["maml"]
+    assert maml["runs"] == [f"{worse}/seed0", f"{worse}/seed1"] and maml["val_acc"] == [0.9, 0.9]
+    assert maml["test_acc_mean"] == pytest.approx(test_acc[worse])
+    grid_report = results["settings"][0]["grids"]["maml"]
+    assert [p["mean_val_acc"] for p in grid_report["points"]] == [0.9, 0.1][:: 1 if worse == MAML[0] else -1]
+
+
+def test_shards_and_merge_give_the_table_of_one_process(grid, tmp_path, capsys):
+    out = tmp_path / "sharded"
+    for i in range(3):  # the first round: the grid cells; the controls wait until every grid cell is finished
+        assert bench(out, "--shard", f"{i}/3") == 0
+    err = capsys.readouterr().err
+    assert len(trained(err)) == 8 + 1  # shard 2 found the grid finished and trained its share of the 4 control cells
+    assert err.count("the controls wait for the selection") == 2
+    assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"metasam bench: error: {out} lacks 3 finished cell(s): 3w1s/") and f"--out {out} " in line
+    for i in range(2):  # the second round: the controls of shards 0 and 1
+        assert bench(out, "--shard", f"{i}/3") == 0
+    assert len(trained(capsys.readouterr().err)) == 3
+    assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 0
+    one, merged = grid[1], json.loads((out / "results.json").read_text())
+    assert merged["settings"] == one["settings"]
+    assert (out / "results.md").read_text().replace(str(out), "OUT") == (grid[0] / "results.md").read_text().replace(str(grid[0]), "OUT")
+
+
+def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags(grid, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    assert main([*ARGS, "--seeds", "0,1,2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"metasam bench: error: {out} holds a bench with other --seeds")
+    assert main(["bench", "--out", str(out), "--merge", "--iterations", "5"]) == 2
+    assert "drop --iterations" in capsys.readouterr().err
+
+
+def _launch(out: Path) -> subprocess.Popen:
+    argv = ["bench", *TINY, "--iterations", "12", "--val-every", "4", "--episodes", "4", "--algos", "maml",
+            "--grid", "maml:inner_lr=0.1,0.4"]
+    log = open(out.parent / "bench.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "metasam", *argv, "--out", str(out)], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.argv = argv
+    return proc
+
+
+def test_a_killed_grid_resumes_without_training_its_finished_cells_again(tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = _launch(out)
+    first, second = out / "3w1s/maml/inner_lr=0.1/seed0", out / "3w1s/maml/inner_lr=0.1/seed1"
+    deadline = time.monotonic() + 300
+    while not any("val_acc" in r for r in _records(second)):  # the second cell validated (and checkpoints)
+        assert proc.poll() is None, (out.parent / "bench.log").read_text()
+        assert time.monotonic() < deadline, "the second cell did not reach its first checkpoint in time"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert (first / "train_summary.json").exists() and not (second / "train_summary.json").exists()
+    finished = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+    assert main([*proc.argv, "--out", str(out)]) == 0
+    assert trained(capsys.readouterr().err) == [str(c.relative_to(out)) for c in (second, second.parent.parent / "inner_lr=0.4/seed0",
+                                                                             second.parent.parent / "inner_lr=0.4/seed1")]
+    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir() if p.name in finished} == finished
+    iterations = [r["iteration"] for r in _records(second) if "query_loss" in r]
+    assert iterations == list(range(1, 13))  # resumed from its checkpoint: every iteration logged once
+    assert json.loads((out / "results.json").read_text())["settings"][0]["methods"][0]["seeds"] == [0, 1]
+
+
+def _records(run: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
+    except FileNotFoundError:
+        return []
