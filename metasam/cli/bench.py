@@ -59,19 +59,22 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         results = merge(_stored_plan(args), args.out, progress)
     else:
-        plan = BenchPlan(
-            settings=parse_settings(args.settings), algos=[a.strip() for a in args.algos.split(",") if a.strip()],
-            seeds=parse_seeds(args.seeds), grids=args.grid or [], overrides=settings_given(args),
-            rules=rule_flags_given(args), controls=args.controls, reference=args.reference, episodes=args.episodes,
-            test_seed=args.test_seed)
         shard = parse_shard(args.shard) if args.shard else None
-        results = run_bench(plan, args.out, shard, progress)
+        results = run_bench(plan_of(args), args.out, shard, progress)
         if shard is not None:
             _shard_done(args, results)
             return 0
     if main_process():  # under torchrun, rank 0 reports for all processes
         print(render_markdown(results))
     return 0
+
+
+def plan_of(args: argparse.Namespace) -> BenchPlan:
+    """The bench the flags describe (checked: see :class:`~metasam.train.bench.BenchPlan`)."""
+    return BenchPlan(
+        settings=parse_settings(args.settings), algos=[a.strip() for a in args.algos.split(",") if a.strip()],
+        seeds=parse_seeds(args.seeds), grids=args.grid or [], overrides=settings_given(args), rules=rule_flags_given(args),
+        controls=args.controls, reference=args.reference, episodes=args.episodes, test_seed=args.test_seed)
 
 
 def _stored_plan(args: argparse.Namespace) -> BenchPlan:

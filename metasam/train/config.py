@@ -96,7 +96,7 @@ class MetaTrainConfig:
     val_view: str = option(
         "support", "the agnostic inner rule's validation view of a support set: support (the seed paper's: the "
         "support set itself), split (NOT the paper's; K >= 2: half of each class's shots) or augment (NOT the "
-        "paper's: the support images shifted by a few pixels); docs/meta.md", choices=VAL_VIEWS)
+        "paper's: the support images shifted by a few pixels); docs/bench.md", choices=VAL_VIEWS)
 
     def __post_init__(self) -> None:
         for level in ("inner_rule", "outer_rule"):  # config.json's form of a rule: its spec

@@ -4,6 +4,9 @@ of each cell, the controls, the flags it shares with metasam train, and its refu
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -146,3 +149,16 @@ def test_merge_needs_a_bench_folder_and_refuses_an_old_one_seed_layout(tmp_path,
     (old / "config.json").write_text('{"dataset": "glyphs", "algo": "maml"}')
     assert main(["bench", "--algos", "maml", "--settings", "5w1s", "--out", str(tmp_path)]) == 2
     assert f"{old} is a run of an earlier metasam bench (one seed per cell" in capsys.readouterr().err
+
+
+def test_the_commands_of_the_bench_page_describe_valid_benches():
+    """Every `metasam bench` command of docs/bench.md parses, and each cell's run configuration is valid."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "bench.md").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line)[2:] for line in page.splitlines() if line.strip().startswith("metasam bench --")]
+    commands += [shlex.split(m)[2:] for m in re.findall(r"`(metasam bench --out runs/bench-glyphs [^`]*)`", page)]
+    assert len(commands) >= 3
+    for words in commands:
+        args = parser_of(bench).parse_args(words)
+        plan = bench.plan_of(args)
+        for cell in plan.grid_cells():
+            plan.config(cell)
