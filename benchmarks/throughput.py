@@ -101,9 +101,11 @@ class Impl:
 class Metasam(Impl):
     """A metasam preset; ``val_fraction`` < 1 shrinks the validation meta-batch (``--outer-val-tasks``)."""
 
-    def __init__(self, model: nn.Module, algo: str, inner_lr: float, path: str, val_fraction: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, algo: str, inner_lr: float, steps: int, path: str, val_fraction: float = 1.0,
+                 **options) -> None:
         self.second_order = algo != "fomaml"
-        self.learner = MetaLearner(model, algo, inner_lr=inner_lr, inner_steps=1, path=path, **RULES.get(algo, {}))
+        self.learner = MetaLearner(model, algo, inner_lr=inner_lr, inner_steps=steps, path=path, **RULES.get(algo, {}),
+                                   **options)
         self.val_fraction = val_fraction
         self.name = f"metasam {algo} ({self.learner.path})"
         if val_fraction < 1:
@@ -122,8 +124,8 @@ class TorchBaseline(Impl):
 
     name = "torch.autograd loop (hand-written)"
 
-    def __init__(self, model: nn.Module, inner_lr: float) -> None:
-        self.model, self.inner_lr = model, inner_lr
+    def __init__(self, model: nn.Module, inner_lr: float, steps: int) -> None:
+        self.model, self.inner_lr, self.steps = model, inner_lr, steps
         self.params = dict(model.named_parameters())
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -134,9 +136,11 @@ class TorchBaseline(Impl):
         tasks = batch.support_x.shape[0]
         total = [torch.zeros_like(p) for p in self.params.values()]
         for t in range(tasks):
-            grads = torch.autograd.grad(self._loss(self.params, batch.support_x[t], batch.support_y[t]),
-                                        list(self.params.values()), create_graph=True)
-            fast = {n: p - self.inner_lr * g for (n, p), g in zip(self.params.items(), grads)}
+            fast = self.params
+            for _ in range(self.steps):
+                grads = torch.autograd.grad(self._loss(fast, batch.support_x[t], batch.support_y[t]),
+                                            list(fast.values()), create_graph=True)
+                fast = {n: p - self.inner_lr * g for (n, p), g in zip(fast.items(), grads)}
             query = self._loss(fast, batch.query_x[t], batch.query_y[t]) / tasks
             for acc, g in zip(total, torch.autograd.grad(query, list(self.params.values()))):
                 acc += g
@@ -172,10 +176,10 @@ class HigherBaseline(AccumulatingBaseline):
 
     name = "higher innerloop_ctx"
 
-    def __init__(self, model: nn.Module, inner_lr: float) -> None:
+    def __init__(self, model: nn.Module, inner_lr: float, steps: int) -> None:
         import higher
 
-        self.higher, self.module = higher, model
+        self.higher, self.module, self.steps = higher, model, steps
         self.inner_opt = torch.optim.SGD(model.parameters(), lr=inner_lr)
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -183,7 +187,8 @@ class HigherBaseline(AccumulatingBaseline):
         tasks = batch.support_x.shape[0]
         for t in range(tasks):
             with self.higher.innerloop_ctx(self.module, self.inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
-                diffopt.step(nn.functional.cross_entropy(fmodel(batch.support_x[t]), batch.support_y[t]))
+                for _ in range(self.steps):
+                    diffopt.step(nn.functional.cross_entropy(fmodel(batch.support_x[t]), batch.support_y[t]))
                 (nn.functional.cross_entropy(fmodel(batch.query_x[t]), batch.query_y[t]) / tasks).backward()
 
 
@@ -192,9 +197,10 @@ class Learn2LearnBaseline(AccumulatingBaseline):
 
     name = "learn2learn MAML"
 
-    def __init__(self, model: nn.Module, inner_lr: float) -> None:
+    def __init__(self, model: nn.Module, inner_lr: float, steps: int) -> None:
         import learn2learn
 
+        self.steps = steps
         self.module = learn2learn.algorithms.MAML(model, lr=inner_lr, first_order=False)
         self.opt = torch.optim.Adam(self.module.parameters(), lr=1e-3)
 
@@ -202,11 +208,12 @@ class Learn2LearnBaseline(AccumulatingBaseline):
         tasks = batch.support_x.shape[0]
         for t in range(tasks):
             learner = self.module.clone()
-            learner.adapt(nn.functional.cross_entropy(learner(batch.support_x[t]), batch.support_y[t]))
+            for _ in range(self.steps):
+                learner.adapt(nn.functional.cross_entropy(learner(batch.support_x[t]), batch.support_y[t]))
             (nn.functional.cross_entropy(learner(batch.query_x[t]), batch.query_y[t]) / tasks).backward()
 
 
-BASELINES: dict[str, Callable[[nn.Module, float], Impl]] = {
+BASELINES: dict[str, Callable[[nn.Module, float, int], Impl]] = {
     "higher": HigherBaseline, "learn2learn": Learn2LearnBaseline, "torch": TorchBaseline,
 }
 ATTRIBUTION = "torch on metasam Conv4"  # the hand-written loop on metasam's model: not a baseline
@@ -224,10 +231,11 @@ def metasam_conv4(ways: int, device: str, path: str) -> nn.Module:
     return (CPUConv4 if cpu_blocks else Conv4)(ways).to(device)
 
 
-def build(key: str, ways: int, device: str, path: str) -> Impl:
-    """A fresh implementation ``key`` ("metasam:<preset>[:val4][:loop|:vmap][:textbook]", a BASELINES key or
-    ATTRIBUTION) with the seeded Conv4's weights; a path token overrides ``path``; ``textbook`` runs metasam
-    on the baselines' textbook Conv4 (a model of the user's own, as a library user brings it)."""
+def build(key: str, ways: int, device: str, path: str, steps: int = 1) -> Impl:
+    """A fresh implementation ``key`` ("metasam:<preset>[:val4][:loop|:vmap][:textbook][:threadsN]", a BASELINES
+    key or ATTRIBUTION) with the seeded Conv4's weights and ``steps`` inner steps; a path token overrides
+    ``path``; ``textbook`` runs metasam on the baselines' textbook Conv4 (a model of the user's own, as a library
+    user brings it); ``threadsN`` passes ``task_threads=N`` to the MetaLearner."""
     if key.startswith("metasam:"):
         path = next((o for o in key.split(":") if o in ("loop", "vmap")), path)
     torch.manual_seed(0)
@@ -236,16 +244,18 @@ def build(key: str, ways: int, device: str, path: str) -> Impl:
     textbook.load_state_dict(model.state_dict())
     if key.startswith("metasam:"):
         _, algo, *options = key.split(":")
-        impl = Metasam(textbook if "textbook" in options else model, algo, INNER_LR[ways], path,
-                       val_fraction=0.25 if "val4" in options else 1.0)
+        threads = next((int(o[len("threads"):]) for o in options if o.startswith("threads")), None)
+        impl = Metasam(textbook if "textbook" in options else model, algo, INNER_LR[ways], steps, path,
+                       val_fraction=0.25 if "val4" in options else 1.0, **({"task_threads": threads} if threads else {}))
         if "textbook" in options:
-            impl.name += " on the textbook Conv4 (a model of your own, MetaLearner's defaults)"
+            impl.name += (" on the textbook Conv4 (a model of your own, MetaLearner's defaults)" if threads is None else
+                          f" on the textbook Conv4 (a model of your own), task_threads={threads}")
         return impl
     if key == ATTRIBUTION:
-        impl = TorchBaseline(model, INNER_LR[ways])
+        impl = TorchBaseline(model, INNER_LR[ways], steps)
         impl.name = "torch.autograd loop (hand-written) on metasam's Conv4 (attribution, not a baseline)"
         return impl
-    return BASELINES[key](textbook, INNER_LR[ways])
+    return BASELINES[key](textbook, INNER_LR[ways], steps)
 
 
 def available_baselines() -> tuple[list[str], dict[str, str]]:
@@ -308,12 +318,12 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
 
 
-def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, queue, retain: bool, tf32: bool) -> None:
+def _peak_memory_child(key: str, ways: int, device: str, path: str, steps: int, batches, queue, retain: bool, tf32: bool) -> None:
     torch.set_num_threads(int(os.environ.get("METASAM_BENCH_THREADS", torch.get_num_threads())))
     if retain:
         retain_freed_memory()
     use_tf32(tf32)
-    impl = build(key, ways, device, path)
+    impl = build(key, ways, device, path, steps)
     batches = [(TaskBatch(*(t.to(device) for t in b)), TaskBatch(*(t.to(device) for t in v))) for b, v in batches]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -330,23 +340,23 @@ def _peak_memory_child(key: str, ways: int, device: str, path: str, batches, que
     queue.put(peak_rss_bytes() - base)
 
 
-def peak_memory(key: str, ways: int, device: str, path: str, batches, retain: bool, tf32: bool) -> int:
+def peak_memory(key: str, ways: int, device: str, path: str, steps: int, batches, retain: bool, tf32: bool) -> int:
     """Peak memory of two outer steps above the baseline of a fresh process (spawned, so nothing leaks
     in from the measurements before it)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     cpu = [(TaskBatch(*(t.cpu() for t in b)), TaskBatch(*(t.cpu() for t in v))) for b, v in batches[:2]]  # the child moves them
     os.environ["METASAM_BENCH_THREADS"] = str(torch.get_num_threads())
-    proc = ctx.Process(target=_peak_memory_child, args=(key, ways, device, path, cpu, queue, retain, tf32))
+    proc = ctx.Process(target=_peak_memory_child, args=(key, ways, device, path, steps, cpu, queue, retain, tf32))
     proc.start()
     result = queue.get()
     proc.join()
     return result
 
 
-def count_flops(ways: int, device: str, batch: TaskBatch) -> tuple[float, float]:
+def count_flops(ways: int, device: str, batch: TaskBatch, steps: int = 1) -> tuple[float, float]:
     """(FLOPs of one second-order MAML outer step per task, FLOPs of its query forward+backward per task)."""
-    impl = build("torch", ways, device, "loop")
+    impl = build("torch", ways, device, "loop", steps)
     with FlopCounterMode(display=False) as counter:
         impl.meta_grad(batch)
     total = counter.get_total_flops()
@@ -412,9 +422,9 @@ def nonzero_tensors(truth: list[Tensor]) -> list[int]:
     return [i for i, t in enumerate(truth) if float(t.norm()) > 1e-9 * largest]
 
 
-def float64_truth(ways: int, device: str, batch: TaskBatch) -> list[Tensor]:
+def float64_truth(ways: int, device: str, batch: TaskBatch, steps: int = 1) -> list[Tensor]:
     """The meta-gradient of the hand-written loop on the textbook Conv4 in float64, from the same weights."""
-    impl = build("torch", ways, device, "loop")
+    impl = build("torch", ways, device, "loop", steps)
     impl.model.double()
     return impl.meta_grad(TaskBatch(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y))
 
@@ -429,25 +439,30 @@ def data_rate(ds, ways: int, queries: int, tasks: int, workers: int, batches: in
 
 
 # -- one setting -------------------------------------------------------------------------------------
-def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list[str]) -> dict:
-    print(f"\n== {ways}-way 1-shot, meta-batch {tasks}, {args.queries} queries/class, device {args.device} ==", flush=True)
+def run_setting(args, ways: int, tasks: int, steps: int, presets: list[str], baselines: list[str]) -> dict:
+    print(f"\n== {ways}-way 1-shot, meta-batch {tasks}, {steps} inner step(s), {args.queries} queries/class, device {args.device} ==", flush=True)
     ds, batches = episodes(args.dataset, args.data_root, ways, tasks, args.batches, args.queries, args.device)
     keys = [f"metasam:{p}" for p in presets] + baselines + [ATTRIBUTION]
     if "agnostic-sam-both" in presets:
         keys.insert(keys.index("metasam:agnostic-sam-both") + 1, "metasam:agnostic-sam-both:val4")
-    impls = {k: build(k, ways, args.device, args.path) for k in keys}
+    impls = {k: build(k, ways, args.device, args.path, steps) for k in keys}
     checked = ["metasam:maml"]
     if args.textbook:  # metasam as a library user runs it: on the textbook Conv4
         keys.insert(1, "metasam:maml:textbook")
         checked.append("metasam:maml:textbook")
-        impls["metasam:maml:textbook"] = build("metasam:maml:textbook", ways, args.device, args.path)
+        impls["metasam:maml:textbook"] = build("metasam:maml:textbook", ways, args.device, args.path, steps)
+    for n in args.task_threads:  # the textbook Conv4 with the tasks shared among n threads
+        key = f"metasam:maml:textbook:threads{n}"
+        keys.insert(keys.index("metasam:maml:textbook") + 1 if args.textbook else 1, key)
+        checked.append(key)
+        impls[key] = build(key, ways, args.device, args.path, steps)
     if args.compare_paths:  # maml on the path that "auto" did not take, checked and timed like the rest
         other = "vmap" if impls["metasam:maml"].learner.path == "loop" else "loop"
         checked.append(f"metasam:maml:{other}")
         keys.insert(1, checked[-1])
-        impls[checked[-1]] = build(checked[-1], ways, args.device, args.path)
+        impls[checked[-1]] = build(checked[-1], ways, args.device, args.path, steps)
 
-    truth = float64_truth(ways, args.device, batches[0][0])
+    truth = float64_truth(ways, args.device, batches[0][0], steps)
     compared = nonzero_tensors(truth)
     reference = impls["metasam:maml"].meta_grad(batches[0][0])
     agreement, error = {}, {}
@@ -474,12 +489,12 @@ def run_setting(args, ways: int, tasks: int, presets: list[str], baselines: list
             rates[k].append(time_steps(impls[k], batches, args.device))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k.split(':')[-1]} {rates[k][-1]:.2f}" for k in keys), flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
-    memory = ({k: peak_memory(k, ways, args.device, args.path, batches, args.retain_freed_memory, args.tf32) for k in keys}
+    memory = ({k: peak_memory(k, ways, args.device, args.path, steps, batches, args.retain_freed_memory, args.tf32) for k in keys}
               if args.memory else {})
-    flops_task, flops_query = count_flops(ways, args.device, batches[0][0])
+    flops_task, flops_query = count_flops(ways, args.device, batches[0][0], steps)
     query = query_pass_rates(ways, args.device, batches[0][0], args.repeats)
     data = {w: data_rate(ds, ways, args.queries, tasks, w) for w in (0, 2)} if args.device == "cpu" else {}
-    return {"ways": ways, "tasks": tasks, "names": {k: impls[k].name for k in keys}, "rates": rates, "median": median,
+    return {"ways": ways, "tasks": tasks, "steps": steps, "names": {k: impls[k].name for k in keys}, "rates": rates, "median": median,
             "memory": memory, "agreement": agreement, "error": error, "flops_task": flops_task, "flops_query": flops_query,
             "query": query, "data": data, "second_order": {k: impls[k].second_order for k in keys}}
 
@@ -498,7 +513,7 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
                if args.dataset == "omniglot" else "Conv4 (64 filters) on the synthetic glyph set") +
               " (metasam rows: `metasam.models.CPUConv4` on the CPU outside the vmap path, as `metasam train` builds it, "
               "`Conv4` elsewhere; baselines: the textbook Conv4 of torch layers with the same weights)" +
-              f", 1-shot, {args.queries} queries per class, one inner step (α = 0.4 at 5-way, 0.1 at 20-way), Adam outer "
+              f", 1-shot, {args.queries} queries per class, α = 0.4 at 5-way and 0.1 at 20-way, Adam outer "
               f"step; median tasks/s of {args.repeats} interleaved repeats over {args.batches} meta-batches each.", ""]
     for key, why in skipped.items():
         lines += [f"- **{key} skipped**: it does not import here ({why}).", ""]
@@ -506,7 +521,7 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
         names, median = res["names"], res["median"]
         best_key = max((k for k in median if k in BASELINES), key=median.get)
         best = median[best_key]
-        lines += [f"## {res['ways']}-way 1-shot, meta-batch {res['tasks']}", ""]
+        lines += [f"## {res['ways']}-way 1-shot, meta-batch {res['tasks']}, {res['steps']} inner step{'s' if res['steps'] > 1 else ''}", ""]
         lines += ["| implementation | tasks/s | × best baseline | × metasam maml | GFLOP/s | % of matmul peak | peak memory (MB) | meta-gradient vs float64 truth (rel) | vs metasam maml (max abs / max rel) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for k, rate in median.items():
@@ -557,7 +572,10 @@ def main() -> None:
     default_root = os.environ.get("METASAM_DATA", "data")
     parser.add_argument("--dataset", choices=("omniglot", "glyphs"), default="omniglot")
     parser.add_argument("--data-root", default=default_root)
-    parser.add_argument("--settings", default="5:16,5:32,20:16", help="ways:meta-batch, comma separated")
+    parser.add_argument("--settings", default="5:16,5:32,20:16",
+                        help="ways:meta-batch[:inner steps] (default 1 step), comma separated; e.g. 5:16,20:16:5")
+    parser.add_argument("--task-threads", default="", help="comma list of N: add metasam maml on the textbook Conv4 "
+                        "with MetaLearner(task_threads=N), checked and timed like the rest")
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--presets", default=",".join(PRESETS),
                         help="metasam presets timed at the first setting (the overhead table); later settings time maml")
@@ -583,6 +601,7 @@ def main() -> None:
     if args.quick:
         args.settings, args.repeats, args.batches, args.presets = "5:4", 1, 1, "maml,sharp-maml-low"
     args.presets = [p.strip() for p in args.presets.split(",")]
+    args.task_threads = [int(n) for n in args.task_threads.split(",") if n.strip()]
     if args.retain_freed_memory:
         retain_freed_memory()
     use_tf32(args.tf32)
@@ -596,8 +615,8 @@ def main() -> None:
     results = []
     command = ("python benchmarks/throughput.py " + " ".join(sys.argv[1:])).strip()
     for i, item in enumerate(args.settings.split(",")):
-        ways, tasks = (int(v) for v in item.split(":"))
-        results.append(run_setting(args, ways, tasks, args.presets if i == 0 else ["maml"], baselines))
+        ways, tasks, *steps = (int(v) for v in item.split(":"))
+        results.append(run_setting(args, ways, tasks, steps[0] if steps else 1, args.presets if i == 0 else ["maml"], baselines))
         peak = max(peak, matmul_peak(args.device))  # the best of several moments: a shared machine is noisy
         text = render(results, args, peak, skipped, command)
         Path(args.out).write_text(text)  # after every setting: a run cut short keeps what it measured
