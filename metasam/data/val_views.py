@@ -51,6 +51,7 @@ class SplitView:
         self.positions = sorted(torch.randperm(shots, generator=generator)[: shots // 2].tolist())
         self.ways, self.shots = ways, shots
         self.rows = torch.tensor([c * shots + j for c in range(ways) for j in self.positions])
+        self.spec = {"val_view": "split", "ways": ways, "shots": shots, "seed": seed}
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         _check_rows(x, self.ways, self.shots, "split")
@@ -71,6 +72,7 @@ class ShiftView:
         picks = torch.randint(len(choices), (ways * shots,), generator=generator).tolist()
         self.shifts = [choices[i] for i in picks]
         self.ways, self.shots = ways, shots
+        self.spec = {"val_view": "augment", "ways": ways, "shots": shots, "seed": seed}
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         _check_rows(x, self.ways, self.shots, "augment")
@@ -87,6 +89,14 @@ def make_val_view(kind: str, ways: int, shots: int, seed: int) -> ValView | None
     if kind == "support":
         return None
     return (SplitView if kind == "split" else ShiftView)(ways, shots, seed)
+
+
+def val_view_from_spec(spec: dict) -> ValView | None:
+    """The view a checkpoint recorded as ``view.spec`` (``{"val_view": kind, "ways", "shots", "seed"}``)."""
+    try:
+        return make_val_view(spec["val_view"], spec["ways"], spec["shots"], spec["seed"])
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{spec!r} does not describe a validation view (missing {exc})") from exc
 
 
 def check_val_view(kind: str, shots: int) -> None:

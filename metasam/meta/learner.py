@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from metasam.core import cosine_similarity, global_norm
 from metasam.data.episodes import TaskBatch
+from metasam.data.val_views import val_view_from_spec
 from metasam.errors import ConfigError, NonFiniteError
 from metasam.meta import learner_state
 from metasam.meta.arguments import (
@@ -132,6 +133,9 @@ class MetaLearner:
             raise ConfigError("outer_kwargs holds 'lr': give the outer learning rate as outer_lr= (it is checked and saved there)")
         loss_fn = refuse_custom_spec(loss_fn, "loss_fn")
         outer_scheduler = refuse_custom_spec(outer_scheduler, "outer_scheduler")
+        val_view = refuse_custom_spec(val_view, "val_view")
+        if isinstance(val_view, dict):  # a view of metasam.data.val_views, as a checkpoint records it
+            val_view = val_view_from_spec(val_view)
         if not allow_running_stats:
             check_running_stats(model)
         self.model = model

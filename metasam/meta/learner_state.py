@@ -33,6 +33,9 @@ def constructor_record(learner: MetaLearner, **given: Any) -> dict[str, Any]:
         "adapt": None if learner.inner.adapted is None else list(learner.inner.adapted),
         "inner_rule": rule_spec(learner.inner_rule), "outer_rule": rule_spec(learner.outer_rule),
     }
+    view = learner.val_view  # metasam's views rebuild from their spec; one of your own is named, and asked for
+    if view is not None:
+        record["val_view"] = dict(view.spec) if isinstance(getattr(view, "spec", None), dict) else custom_spec(view)
     record.update({name: custom_spec(value) for name, value in given.items() if value is not None})  # loss_fn, scheduler
     return record
 

@@ -41,6 +41,16 @@ def test_the_runs_learner_gets_the_view_of_its_configuration(kind, view):
     assert type(learner.val_view) is view
     if kind == "split":
         assert learner.val_view.positions == SplitView(3, 4, seed=11).positions
+    # a checkpoint records the view as plain data, and loading rebuilds the same view (not the support set)
+    rebuilt = MetaLearner(learner.model, "agnostic-sam", **{k: v for k, v in learner.hparams.items() if k != "algo"})
+    assert type(rebuilt.val_view) is view and repr(rebuilt.val_view) == repr(learner.val_view)
+
+
+def test_a_view_of_ones_own_is_named_in_the_checkpoint_and_asked_for_on_load():
+    learner = MetaLearner(torch.nn.Linear(4, 3), "agnostic-sam", val_view=lambda x, y: (x[:1], y[:1]))
+    assert learner.hparams["val_view"]["custom"].endswith("<lambda>")
+    with pytest.raises(ConfigError, match="custom val_view.*pass val_view="):
+        MetaLearner(torch.nn.Linear(4, 3), **learner.hparams)
 
 
 def loss(model, params, x, y):
