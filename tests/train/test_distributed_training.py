@@ -24,7 +24,7 @@ from torch import nn
 
 from metasam import ConfigError
 from metasam.cli.main import main
-from metasam.models import BatchNorm
+from metasam.models import BatchNorm, Conv4
 from metasam.train.distributed import join
 from metasam.train.config import MetaTrainConfig
 from metasam.train.meta import MetaTrainer
@@ -45,8 +45,10 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def cancelled_biases(model: nn.Module) -> set[str]:
-    """Names of the convolution biases that a batch norm right after the convolution cancels."""
-    return {f"features.{i}.bias" for i, (a, b) in enumerate(itertools.pairwise(model.features))
+    """Names of the convolution biases that a batch norm right after the convolution cancels, read from
+    Conv4's layers (CPUConv4, which the trainer builds on a CPU, has the same names and no layers)."""
+    layers = Conv4(**model.config).features
+    return {f"features.{i}.bias" for i, (a, b) in enumerate(itertools.pairwise(layers))
             if isinstance(a, nn.Conv2d) and isinstance(b, BatchNorm)}
 
 
