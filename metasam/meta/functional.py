@@ -174,23 +174,28 @@ def meta_gradient_loop(
 
 def meta_gradient_threads(
     copies: Sequence[nn.Module], params: Params, batch: TaskBatch, inner: InnerLoop, measure_accuracy: bool = True,
-    reduction: str = "mean",
+    reduction: str = "mean", pool: ThreadPoolExecutor | None = None,
 ) -> MetaGradient:
     """:func:`meta_gradient_loop` with the tasks shared among ``len(copies)`` threads, for CPUs where one task's
     small operations leave cores idle: thread w runs tasks w, w + n, … on ``copies[w]`` (one copy of the model
     per thread, from :func:`thread_copies`: ``functional_call`` cannot run one module in two threads at once),
     with torch's intra-op threads set to 1 for the call and restored after it. The sum over tasks is taken in
-    task order, as the loop's; the values differ from it by rounding only."""
+    task order, as the loop's; the values differ from it by rounding only. ``pool``: an executor of at least
+    ``len(copies)`` threads to reuse across calls (threads that stay warm are faster than new ones); None
+    makes one for this call."""
     tasks = list(zip(*batch))
     n = len(copies)
     intra_op = torch.get_num_threads()
     torch.set_num_threads(1)
+    own = pool is None
+    pool = ThreadPoolExecutor(n) if own else pool
     try:
-        with ThreadPoolExecutor(n) as pool:
-            work = lambda w: [_task_terms(copies[w], params, task, inner, measure_accuracy) for task in tasks[w::n]]  # noqa: E731
-            done = list(pool.map(work, range(n)))
+        work = lambda w: [_task_terms(copies[w], params, task, inner, measure_accuracy) for task in tasks[w::n]]  # noqa: E731
+        done = list(pool.map(work, range(n)))
     finally:
         torch.set_num_threads(intra_op)
+        if own:
+            pool.shutdown()
     return _reduce(list(params), [done[i % n][i // n] for i in range(len(tasks))], reduction)
 
 

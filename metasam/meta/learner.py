@@ -14,8 +14,11 @@ summed over the processes, so the outer rules see the meta-gradient of the whole
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +169,7 @@ class MetaLearner:
                               "runs them together: pass path='loop' or task_threads=1")
         self.task_threads = task_threads
         self._copies: list[nn.Module] = []  # the models of the task threads, made at the first meta-gradient
+        self._pool: ThreadPoolExecutor | None = None  # their threads, kept warm between meta-steps
         self.hparams = learner_state.constructor_record(
             self, test_inner_steps=test_inner_steps, first_order=first_order, outer_lr=outer_lr, outer_optimizer=optimizer_class,
             outer_kwargs=outer_kwargs, loss_fn=loss_fn, outer_scheduler=outer_scheduler, allow_running_stats=allow_running_stats,
@@ -193,9 +197,11 @@ class MetaLearner:
         reducer shares it (one all-reduce of the sums over this process's tasks and of their count)."""
         model, compute = self.model, meta_gradient_vmap if self.path == "vmap" else meta_gradient_loop
         if self.task_threads > 1:
-            self._copies = self._copies or thread_copies(self.model, self.task_threads)
+            if self._pool is None:
+                self._copies, self._pool = thread_copies(self.model, self.task_threads), ThreadPoolExecutor(self.task_threads)
+                weakref.finalize(self, self._pool.shutdown, wait=False)
             sync_modes(self.model, self._copies)
-            model, compute = self._copies, meta_gradient_threads
+            model, compute = self._copies, partial(meta_gradient_threads, pool=self._pool)
         if self.reducer is None:
             return compute(model, params, batch, self.inner, self.accuracy)
         total = compute(model, params, batch, self.inner, self.accuracy, reduction="sum")
