@@ -20,7 +20,7 @@ from metasam.meta import MetaLearner
 from metasam.models import Conv4
 from metasam.train.config import MetaTrainConfig
 from metasam.train.evaluation import evaluate_run
-from metasam.train.meta import load_run_checkpoint
+from metasam.train.run_checkpoint import load_run_checkpoint
 from metasam.train.precision import use_tf32
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible to PyTorch)")

@@ -11,7 +11,8 @@ from pathlib import Path
 from metasam.cli.flags import add, add_run_flags, rules_from_flags, settings_given
 from metasam.errors import CheckpointError, ConfigError, RunFolderInUse
 from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, check_device
-from metasam.train.meta import MetaTrainer, datasets_summary, load_run_checkpoint
+from metasam.train.meta import MetaTrainer, datasets_summary
+from metasam.train.run_checkpoint import load_run_checkpoint
 from metasam.train.run_folder import check_new_run_dir, check_writable
 
 DEFAULTS: dict[str, object] = {}

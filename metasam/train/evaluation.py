@@ -23,7 +23,7 @@ from metasam.meta import MetaLearner
 from metasam.stats import mean_ci95
 from metasam.train.config import MetaTrainConfig, check_int
 from metasam.train.distributed import join
-from metasam.train.meta import load_run_checkpoint
+from metasam.train.run_checkpoint import load_run_checkpoint
 from metasam.train.splits import load_splits
 
 

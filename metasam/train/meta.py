@@ -29,49 +29,24 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metasam.atomic_write import remove_stale_temporaries, save_atomic, write_failure, write_text_atomic
-from metasam.checkpoint import DIGEST_KEY, config_differences, load_checkpoint, read_jsonl
+from metasam.atomic_write import remove_stale_temporaries, write_failure, write_text_atomic
+from metasam.checkpoint import read_jsonl
 from metasam.data import EpisodeSampler, FewShotDataset, TaskSet
 from metasam.data.episodes import check_episode_shape
-from metasam.errors import CheckpointError, ConfigError, DatasetError, MetaSAMError, NonFiniteError
+from metasam.errors import CheckpointError, ConfigError, DatasetError, NonFiniteError
 from metasam.meta import PRESETS, MetaLearner
 from metasam.models import MODELS
-from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, as_flags, check_device, check_meta_batch_memory
+from metasam.train.config import MetaTrainConfig, as_flags, check_device, check_meta_batch_memory
 from metasam.train.distributed import join
 from metasam.train.precision import use_tf32
+from metasam.train.run_checkpoint import load_run_checkpoint, write_run_checkpoint
 from metasam.train.run_folder import RUN_FILES, RunLock, check_new_run_dir
 from metasam.train.splits import load_splits
 
 PRE_ADAPTATION_EVERY = 10
 """Iterations between the (extra forward pass) query loss / accuracy before adaptation in metrics.jsonl."""
-CHECKPOINT_VERSION = 2
-"""1: no content hash; 2: a hash of the contents (``content_sha256``), required when read."""
 EXPLODING_LOSS = 100
 """A query loss this many times the loss of guessing at random (ln ways) warns that the run diverges."""
-
-
-def load_run_checkpoint(path: str | Path, cfg: MetaTrainConfig) -> dict[str, Any]:
-    """Checkpoint ``path`` (read with ``weights_only=True``), checked to belong to ``cfg``; raises
-    :class:`CheckpointError` naming the settings that differ (``RESUME_OVERRIDES`` may)."""
-    path = Path(path)
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "metasam.checkpoint" or not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(f"{path} is not a metasam meta-training checkpoint")
-    if ckpt.get("version", 1) >= 2 and DIGEST_KEY not in ckpt:
-        raise CheckpointError(f"checkpoint {path} has lost its content hash: the file is damaged; restore it from a copy")
-    try:  # fill settings added since the checkpoint was written with their defaults
-        saved = MetaTrainConfig.from_dict(ckpt["config"]).to_dict()
-    except (TypeError, MetaSAMError) as exc:
-        raise CheckpointError(f"{path} holds a configuration this metasam cannot read ({exc})") from exc
-    current = cfg.to_dict()
-    for key in RESUME_OVERRIDES:
-        saved[key] = current[key]
-    if saved != current:
-        raise CheckpointError(
-            f"{path} was written by another configuration than {cfg.dataset}/{cfg.algo} in config.json "
-            f"(checkpoint vs config: {config_differences(saved, current)}); use the run folder it came from"
-        )
-    return ckpt
 
 
 def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
@@ -148,20 +123,11 @@ class MetaTrainer:
         self.best_val, self.best_iteration = -1.0, 0
         self.skipped_nonfinite, self.checkpoint_iteration = 0, 0
 
-    def _checkpoint(self) -> dict[str, Any]:
-        return {
-            "format": "metasam.checkpoint", "version": CHECKPOINT_VERSION,
-            "config": self.cfg.to_dict(), "hparams": self.learner.hparams, "model": self.learner.model_spec,
-            "learner": self.learner.state_dict(), "best_val": self.best_val, "best_iteration": self.best_iteration,
-            "skipped_nonfinite": self.skipped_nonfinite,
-        }
-
     def _save(self, name: str) -> None:
         if self.procs.is_main:
-            try:
-                save_atomic(self._checkpoint(), self.out / name, digest=True)
-            except CheckpointError as exc:
-                raise CheckpointError(f"{exc}; then continue the run with: metasam train --resume {self.out}") from exc
+            progress = {"best_val": self.best_val, "best_iteration": self.best_iteration,
+                        "skipped_nonfinite": self.skipped_nonfinite}
+            write_run_checkpoint(self.out / name, self.cfg, self.learner, progress)
         if name == "last.pt":
             self.checkpoint_iteration = self.learner.iteration
 
