@@ -17,7 +17,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from metasam.meta.arguments import (
     adapted_names,
     as_task_batch,
     check_hparams,
-    check_labels,
     check_running_stats,
     nonfinite_step_error,
     outer_optimizer_class,
@@ -49,7 +47,6 @@ from metasam.meta.functional import (
     MetaGradient,
     ValView,
     accuracy,
-    adapt,
     forward,
     task_alignment,
     meta_gradient_loop,
@@ -58,12 +55,12 @@ from metasam.meta.functional import (
     thread_copies,
     meta_gradient_vmap,
 )
+from metasam.meta.adapter import TaskAdapter
 from metasam.meta.presets import PRESETS
-from metasam.meta.rules import Rule, make_rule, rule_from_spec
-from metasam.stats import mean_ci95
+from metasam.meta.rules import Rule, rule_from_spec
 
 
-class MetaLearner:
+class MetaLearner(TaskAdapter):
     """Meta-learn an initialisation θ of ``model`` with a preset (see ``PRESETS``) or custom rules.
 
     Args:
@@ -175,23 +172,7 @@ class MetaLearner:
             outer_kwargs=outer_kwargs, loss_fn=loss_fn, outer_scheduler=outer_scheduler, allow_running_stats=allow_running_stats,
         )
 
-    # -- the settings, by the names of the paper ----------------------------------------------------
-    inner_lr = property(lambda self: self.inner.inner_lr, doc="α, the inner step size.")
-    inner_steps = property(lambda self: self.inner.steps, doc="K, the inner steps at meta-training.")
-    first_order = property(lambda self: self.inner.first_order, doc="Whether the inner gradients are constants of θ.")
-    loss_fn = property(lambda self: self.inner.loss_fn, doc="(output, target) → loss of a task's batch.")
-    val_view = property(lambda self: self.inner.val_view, doc="The agnostic inner rule's validation view.")
-
-    def test_loop(self, steps: int | None = None, first_order: bool | None = None) -> InnerLoop:
-        """The inner loop at meta-test: the test rule ("same": the training inner rule; "gd") and step count."""
-        rule = self.inner_rule if self.test_rule == "same" else make_rule("gd")
-        return replace(self.inner, steps=steps or self.test_inner_steps, rule=rule,
-                       first_order=self.first_order if first_order is None else first_order)
-
     # -- meta-training ---------------------------------------------------------------------------
-    def _theta(self) -> dict[str, Tensor]:
-        return {n: self.params[n].detach() for n in self.names}
-
     def _meta_gradient(self, params: dict[str, Tensor], batch: TaskBatch) -> MetaGradient:
         """∇_θ L_meta at ``params`` and the mean query loss and accuracy, of the whole meta-batch when a
         reducer shares it (one all-reduce of the sums over this process's tasks and of their count)."""
@@ -207,14 +188,6 @@ class MetaLearner:
         total = compute(model, params, batch, self.inner, self.accuracy, reduction="sum")
         *grads, loss, acc = self._task_mean([*total.grads.values(), total.loss, total.accuracy], batch.support_x.shape[0])
         return MetaGradient(dict(zip(self.names, grads)), loss, acc)
-
-    def _task_mean(self, sums: list[Tensor], tasks: int) -> list[Tensor]:
-        """(1/T) Σ_τ x_τ from sums over this process's ``tasks`` tasks: T = ``tasks`` for one process; with
-        a reducer, one all-reduce of (sums, count) gives Σ_r Σ_{τ∈S_r} x_τ / Σ_r |S_r| on every process."""
-        if self.reducer is None:
-            return [s / tasks for s in sums]
-        *sums, count = self.reducer.sum([*sums, sums[0].new_tensor(float(tasks))])
-        return [s / count for s in sums]
 
     def _outer_direction(self, batch: TaskBatch, val_batch: Sequence[Tensor] | None):
         metrics: dict[str, Tensor] = {}
@@ -326,74 +299,6 @@ class MetaLearner:
             after += task_after
         mean_before, mean_after = self._task_mean([sum(before), sum(after)], len(before))
         return float(mean_before), float(mean_after)
-
-    # -- adaptation and evaluation ------------------------------------------------------------------
-    def adapt(
-        self, support_x: Tensor, support_y: Tensor, steps: int | None = None, params: dict[str, Tensor] | None = None
-    ) -> dict[str, Tensor]:
-        """Fast weights φ_K for one task (support_x [N·K, ...]); usable with ``functional_call`` or
-        :meth:`predict`. Uses the test-time rule and step count; differentiable w.r.t. θ unless the
-        learner is first order."""
-        theta = {n: (params or self.params)[n] for n in self.names}
-        return adapt(self.model, theta, support_x, support_y, self.test_loop(steps))
-
-    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Logits of ``x`` under fast weights ``params`` (BatchNorm: statistics of the batch ``x``)."""
-        return forward(self.model, {n: params[n] for n in self.names}, x)
-
-    def _checked(self, batch: Sequence[Tensor]) -> Sequence[Tensor]:
-        """``batch`` (a task or a task batch), once its labels are known to fit the model's outputs: with the
-        default cross-entropy, a model of C outputs cannot learn labels ≥ C (a 5-way Conv4 on 20-way tasks)."""
-        if self.loss_fn is not nn.functional.cross_entropy:
-            return batch
-        if self._outputs is None:  # one forward of one support set at θ, once
-            with torch.no_grad():
-                self._outputs = forward(self.model, self._theta(), batch[0] if batch[1].dim() == 1 else batch[0][0]).shape[-1]
-        check_labels(batch, self._outputs)
-        return batch
-
-    def task_accuracies(self, tasks, steps: int | None = None, progress: bool = False) -> list[float]:
-        """Query accuracy of each task of ``tasks`` (an iterable of tasks or task batches) after
-        adaptation with the test rule and steps, in order (for paired comparisons of methods).
-
-        With a reducer, each process evaluates items i ≡ rank (mod W) and every process returns the
-        gathered list, in the original order: the same numbers as one process."""
-        if not self.accuracy:
-            raise ConfigError("this learner reports no accuracy (a loss_fn of your own): use task_losses(), or "
-                              "pass accuracy=True if argmax(output) == target is meaningful")
-        return self._per_task(tasks, steps, progress, lambda output, y: float(accuracy(output, y)))
-
-    def task_losses(self, tasks, steps: int | None = None, progress: bool = False) -> list[float]:
-        """The query loss (``loss_fn``) of each task after adaptation, as :meth:`task_accuracies`."""
-        return self._per_task(tasks, steps, progress, lambda output, y: float(self.loss_fn(output, y)))
-
-    def _per_task(self, tasks, steps: int | None, progress: bool, measure: Callable[[Tensor, Tensor], float]) -> list[float]:
-        from tqdm.auto import tqdm
-
-        if isinstance(tasks, TaskBatch):  # one batch of tasks, not an iterable of them
-            tasks = [tasks]
-        loop = self.test_loop(steps, first_order=True)  # the same fast weights; no meta-gradient is needed here
-        per_item: list[list[float]] = []
-        for task in tqdm(tasks if self.reducer is None else self.reducer.share(tasks), desc="evaluate",
-                         disable=not progress, leave=False):
-            sx, sy, qx, qy = self._checked(task)
-            if sy.dim() == 1:
-                sx, sy, qx, qy = sx.unsqueeze(0), sy.unsqueeze(0), qx.unsqueeze(0), qy.unsqueeze(0)
-            with torch.no_grad():
-                per_item.append([measure(forward(self.model, adapt(self.model, self._theta(), sx[t], sy[t], loop), qx[t]), qy[t])
-                                 for t in range(sx.shape[0])])
-        if self.reducer is not None:
-            per_item = self.reducer.gather(per_item)
-        values = [value for item in per_item for value in item]
-        if not values:
-            raise ConfigError("evaluate() got no tasks")
-        return values
-
-    def evaluate(self, tasks, steps: int | None = None, progress: bool = False) -> tuple[float, float]:
-        """Mean query accuracy over ``tasks`` after adaptation and its 95 % confidence half-width
-        1.96·sd/√n (see :meth:`task_accuracies`); for a learner without accuracy, the mean query loss."""
-        per_task = self.task_accuracies if self.accuracy else self.task_losses
-        return mean_ci95(per_task(tasks, steps, progress))
 
     # -- state (the format is :mod:`metasam.meta.learner_state`'s) -------------------------------------
     def state_dict(self) -> dict[str, Any]:
