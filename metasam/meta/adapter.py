@@ -103,7 +103,8 @@ class TaskAdapter:
 
         if isinstance(tasks, TaskBatch):  # one batch of tasks, not an iterable of them
             tasks = [tasks]
-        loop = self.test_loop(steps, first_order=True)  # the same fast weights; no meta-gradient is needed here
+        loop = self.test_loop(steps, first_order=True)
+        theta = self._theta()  # the same fast weights; no meta-gradient is needed here
         per_item: list[list[float]] = []
         for task in tqdm(tasks if self.reducer is None else self.reducer.share(tasks), desc="evaluate",
                          disable=not progress, leave=False):
@@ -111,7 +112,7 @@ class TaskAdapter:
             if sy.dim() == 1:
                 sx, sy, qx, qy = sx.unsqueeze(0), sy.unsqueeze(0), qx.unsqueeze(0), qy.unsqueeze(0)
             with torch.no_grad():
-                per_item.append([measure(forward(self.model, adapt(self.model, self._theta(), sx[t], sy[t], loop), qx[t]), qy[t])
+                per_item.append([measure(forward(self.model, adapt(self.model, theta, sx[t], sy[t], loop), qx[t]), qy[t])
                                  for t in range(sx.shape[0])])
         if self.reducer is not None:
             per_item = self.reducer.gather(per_item)

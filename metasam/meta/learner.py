@@ -273,9 +273,10 @@ class MetaLearner(TaskAdapter):
         return nonfinite_step_error(self.iteration + 1, query_loss, dict(zip(self.names, direction)), tame)
 
     def _pre_adaptation(self, batch: TaskBatch) -> dict[str, float]:
+        theta = self._theta()
         with torch.no_grad():
             terms = [(self.loss_fn(out, y), accuracy(out, y))
-                     for out, y in ((forward(self.model, self._theta(), x), y) for x, y in zip(batch.query_x, batch.query_y))]
+                     for out, y in ((forward(self.model, theta, x), y) for x, y in zip(batch.query_x, batch.query_y))]
             loss, acc = self._task_mean([sum(t[0] for t in terms), sum(t[1] for t in terms)], len(terms))
         return {"query_loss_before": float(loss), **({"query_acc_before": float(acc)} if self.accuracy else {})}
 
@@ -293,8 +294,9 @@ class MetaLearner(TaskAdapter):
         labels are known while meta-training): the inner rule's own validation view duplicates the support
         set, where the cosine is 1 by construction."""
         before, after = [], []
+        theta = self._theta()
         for task in zip(*as_task_batch(batch)):
-            task_before, task_after = task_alignment(self.model, self._theta(), task, self.inner)
+            task_before, task_after = task_alignment(self.model, theta, task, self.inner)
             before += task_before
             after += task_after
         mean_before, mean_after = self._task_mean([sum(before), sum(after)], len(before))
