@@ -18,6 +18,7 @@ from metasam.meta.rules import Rule
 AdaptSelection = Sequence[str] | Callable[[str, Tensor], bool] | nn.Module
 """Which parameters adapt in the inner loop: names, a predicate (name, parameter) → bool, or a submodule."""
 TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+RANDOM_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def as_task_batch(batch: Sequence[Tensor]) -> TaskBatch:
@@ -96,6 +97,28 @@ def resolve_path(path: str, model: nn.Module) -> str:
             "batching rule for the batch-norm backward); use metasam.models.BatchNorm in the model or path='loop'"
         )
     return path
+
+
+def resolve_task_threads(task_threads: int | str, path: str, model: nn.Module) -> int:
+    """The number of task threads for ``task_threads`` ("auto" or an int >= 1, refused > 1 off the loop path).
+
+    "auto" is torch's intra-op thread count (``torch.get_num_threads()``, now) on the loop path over a model on
+    the CPU, and 1 elsewhere: on a GPU (one stream runs the tasks anyway), on the vmap path (it runs them
+    together), and for a model whose forward pass threads would run in no fixed order where order matters:
+    dropout layers (their draws from the one random generator) and torch BatchNorm layers that update running
+    statistics. A model that draws random numbers or updates buffers otherwise should pass 1.
+    """
+    if task_threads == "auto":
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        ordered = any(isinstance(m, RANDOM_LAYERS) or (isinstance(m, TORCH_BATCHNORMS) and m.track_running_stats)
+                      for m in model.modules())
+        return torch.get_num_threads() if path == "loop" and on_cpu and not ordered else 1
+    if isinstance(task_threads, bool) or not isinstance(task_threads, int) or task_threads < 1:
+        raise ConfigError(f"task_threads must be 'auto' or an int >= 1, got {task_threads!r}")
+    if task_threads > 1 and path != "loop":
+        raise ConfigError(f"task_threads={task_threads} shares the tasks of the loop path; path={path!r} "
+                          "runs them together: pass path='loop' or task_threads=1")
+    return task_threads
 
 
 def check_running_stats(model: nn.Module) -> None:

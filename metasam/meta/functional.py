@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 
 from metasam.core import cosine_similarity
 from metasam.data.episodes import TaskBatch
+from metasam.errors import ConfigError
 from metasam.meta.rules import GradFn, Rule
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -203,7 +204,11 @@ def thread_copies(model: nn.Module, n: int) -> list[nn.Module]:
     """``n`` copies of ``model`` for :func:`meta_gradient_threads`: their parameters are never used (the
     parameter dict replaces them), their buffers are ``model``'s own tensors, and :func:`sync_modes` gives them
     ``model``'s train/eval modes before each use."""
-    copies = [copy.deepcopy(model) for _ in range(n)]
+    try:
+        copies = [copy.deepcopy(model) for _ in range(n)]
+    except Exception as exc:  # whatever the model's own attributes raise when copied
+        raise ConfigError(f"task threads need {n} copies of the model and copy.deepcopy fails on it "
+                          f"({type(exc).__name__}: {exc}); pass task_threads=1") from exc
     for clone in copies:
         for (name, buffer), module in zip(model.named_buffers(), _buffer_owners(clone)):
             setattr(module, name.rpartition(".")[2], buffer)

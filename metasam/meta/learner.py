@@ -39,6 +39,7 @@ from metasam.meta.arguments import (
     outer_optimizer_class,
     refuse_custom_spec,
     resolve_path,
+    resolve_task_threads,
 )
 from metasam.meta.distributed import Reducer
 from metasam.meta.functional import (
@@ -91,7 +92,10 @@ class MetaLearner(TaskAdapter):
             measured on a GPU, so pass "loop" or "vmap" to choose by your own measurement).
         task_threads: on the loop path, the number of threads that share the tasks of a meta-batch, each on
             its own copy of the model with one intra-op thread (:func:`~metasam.meta.functional.meta_gradient_threads`);
-            1 (default): one task at a time with torch's intra-op threads.
+            1: one task at a time with torch's intra-op threads (the plain loop). "auto" (default): torch's
+            intra-op thread count on a CPU, 1 on a GPU, on the vmap path and for models with dropout or
+            running-statistics BatchNorm layers (:func:`~metasam.meta.arguments.resolve_task_threads`); the
+            number chosen is ``learner.task_threads``. Values differ from the plain loop's by rounding only.
         reducer: shares meta-batches and evaluation tasks between processes (data parallel, see
             :mod:`metasam.meta.distributed`): each process passes its own tasks and gets
             ∇L_meta = Σ_r Σ_{τ∈S_r} ∇L_q^τ / Σ_r |S_r| of the whole meta-batch. None: one process.
@@ -121,7 +125,7 @@ class MetaLearner(TaskAdapter):
         test_rule: str = "same",
         val_view: ValView | None = None,
         path: str = "auto",
-        task_threads: int = 1,
+        task_threads: int | str = "auto",
         reducer: Reducer | None = None,
         **rule_params: Any,
     ) -> None:
@@ -159,12 +163,7 @@ class MetaLearner(TaskAdapter):
         self.iteration = 0
         self._outputs: int | None = None  # the model's output size, measured by _checked
         self.path = resolve_path(path, model)
-        if isinstance(task_threads, bool) or not isinstance(task_threads, int) or task_threads < 1:
-            raise ConfigError(f"task_threads must be an int >= 1, got {task_threads!r}")
-        if task_threads > 1 and self.path != "loop":
-            raise ConfigError(f"task_threads={task_threads} shares the tasks of the loop path; path={self.path!r} "
-                              "runs them together: pass path='loop' or task_threads=1")
-        self.task_threads = task_threads
+        self.task_threads = resolve_task_threads(task_threads, self.path, model)
         self._copies: list[nn.Module] = []  # the models of the task threads, made at the first meta-gradient
         self._pool: ThreadPoolExecutor | None = None  # their threads, kept warm between meta-steps
         self.hparams = learner_state.constructor_record(

@@ -22,7 +22,8 @@ def test_the_documented_functional_calls_give_the_learners_numbers():
     assert grad_w.abs().sum() > 0
     result = meta_gradient_loop(model, params, batch, inner)
     vmapped = meta_gradient_vmap(model, params, batch, inner)
-    learner = MetaLearner(model, "agnostic-sam", inner_lr=0.4, inner_steps=2, inner_rho1=0.05, inner_rho2=0.025)
+    learner = MetaLearner(model, "agnostic-sam", inner_lr=0.4, inner_steps=2, inner_rho1=0.05, inner_rho2=0.025,
+                          task_threads=1)  # the plain loop, which meta_gradient_loop is
     expected = learner.meta_gradient(batch)
     for name in params:
         assert torch.equal(result.grads[name], expected[name]), name
@@ -35,7 +36,7 @@ def test_the_documented_functional_calls_give_the_learners_numbers():
 def test_task_threads_give_the_loops_meta_gradient_and_leave_the_thread_count_as_it_was():
     batch = tasks(n=5)
     before = torch.get_num_threads()
-    alone = MetaLearner(mlp(), "sharp-maml-low", inner_lr=0.3, inner_steps=2)
+    alone = MetaLearner(mlp(), "sharp-maml-low", inner_lr=0.3, inner_steps=2, task_threads=1)
     threaded = MetaLearner(mlp(), "sharp-maml-low", inner_lr=0.3, inner_steps=2, task_threads=3)
     expected, got = alone.meta_gradient(batch), threaded.meta_gradient(batch)
     assert torch.get_num_threads() == before
@@ -47,3 +48,37 @@ def test_task_threads_give_the_loops_meta_gradient_and_leave_the_thread_count_as
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
     with pytest.raises(ConfigError, match="task_threads=2 shares the tasks of the loop path"):
         MetaLearner(mlp("metasam"), "maml", path="vmap", task_threads=2)
+
+
+def test_auto_task_threads_use_torchs_threads_on_the_cpu_and_one_where_order_or_the_path_forbids():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert MetaLearner(mlp()).task_threads == 3  # the default is "auto"
+        assert MetaLearner(mlp(), path="loop", task_threads="auto").task_threads == 3
+        assert MetaLearner(mlp("metasam"), path="vmap").task_threads == 1  # vmap runs the tasks together
+        dropout = torch.nn.Sequential(mlp(), torch.nn.Dropout(0.1))  # its draws would come in no fixed order
+        assert MetaLearner(dropout).task_threads == 1
+        running = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+        assert MetaLearner(running, allow_running_stats=True).task_threads == 1  # it updates buffers in its forward
+        batch_stats = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4, track_running_stats=False))
+        assert MetaLearner(batch_stats).task_threads == 3
+        torch.set_num_threads(1)
+        assert MetaLearner(mlp()).task_threads == 1
+    finally:
+        torch.set_num_threads(threads)
+    for bad in (0, "two", True, 1.5):
+        with pytest.raises(ConfigError, match="task_threads must be 'auto' or an int >= 1"):
+            MetaLearner(mlp(), task_threads=bad)
+
+
+class Uncopyable(torch.nn.Linear):
+    def __deepcopy__(self, memo):
+        raise TypeError("cannot pickle '_thread.lock' object")
+
+
+def test_a_model_that_cannot_be_copied_for_task_threads_is_refused_naming_task_threads_1():
+    learner = MetaLearner(torch.nn.Sequential(Uncopyable(4, 3)).double(), task_threads=2)
+    with pytest.raises(ConfigError, match=r"copy.deepcopy fails on it \(TypeError: cannot pickle.*pass task_threads=1"):
+        learner.meta_gradient(tasks())
+    assert MetaLearner(torch.nn.Sequential(Uncopyable(4, 3)).double(), task_threads=1).meta_gradient(tasks())
