@@ -38,7 +38,9 @@ process (before the first setting and after each one), for whole steps and for t
 (each task's query forward+backward at fixed weights, metasam's Conv4 against the textbook one).
 ``--compare-paths`` adds metasam's maml on the other path over tasks (vmap where ``auto`` takes the
 loop, the loop where it takes vmap), checked against the float64 truth and timed like the rest: how
-the path is chosen per device.
+the path is chosen per device. ``--task-threads N`` adds metasam's maml with ``task_threads=N`` on both
+models; ``--one-thread`` times the hand-written loop on the textbook Conv4 with one intra-op thread: its rate
+times the threads is what that loop would give side by side on every core, the yardstick for task threads.
 
     PYTHONPATH=. python benchmarks/throughput.py                  # writes docs/results/throughput.md
     PYTHONPATH=. python benchmarks/throughput.py --quick --out /tmp/t.md
@@ -213,10 +215,30 @@ class Learn2LearnBaseline(AccumulatingBaseline):
             (nn.functional.cross_entropy(learner(batch.query_x[t]), batch.query_y[t]) / tasks).backward()
 
 
+class OneThread(Impl):
+    """``impl`` with one intra-op thread: N × its rate is what N copies of that loop side by side on N cores
+    would give, the yardstick for sharing tasks among N threads (not a baseline)."""
+
+    def __init__(self, impl: Impl) -> None:
+        self.impl, self.name = impl, f"{impl.name}, one intra-op thread (a yardstick, not a baseline)"
+
+    def meta_grad(self, batch):
+        return self.impl.meta_grad(batch)
+
+    def step(self, batch, val_batch):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self.impl.step(batch, val_batch)
+        finally:
+            torch.set_num_threads(threads)
+
+
 BASELINES: dict[str, Callable[[nn.Module, float, int], Impl]] = {
     "higher": HigherBaseline, "learn2learn": Learn2LearnBaseline, "torch": TorchBaseline,
 }
 ATTRIBUTION = "torch on metasam Conv4"  # the hand-written loop on metasam's model: not a baseline
+ONE_THREAD = "torch one thread"  # the hand-written loop on the textbook Conv4 at one intra-op thread: a yardstick
 
 
 def textbook_norm(channels: int) -> nn.Module:
@@ -233,7 +255,7 @@ def metasam_conv4(ways: int, device: str, path: str) -> nn.Module:
 
 def build(key: str, ways: int, device: str, path: str, steps: int = 1) -> Impl:
     """A fresh implementation ``key`` ("metasam:<preset>[:val4][:loop|:vmap][:textbook][:threadsN]", a BASELINES
-    key or ATTRIBUTION) with the seeded Conv4's weights and ``steps`` inner steps; a path token overrides
+    key, ATTRIBUTION or ONE_THREAD) with the seeded Conv4's weights and ``steps`` inner steps; a path token overrides
     ``path``; ``textbook`` runs metasam on the baselines' textbook Conv4 (a model of the user's own, as a library
     user brings it); ``threadsN`` passes ``task_threads=N`` to the MetaLearner."""
     if key.startswith("metasam:"):
@@ -250,11 +272,15 @@ def build(key: str, ways: int, device: str, path: str, steps: int = 1) -> Impl:
         if "textbook" in options:
             impl.name += (" on the textbook Conv4 (a model of your own, MetaLearner's defaults)" if threads is None else
                           f" on the textbook Conv4 (a model of your own), task_threads={threads}")
+        elif threads is not None:
+            impl.name += f", task_threads={threads}"
         return impl
     if key == ATTRIBUTION:
         impl = TorchBaseline(model, INNER_LR[ways], steps)
         impl.name = "torch.autograd loop (hand-written) on metasam's Conv4 (attribution, not a baseline)"
         return impl
+    if key == ONE_THREAD:
+        return OneThread(TorchBaseline(textbook, INNER_LR[ways], steps))
     return BASELINES[key](textbook, INNER_LR[ways], steps)
 
 
@@ -456,6 +482,13 @@ def run_setting(args, ways: int, tasks: int, steps: int, presets: list[str], bas
         keys.insert(keys.index("metasam:maml:textbook") + 1 if args.textbook else 1, key)
         checked.append(key)
         impls[key] = build(key, ways, args.device, args.path, steps)
+        own = f"metasam:maml:threads{n}"  # and metasam's own Conv4, as `metasam train` builds it
+        keys.insert(1, own)
+        checked.append(own)
+        impls[own] = build(own, ways, args.device, args.path, steps)
+    if args.one_thread:
+        keys.append(ONE_THREAD)
+        impls[ONE_THREAD] = build(ONE_THREAD, ways, args.device, args.path, steps)
     if args.compare_paths:  # maml on the path that "auto" did not take, checked and timed like the rest
         other = "vmap" if impls["metasam:maml"].learner.path == "loop" else "loop"
         checked.append(f"metasam:maml:{other}")
@@ -496,7 +529,7 @@ def run_setting(args, ways: int, tasks: int, steps: int, presets: list[str], bas
     data = {w: data_rate(ds, ways, args.queries, tasks, w) for w in (0, 2)} if args.device == "cpu" else {}
     return {"ways": ways, "tasks": tasks, "steps": steps, "names": {k: impls[k].name for k in keys}, "rates": rates, "median": median,
             "memory": memory, "agreement": agreement, "error": error, "flops_task": flops_task, "flops_query": flops_query,
-            "query": query, "data": data, "second_order": {k: impls[k].second_order for k in keys}}
+            "query": query, "data": data, "threads": torch.get_num_threads(), "second_order": {k: impls[k].second_order for k in keys}}
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -545,6 +578,14 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
                       f"{name} {rate * res['flops_query'] / 1e9:.1f} GFLOP/s ({100 * rate * res['flops_query'] / 1e9 / peak:.0f} % of matmul peak)"
                       for name, rate in (("metasam's Conv4", res["query"]["metasam"]), ("the textbook Conv4", res["query"]["textbook"])))
                   + f"; {res['query']['metasam'] / res['query']['textbook']:.2f}× the textbook's rate."]
+        if ONE_THREAD in median:
+            threads = res["threads"]
+            side_by_side = threads * median[ONE_THREAD]
+            lines += ["", f"Yardstick for task threads on the textbook Conv4: {threads} × {median[ONE_THREAD]:.2f} "
+                      f"tasks/s (the hand-written loop with one intra-op thread) = {side_by_side:.2f} tasks/s, "
+                      f"{side_by_side / best:.2f}× the best baseline: {threads} such loops side by side, one per core, "
+                      "if they did not slow each other down (they share caches and memory bandwidth; a loop with "
+                      "less overhead per operation can pass it)."]
         if res["data"]:
             train = median["metasam:maml"]
             lines += ["", "Episodes per second from the cached dataset (DataLoader over EpisodeSampler): " + ", ".join(
@@ -576,6 +617,9 @@ def main() -> None:
                         help="ways:meta-batch[:inner steps] (default 1 step), comma separated; e.g. 5:16,20:16:5")
     parser.add_argument("--task-threads", default="", help="comma list of N: add metasam maml on the textbook Conv4 "
                         "with MetaLearner(task_threads=N), checked and timed like the rest")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="also time the hand-written loop on the textbook Conv4 with one intra-op thread (threads × its "
+                             "rate: that loop side by side on every core, the yardstick for task threads)")
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--presets", default=",".join(PRESETS),
                         help="metasam presets timed at the first setting (the overhead table); later settings time maml")
