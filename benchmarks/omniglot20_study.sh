@@ -1,0 +1,31 @@
+#!/bin/bash
+# The 20-way 1-shot Omniglot study (docs/bench.md): maml, sharp-maml-low and agnostic-sam, 3 seeds, radii chosen on
+# validation, the controls, one fixed test TaskSet of 1,000 tasks. Two shards of one thread each on a 2-core machine,
+# run twice (the second round trains the controls, which need the whole grid), then the merge writes
+# OUT/results.md, results.json and results.png. Resumable: run it again with the same DATA and OUT.
+#
+#   DATA=/path/to/data OUT=runs/omniglot20w1s bash benchmarks/omniglot20_study.sh
+#
+# DATA holds omniglot/images_background_small1.zip and images_background_small2.zip. The same table comes from
+# the single command printed in OUT/results.md (one process, no shards), in about twice the time.
+set -euo pipefail
+: "${DATA:?set DATA to the folder holding omniglot/}" "${OUT:?set OUT to the study folder}"
+ARGS=(--dataset omniglot --data-root "$DATA" --settings 20w1s --seeds 0,1,2
+  --algos maml,sharp-maml-low,agnostic-sam
+  --grid sharp-maml-low:inner_rho=0.0025,0.01,0.04
+  --grid agnostic-sam:inner_rho1=0.005,0.02,0.08 --grid agnostic-sam:inner_rho2=rho1/2
+  --controls --reference maml
+  --train-split "Balinese,Early_Aramaic,Greek,Korean,Latin,Sanskrit,Tagalog" --test-split "Japanese_(katakana)"
+  --iterations 300 --meta-batch 8 --val-every 50 --val-tasks 100 --episodes 1000 --test-seed 1234
+  --out "$OUT" --no-progress)
+mkdir -p "$OUT"
+for round in 1 2; do
+  pids=()
+  for i in 0 1; do
+    OMP_NUM_THREADS=1 metasam bench "${ARGS[@]}" --shard "$i/2" >> "$OUT/shard$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  echo "round $round done $(date -Is)" >> "$OUT/driver.log"
+done
+metasam bench --out "$OUT" --merge --no-progress 2>&1 | tee -a "$OUT/merge.log"
