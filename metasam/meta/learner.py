@@ -317,8 +317,11 @@ class MetaLearner(TaskAdapter):
         """Rebuild a learner (model, preset, hyperparameters, weights) from what ``metasam train`` wrote.
 
         ``run_dir_or_checkpoint``: a run folder (its ``best.pt``, or ``last.pt`` with ``which="last"``)
-        or a checkpoint file. ``overrides`` replace saved constructor arguments (e.g. ``path="vmap"``).
-        The file is read with ``weights_only=True``: loading it never runs code from it.
+        or a checkpoint file. ``overrides`` replace saved constructor arguments (e.g. ``path="vmap"``);
+        ``model=`` a module to load the weights into instead of the recorded model, with the same parameter
+        names and shapes: ``model=Conv4(ways)`` takes a run that ``metasam train`` ran with ``CPUConv4`` on
+        a CPU to a GPU or under vmap, where ``CPUConv4`` refuses. Anything else is refused naming the
+        differing tensors. The file is read with ``weights_only=True``: loading it never runs code from it.
         """
         return learner_state.load(cls, run_dir_or_checkpoint, which, **overrides)
 

@@ -61,10 +61,13 @@ def load(cls: type[MetaLearner], run_dir_or_checkpoint: str | Path, which: str =
 
 def from_checkpoint(cls: type[MetaLearner], ckpt: dict[str, Any], source: str | Path = "the checkpoint",
                     **overrides: Any) -> MetaLearner:
-    """``cls(model, **hparams)`` with the state of a checkpoint already read; ``source`` names it in errors."""
+    """``cls(model, **hparams)`` with the state of a checkpoint already read; ``source`` names it in errors.
+    ``overrides["model"]``, when given, is the module the weights load into instead of the recorded model."""
+    model = overrides.pop("model", None)
     try:
-        model_name, model_kwargs = ckpt["model"]["name"], ckpt["model"]["kwargs"]
-        learner = cls(MODELS[model_name](**model_kwargs), **{**ckpt["hparams"], **overrides})
+        if model is None:
+            model = MODELS[ckpt["model"]["name"]](**ckpt["model"]["kwargs"])
+        learner = cls(model, **{**ckpt["hparams"], **overrides})
         state = ckpt["learner"]
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{source} is not a metasam meta-learning checkpoint (missing {exc})") from exc

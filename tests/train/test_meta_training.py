@@ -11,6 +11,7 @@ import torch
 from metasam import CheckpointError, ConfigError
 from metasam.cli.main import main
 from metasam.meta import AgnosticRule, MetaLearner, SAMRule
+from metasam.models import Conv4
 from metasam.train.config import MetaTrainConfig
 from metasam.train.meta import MetaTrainer
 
@@ -67,6 +68,15 @@ def test_best_checkpoint_is_the_best_validation_score_and_loads_back(tmp_path):
     assert loaded.iteration == best["iteration"]
     # the reloaded learner scores what the trainer measured on the same validation tasks
     assert loaded.evaluate(trainer.val_set)[0] == pytest.approx(best["val_acc"], abs=1e-9)
+
+    # a CPU run's CPUConv4 weights load into the textbook Conv4, which runs where CPUConv4 refuses (vmap here)
+    assert type(loaded.model).__name__ == "CPUConv4"
+    kwargs = {"ways": 3, "in_channels": 1, "hidden": 8, "image_size": cfg.image_size}
+    textbook = MetaLearner.load(tmp_path / "run", model=Conv4(**kwargs), path="vmap")
+    assert type(textbook.model) is Conv4 and textbook.iteration == best["iteration"]
+    assert textbook.evaluate(trainer.val_set)[0] == pytest.approx(best["val_acc"], abs=0.02)  # rounding may flip a few
+    with pytest.raises(CheckpointError, match="written for another model"):
+        MetaLearner.load(tmp_path / "run", model=Conv4(**{**kwargs, "ways": 5}))
 
 
 def test_cli_train_then_evaluate_and_refuse_to_overwrite(tmp_path, capsys):
