@@ -104,15 +104,14 @@ def resolve_task_threads(task_threads: int | str, path: str, model: nn.Module) -
 
     "auto" is torch's intra-op thread count (``torch.get_num_threads()``, now) on the loop path over a model on
     the CPU, and 1 elsewhere: on a GPU (one stream runs the tasks anyway), on the vmap path (it runs them
-    together), and for a model whose forward pass threads would run in no fixed order where order matters:
-    dropout layers (their draws from the one random generator) and torch BatchNorm layers that update running
-    statistics. A model that draws random numbers or updates buffers otherwise should pass 1.
+    together), and for a model with dropout layers, whose draws from the one random generator threads would
+    make in no fixed order. The learner also checks every threaded call it makes under "auto" and turns to one
+    thread if the model drew random numbers in another way (``MetaLearner._run_tasks``).
     """
     if task_threads == "auto":
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-        ordered = any(isinstance(m, RANDOM_LAYERS) or (isinstance(m, TORCH_BATCHNORMS) and m.track_running_stats)
-                      for m in model.modules())
-        return torch.get_num_threads() if path == "loop" and on_cpu and not ordered else 1
+        random = any(isinstance(m, RANDOM_LAYERS) for m in model.modules())
+        return torch.get_num_threads() if path == "loop" and on_cpu and not random else 1
     if isinstance(task_threads, bool) or not isinstance(task_threads, int) or task_threads < 1:
         raise ConfigError(f"task_threads must be 'auto' or an int >= 1, got {task_threads!r}")
     if task_threads > 1 and path != "loop":

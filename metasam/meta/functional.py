@@ -201,29 +201,16 @@ def meta_gradient_threads(
 
 
 def thread_copies(model: nn.Module, n: int) -> list[nn.Module]:
-    """``n`` copies of ``model`` for :func:`meta_gradient_threads`: their parameters are never used (the
-    parameter dict replaces them), their buffers are ``model``'s own tensors, and :func:`sync_modes` gives them
-    ``model``'s train/eval modes before each use."""
+    """``n`` copies of ``model`` as it is now, for :func:`meta_gradient_threads`: the module structure is copied,
+    its parameters and buffers are ``model``'s own tensors (the parameter dict replaces the parameters anyway),
+    so copies made for each call carry the model's current attributes, hooks and train/eval modes.
+    Raises :class:`~metasam.errors.ConfigError` naming ``task_threads=1`` when the model cannot be copied."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     try:
-        copies = [copy.deepcopy(model) for _ in range(n)]
+        return [copy.deepcopy(model, memo=dict(shared)) for _ in range(n)]
     except Exception as exc:  # whatever the model's own attributes raise when copied
         raise ConfigError(f"task threads need {n} copies of the model and copy.deepcopy fails on it "
                           f"({type(exc).__name__}: {exc}); pass task_threads=1") from exc
-    for clone in copies:
-        for (name, buffer), module in zip(model.named_buffers(), _buffer_owners(clone)):
-            setattr(module, name.rpartition(".")[2], buffer)
-    return copies
-
-
-def _buffer_owners(model: nn.Module) -> list[nn.Module]:
-    return [model.get_submodule(name.rpartition(".")[0]) for name, _ in model.named_buffers()]
-
-
-def sync_modes(model: nn.Module, copies: Sequence[nn.Module]) -> None:
-    """Give every module of each copy the train/eval mode of its counterpart in ``model``."""
-    for clone in copies:
-        for original, module in zip(model.modules(), clone.modules()):
-            module.training = original.training
 
 
 def _task_terms(model: nn.Module, params: Params, task: Sequence[Tensor], inner: InnerLoop, measure_accuracy: bool):

@@ -14,10 +14,10 @@ summed over the processes, so the outer rules see the meta-gradient of the whole
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ from metasam.meta.functional import (
     task_alignment,
     meta_gradient_loop,
     meta_gradient_threads,
-    sync_modes,
     thread_copies,
     meta_gradient_vmap,
 )
@@ -93,9 +92,12 @@ class MetaLearner(TaskAdapter):
         task_threads: on the loop path, the number of threads that share the tasks of a meta-batch, each on
             its own copy of the model with one intra-op thread (:func:`~metasam.meta.functional.meta_gradient_threads`);
             1: one task at a time with torch's intra-op threads (the plain loop). "auto" (default): torch's
-            intra-op thread count on a CPU, 1 on a GPU, on the vmap path and for models with dropout or
-            running-statistics BatchNorm layers (:func:`~metasam.meta.arguments.resolve_task_threads`); the
-            number chosen is ``learner.task_threads``. Values differ from the plain loop's by rounding only.
+            intra-op thread count on a CPU, 1 on a GPU, on the vmap path and for models with dropout layers
+            (:func:`~metasam.meta.arguments.resolve_task_threads`), and 1 from the first threaded call on
+            which the model drew random numbers or could not be copied (that call is made again on the plain
+            loop, with a warning); the number in use is ``learner.task_threads``. Each call copies the
+            module structure (not the tensors), so a forward pass's side effects on the module and stateful
+            hooks act on copies: pass 1 for such models. Values differ from the plain loop's by rounding only.
         reducer: shares meta-batches and evaluation tasks between processes (data parallel, see
             :mod:`metasam.meta.distributed`): each process passes its own tasks and gets
             ∇L_meta = Σ_r Σ_{τ∈S_r} ∇L_q^τ / Σ_r |S_r| of the whole meta-batch. None: one process.
@@ -164,8 +166,8 @@ class MetaLearner(TaskAdapter):
         self._outputs: int | None = None  # the model's output size, measured by _checked
         self.path = resolve_path(path, model)
         self.task_threads = resolve_task_threads(task_threads, self.path, model)
-        self._copies: list[nn.Module] = []  # the models of the task threads, made at the first meta-gradient
-        self._pool: ThreadPoolExecutor | None = None  # their threads, kept warm between meta-steps
+        self._auto_threads = task_threads == "auto"
+        self._pool: ThreadPoolExecutor | None = None  # the task threads, kept warm between meta-steps
         self.hparams = learner_state.constructor_record(
             self, test_inner_steps=test_inner_steps, first_order=first_order, outer_lr=outer_lr, outer_optimizer=optimizer_class,
             outer_kwargs=outer_kwargs, loss_fn=loss_fn, outer_scheduler=outer_scheduler, allow_running_stats=allow_running_stats,
@@ -175,18 +177,41 @@ class MetaLearner(TaskAdapter):
     def _meta_gradient(self, params: dict[str, Tensor], batch: TaskBatch) -> MetaGradient:
         """∇_θ L_meta at ``params`` and the mean query loss and accuracy, of the whole meta-batch when a
         reducer shares it (one all-reduce of the sums over this process's tasks and of their count)."""
-        model, compute = self.model, meta_gradient_vmap if self.path == "vmap" else meta_gradient_loop
-        if self.task_threads > 1:
-            if self._pool is None:
-                self._copies, self._pool = thread_copies(self.model, self.task_threads), ThreadPoolExecutor(self.task_threads)
-                weakref.finalize(self, self._pool.shutdown, wait=False)
-            sync_modes(self.model, self._copies)
-            model, compute = self._copies, partial(meta_gradient_threads, pool=self._pool)
         if self.reducer is None:
-            return compute(model, params, batch, self.inner, self.accuracy)
-        total = compute(model, params, batch, self.inner, self.accuracy, reduction="sum")
+            return self._run_tasks(params, batch, "mean")
+        total = self._run_tasks(params, batch, "sum")
         *grads, loss, acc = self._task_mean([*total.grads.values(), total.loss, total.accuracy], batch.support_x.shape[0])
         return MetaGradient(dict(zip(self.names, grads)), loss, acc)
+
+    def _run_tasks(self, params: dict[str, Tensor], batch: TaskBatch, reduction: str) -> MetaGradient:
+        """This process's tasks on the vmap path, the plain loop, or ``min(task_threads, tasks)`` task threads.
+
+        With ``task_threads="auto"`` the threaded call is checked: if the model drew from torch's random
+        generator, or cannot be copied, the call is made again on the plain loop from the same generator
+        state, and the learner keeps one thread from then on (with a warning)."""
+        if self.path == "vmap":
+            return meta_gradient_vmap(self.model, params, batch, self.inner, self.accuracy, reduction)
+        threads = min(self.task_threads, batch.support_x.shape[0])
+        if threads > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.task_threads)
+                weakref.finalize(self, self._pool.shutdown, wait=False)
+            rng = torch.random.get_rng_state()
+            try:
+                result = meta_gradient_threads(thread_copies(self.model, threads), params, batch, self.inner, self.accuracy,
+                                               reduction, pool=self._pool)
+                why = None if torch.equal(rng, torch.random.get_rng_state()) else "draws random numbers"
+            except ConfigError:
+                if not self._auto_threads:
+                    raise
+                why = "cannot be copied"
+            if why is None or not self._auto_threads:
+                return result
+            warnings.warn(f"task_threads='auto': the model {why}, so its tasks run one at a time from now on "
+                          "(pass task_threads=1 to choose it)", stacklevel=2)
+            torch.random.set_rng_state(rng)
+            self.task_threads = 1
+        return meta_gradient_loop(self.model, params, batch, self.inner, self.accuracy, reduction)
 
     def _outer_direction(self, batch: TaskBatch, val_batch: Sequence[Tensor] | None):
         metrics: dict[str, Tensor] = {}

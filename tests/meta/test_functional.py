@@ -59,10 +59,6 @@ def test_auto_task_threads_use_torchs_threads_on_the_cpu_and_one_where_order_or_
         assert MetaLearner(mlp("metasam"), path="vmap").task_threads == 1  # vmap runs the tasks together
         dropout = torch.nn.Sequential(mlp(), torch.nn.Dropout(0.1))  # its draws would come in no fixed order
         assert MetaLearner(dropout).task_threads == 1
-        running = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
-        assert MetaLearner(running, allow_running_stats=True).task_threads == 1  # it updates buffers in its forward
-        batch_stats = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4, track_running_stats=False))
-        assert MetaLearner(batch_stats).task_threads == 3
         torch.set_num_threads(1)
         assert MetaLearner(mlp()).task_threads == 1
     finally:
@@ -72,13 +68,90 @@ def test_auto_task_threads_use_torchs_threads_on_the_cpu_and_one_where_order_or_
             MetaLearner(mlp(), task_threads=bad)
 
 
+class Noisy(torch.nn.Module):
+    """Gaussian noise on the input in training (torch.randn, not a dropout layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        return self.net(x + 0.1 * torch.randn_like(x) if self.training else x)
+
+
+def test_auto_turns_to_one_thread_with_the_plain_loops_numbers_when_the_model_draws_random_numbers():
+    batch = tasks(n=4)
+    plain = MetaLearner(Noisy(), task_threads=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        auto = MetaLearner(Noisy())
+    finally:
+        torch.set_num_threads(threads)
+    assert auto.task_threads == 2
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match="draws random numbers, so its tasks run one at a time"):
+        got = auto.meta_gradient(batch)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    expected = plain.meta_gradient(batch)
+    assert auto.task_threads == 1 and torch.equal(after, torch.rand(1))  # the generator is where the loop leaves it
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_task_threads_see_the_model_as_it_is_at_each_call():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.scale = mlp(), 1.0
+
+        def forward(self, x):
+            return self.scale * self.net(x)
+
+    batch = tasks(n=4)
+    model = Scaled()
+    learner = MetaLearner(model, task_threads=2)
+    assert any(g.abs().sum() > 0 for g in learner.meta_gradient(batch).values())
+    model.scale = 0.0  # an attribute changed between steps reaches the threads' copies
+    calls = []
+    model.net[0].register_forward_hook(lambda *_: calls.append(1))  # and so does a hook added later
+    assert all(g.abs().sum() == 0 for g in learner.meta_gradient(batch).values())
+    assert calls
+
+
+def test_fewer_tasks_than_threads_make_only_as_many_copies_as_tasks(monkeypatch):
+    import metasam.meta.learner as learner_module
+
+    made = []
+    copies = learner_module.thread_copies
+    monkeypatch.setattr(learner_module, "thread_copies", lambda model, n: made.append(n) or copies(model, n))
+    learner = MetaLearner(mlp(), "maml", inner_lr=0.3, task_threads=4)
+    alone = MetaLearner(mlp(), "maml", inner_lr=0.3, task_threads=1)
+    batch = tasks(n=2)
+    got, expected = learner.meta_gradient(batch), alone.meta_gradient(batch)
+    assert made == [2]
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-12, atol=1e-14), name
+
+
 class Uncopyable(torch.nn.Linear):
     def __deepcopy__(self, memo):
         raise TypeError("cannot pickle '_thread.lock' object")
 
 
+def uncopyable() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(Uncopyable(4, 3)).double()
+
+
 def test_a_model_that_cannot_be_copied_for_task_threads_is_refused_naming_task_threads_1():
-    learner = MetaLearner(torch.nn.Sequential(Uncopyable(4, 3)).double(), task_threads=2)
+    learner = MetaLearner(uncopyable(), task_threads=2)
     with pytest.raises(ConfigError, match=r"copy.deepcopy fails on it \(TypeError: cannot pickle.*pass task_threads=1"):
         learner.meta_gradient(tasks())
-    assert MetaLearner(torch.nn.Sequential(Uncopyable(4, 3)).double(), task_threads=1).meta_gradient(tasks())
+    plain = MetaLearner(uncopyable(), task_threads=1).meta_gradient(tasks())
+    auto = MetaLearner(uncopyable())  # "auto": the plain loop, with a warning
+    auto.task_threads = 2  # as "auto" resolves on a 2-core machine
+    with pytest.warns(UserWarning, match="cannot be copied, so its tasks run one at a time"):
+        got = auto.meta_gradient(tasks())
+    assert auto.task_threads == 1 and all(torch.equal(got[n], plain[n]) for n in plain)
