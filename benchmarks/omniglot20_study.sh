@@ -7,7 +7,7 @@
 #   DATA=/path/to/data OUT=runs/omniglot20w1s bash benchmarks/omniglot20_study.sh
 #
 # DATA holds omniglot/images_background_small1.zip and images_background_small2.zip. The same table comes from
-# the single command printed in OUT/results.md (one process, no shards), in about twice the time.
+# the single command printed in OUT/results.md (one process, no shards).
 set -euo pipefail
 : "${DATA:?set DATA to the folder holding omniglot/}" "${OUT:?set OUT to the study folder}"
 ARGS=(--dataset omniglot --data-root "$DATA" --settings 20w1s --seeds 0,1,2

@@ -223,13 +223,17 @@ class OneThread(Impl):
         self.impl, self.name = impl, f"{impl.name}, one intra-op thread (a yardstick, not a baseline)"
 
     def meta_grad(self, batch):
-        return self.impl.meta_grad(batch)
+        return self._one_thread(self.impl.meta_grad, batch)
 
     def step(self, batch, val_batch):
+        self._one_thread(self.impl.step, batch, val_batch)
+
+    @staticmethod
+    def _one_thread(call, *args):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            self.impl.step(batch, val_batch)
+            return call(*args)
         finally:
             torch.set_num_threads(threads)
 
@@ -483,7 +487,7 @@ def run_setting(args, ways: int, tasks: int, steps: int, presets: list[str], bas
         checked.append(key)
         impls[key] = build(key, ways, args.device, args.path, steps)
         own = f"metasam:maml:threads{n}"  # and metasam's own Conv4, as `metasam train` builds it
-        keys.insert(1, own)
+        keys.insert(keys.index("metasam:maml") + 1, own)
         checked.append(own)
         impls[own] = build(own, ways, args.device, args.path, steps)
     if args.one_thread:
@@ -615,8 +619,9 @@ def main() -> None:
     parser.add_argument("--data-root", default=default_root)
     parser.add_argument("--settings", default="5:16,5:32,20:16",
                         help="ways:meta-batch[:inner steps] (default 1 step), comma separated; e.g. 5:16,20:16:5")
-    parser.add_argument("--task-threads", default="", help="comma list of N: add metasam maml on the textbook Conv4 "
-                        "with MetaLearner(task_threads=N), checked and timed like the rest")
+    parser.add_argument("--task-threads", default="", help="comma list of N: add metasam maml with "
+                        "MetaLearner(task_threads=N) on metasam's Conv4 and (with --textbook) on the textbook Conv4, "
+                        "checked and timed like the rest")
     parser.add_argument("--one-thread", action="store_true",
                         help="also time the hand-written loop on the textbook Conv4 with one intra-op thread (threads × its "
                              "rate: that loop side by side on every core, the yardstick for task threads)")
