@@ -255,6 +255,7 @@ class MetaTrainer:
                 except NonFiniteError as exc:  # the same on every process: the loss and direction are all-reduced
                     metrics = self._skip_nonfinite(exc)
                 metrics["tasks_per_s"] = cfg.meta_batch / (time.perf_counter() - start)
+                metrics["task_threads"] = learner.task_threads  # "auto" may turn to 1 (a model that draws random numbers)
                 self._log({"iteration": learner.iteration, **metrics})
                 self._warn_if_exploding(metrics)
                 bar.update(1)

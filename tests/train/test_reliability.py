@@ -70,7 +70,8 @@ def test_nan_stops_the_run_in_one_line_keeps_the_last_good_checkpoint_and_resume
     lines = records(run)
     assert [r["iteration"] for r in lines if "val_acc" not in r] == [1, 2, 3, 4, 5, 6]
     assert [r for r in lines if "nonfinite" in r] == [
-        {"iteration": 3, "skipped_nonfinite": 1, "nonfinite": "query loss", "tasks_per_s": lines[3]["tasks_per_s"]}]
+        {"iteration": 3, "skipped_nonfinite": 1, "nonfinite": "query loss", "tasks_per_s": lines[3]["tasks_per_s"],
+         "task_threads": lines[3]["task_threads"]}]
     # the stopped-then-resumed run equals one that was told to skip from the start
     straight = tmp_path / "straight"
     assert main([*CLI, "--out", str(straight), "--skip-nonfinite", "1"]) == 0
