@@ -193,23 +193,24 @@ class MetaLearner(TaskAdapter):
             return meta_gradient_vmap(self.model, params, batch, self.inner, self.accuracy, reduction)
         threads = min(self.task_threads, batch.support_x.shape[0])
         if threads > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.task_threads)
-                weakref.finalize(self, self._pool.shutdown, wait=False)
-            rng = torch.random.get_rng_state()
             try:
-                result = meta_gradient_threads(thread_copies(self.model, threads), params, batch, self.inner, self.accuracy,
-                                               reduction, pool=self._pool)
-                why = None if torch.equal(rng, torch.random.get_rng_state()) else "draws random numbers"
+                copies = thread_copies(self.model, threads)
             except ConfigError:
                 if not self._auto_threads:
                     raise
-                why = "cannot be copied"
-            if why is None or not self._auto_threads:
-                return result
+                copies, why = None, "cannot be copied"
+            if copies is not None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.task_threads)
+                    weakref.finalize(self, self._pool.shutdown, wait=False)
+                rng = torch.random.get_rng_state()
+                result = meta_gradient_threads(copies, params, batch, self.inner, self.accuracy, reduction, pool=self._pool)
+                if not self._auto_threads or torch.equal(rng, torch.random.get_rng_state()):
+                    return result
+                torch.random.set_rng_state(rng)  # the plain loop below draws what it would have drawn
+                why = "draws random numbers"
             warnings.warn(f"task_threads='auto': the model {why}, so its tasks run one at a time from now on "
                           "(pass task_threads=1 to choose it)", stacklevel=2)
-            torch.random.set_rng_state(rng)
             self.task_threads = 1
         return meta_gradient_loop(self.model, params, batch, self.inner, self.accuracy, reduction)
 

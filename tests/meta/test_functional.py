@@ -155,3 +155,21 @@ def test_a_model_that_cannot_be_copied_for_task_threads_is_refused_naming_task_t
     with pytest.warns(UserWarning, match="cannot be copied, so its tasks run one at a time"):
         got = auto.meta_gradient(tasks())
     assert auto.task_threads == 1 and all(torch.equal(got[n], plain[n]) for n in plain)
+
+
+def test_an_error_inside_a_threaded_task_is_raised_as_it_is_and_keeps_the_threads():
+    import threading
+    import warnings
+
+    def loss(output, target):  # fails in the task threads only, after the learner's own checks
+        if threading.current_thread() is not threading.main_thread():
+            raise ConfigError("this loss refuses the batch")
+        return torch.nn.functional.cross_entropy(output, target)
+
+    learner = MetaLearner(mlp(), loss_fn=loss)
+    learner.task_threads = 2  # as "auto" resolves on a 2-core machine
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot be copied" warning
+        with pytest.raises(ConfigError, match="this loss refuses the batch"):
+            learner.meta_gradient(tasks(n=4))
+    assert learner.task_threads == 2
