@@ -90,7 +90,7 @@ def add_run_flags(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = 
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=text, **f.metadata["flag"])
+            parser.add_argument(flag, **{"type": kind, **f.metadata["flag"]}, default=None, help=text)
     add_rule_flags(parser)
 
 

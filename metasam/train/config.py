@@ -32,10 +32,16 @@ DEFAULT_SPLITS = {
     "miniimagenet": ("train", "val", "test"),
     "glyphs": ("train", "val", "test"),
 }
-RESUME_OVERRIDES = ("skip_nonfinite", "iterations")
-"""Settings ``--resume`` may change: what happens on a failure, and how long the run goes on (meta-batch i
-is the same for any number of iterations), not what a step computes."""
+RESUME_OVERRIDES = ("skip_nonfinite", "iterations", "task_threads")
+"""Settings ``--resume`` may change: what happens on a failure, how long the run goes on (meta-batch i
+is the same for any number of iterations) and how a step's tasks are spread over threads (rounding only),
+not what a step computes."""
 STANDARD_HELP = "default: the standard setting of the dataset and ways, docs/algorithms.md"
+
+
+def threads_or_auto(text: str) -> int | str:
+    """``--task-threads``'s value: "auto" or a number of threads."""
+    return text if text == "auto" else int(text)
 
 
 def option(default: Any, help: str, **flag: Any) -> Any:
@@ -80,6 +86,11 @@ class MetaTrainConfig:
     seed: int = option(0, "seeds the model, the tasks and the validation set")
     device: str = option("cpu", "cpu, cuda, cuda:N or mps")
     path: str = option("auto", "how tasks of a meta-batch are run", choices=("auto", "loop", "vmap"))
+    task_threads: int | str = option(
+        "auto", "threads that share the tasks of a meta-batch on the loop path, each running its tasks with one "
+        "intra-op thread: N, or auto (torch's thread count on a CPU; 1 on a GPU, on the vmap path and for models "
+        "that draw random numbers); 1 runs one task at a time. Also allowed with train --resume (it changes "
+        "rounding only); docs/performance.md", type=threads_or_auto, metavar="N|auto")
     inner_rule: Rule | None = None
     outer_rule: Rule | None = None
     skip_nonfinite: int = option(
@@ -137,6 +148,9 @@ class MetaTrainConfig:
         self.test_split = self.test_split if self.test_split is not None else test
         for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0), ("alignment_every", 0)):
             check_int(name, getattr(self, name), low)
+        if self.task_threads != "auto" and (isinstance(self.task_threads, bool) or not isinstance(self.task_threads, int)
+                                            or self.task_threads < 1):
+            raise ConfigError(f"--task-threads must be auto or an int >= 1, got {self.task_threads!r}")
         check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,
                       self.test_rule, self.path)
 

@@ -186,3 +186,22 @@ def test_trainer_builds_cpu_conv4_on_the_cpu_outside_the_vmap_path_and_records_i
     other = build_learner(MetaTrainConfig(path="vmap" if model == "CPUConv4" else "loop", **TINY), channels=1)
     for name, value in learner.model.state_dict().items():
         assert torch.equal(other.model.state_dict()[name], value) and rebuilt.state_dict()[name].shape == value.shape
+
+
+def test_task_threads_flag_reaches_the_learner_is_recorded_and_may_change_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "glyphs", "--ways", "3", "--queries", "2", "--meta-batch", "2",
+            "--val-every", "2", "--val-tasks", "3", "--no-progress"]
+    assert main([*args, "--iterations", "2", "--task-threads", "1", "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["task_threads"] == 1
+    assert main(["train", "--resume", str(run), "--iterations", "4", "--task-threads", "2", "--no-progress"]) == 0
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["task_threads"]) for r in steps if "task_threads" in r] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    capsys.readouterr()
+    assert main([*args, "--task-threads", "0", "--out", str(tmp_path / "zero")]) == 2
+    assert "--task-threads must be auto or an int >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: "invalid threads_or_auto value: 'two'"
+        main([*args, "--task-threads", "two", "--out", str(tmp_path / "two")])
+    assert MetaTrainConfig(**TINY).task_threads == "auto"
+    assert main(["bench", "--dataset", "glyphs", "--grid", "maml:task_threads=1,2", "--out", str(tmp_path / "b")]) == 2
+    assert "--task-threads" in capsys.readouterr().err

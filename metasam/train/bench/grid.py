@@ -27,7 +27,7 @@ TIE = re.compile(r"^([a-z][a-z0-9_]*)([*/])([0-9.]+(?:e-?[0-9]+)?)$")
 FIXED = {
     "algo": "--algos", "ways": "--settings", "shots": "--settings", "seed": "--seeds", "dataset": "--dataset",
     "data_root": "--data-root", "device": "--device", "train_split": "--train-split", "val_split": "--val-split",
-    "val_tasks": "--val-tasks", "test_split": "--test-split",
+    "val_tasks": "--val-tasks", "test_split": "--test-split", "task_threads": "--task-threads",
 }
 """Settings a grid may not vary, with the flag that sets them: the grid's axes, the machine, and the data
 (points compared on different validation tasks would be chosen on different questions)."""
