@@ -99,6 +99,12 @@ def resolve_path(path: str, model: nn.Module) -> str:
     return path
 
 
+def check_task_threads(value: Any, name: str = "task_threads") -> None:
+    """Refuse a task-thread setting other than "auto" or an int >= 1; ``name`` is how the caller spells it."""
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be 'auto' or an int >= 1, got {value!r}")
+
+
 def resolve_task_threads(task_threads: int | str, path: str, model: nn.Module) -> int:
     """The number of task threads for ``task_threads`` ("auto" or an int >= 1, refused > 1 off the loop path).
 
@@ -112,8 +118,7 @@ def resolve_task_threads(task_threads: int | str, path: str, model: nn.Module) -
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         random = any(isinstance(m, RANDOM_LAYERS) for m in model.modules())
         return torch.get_num_threads() if path == "loop" and on_cpu and not random else 1
-    if isinstance(task_threads, bool) or not isinstance(task_threads, int) or task_threads < 1:
-        raise ConfigError(f"task_threads must be 'auto' or an int >= 1, got {task_threads!r}")
+    check_task_threads(task_threads)
     if task_threads > 1 and path != "loop":
         raise ConfigError(f"task_threads={task_threads} shares the tasks of the loop path; path={path!r} "
                           "runs them together: pass path='loop' or task_threads=1")

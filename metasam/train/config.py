@@ -16,7 +16,7 @@ import torch
 from metasam.data.val_views import VAL_VIEWS, ValView, check_val_view, make_val_view
 from metasam.errors import CheckpointError, ConfigError
 from metasam.meta import PRESETS
-from metasam.meta.arguments import check_hparams
+from metasam.meta.arguments import check_hparams, check_task_threads
 from metasam.meta.presets import preset_rules
 from metasam.meta.rules import RULES, Rule, rule_from_spec, rule_spec
 from metasam.train.precision import TF32_HELP
@@ -148,9 +148,7 @@ class MetaTrainConfig:
         self.test_split = self.test_split if self.test_split is not None else test
         for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0), ("alignment_every", 0)):
             check_int(name, getattr(self, name), low)
-        if self.task_threads != "auto" and (isinstance(self.task_threads, bool) or not isinstance(self.task_threads, int)
-                                            or self.task_threads < 1):
-            raise ConfigError(f"--task-threads must be auto or an int >= 1, got {self.task_threads!r}")
+        check_task_threads(self.task_threads, "--task-threads")
         check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,
                       self.test_rule, self.path)
 

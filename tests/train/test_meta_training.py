@@ -199,7 +199,7 @@ def test_task_threads_flag_reaches_the_learner_is_recorded_and_may_change_on_res
     assert [(r["iteration"], r["task_threads"]) for r in steps if "task_threads" in r] == [(1, 1), (2, 1), (3, 2), (4, 2)]
     capsys.readouterr()
     assert main([*args, "--task-threads", "0", "--out", str(tmp_path / "zero")]) == 2
-    assert "--task-threads must be auto or an int >= 1, got 0" in capsys.readouterr().err
+    assert "--task-threads must be 'auto' or an int >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: "invalid threads_or_auto value: 'two'"
         main([*args, "--task-threads", "two", "--out", str(tmp_path / "two")])
     assert MetaTrainConfig(**TINY).task_threads == "auto"
