@@ -15,6 +15,7 @@ layer over these functions (outer optimizer, outer rule, checkpoints).
 from __future__ import annotations
 
 import copy
+import queue
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -178,26 +179,39 @@ def meta_gradient_threads(
     reduction: str = "mean", pool: ThreadPoolExecutor | None = None,
 ) -> MetaGradient:
     """:func:`meta_gradient_loop` with the tasks shared among ``len(copies)`` threads, for CPUs where one task's
-    small operations leave cores idle: thread w runs tasks w, w + n, … on ``copies[w]`` (one copy of the model
-    per thread, from :func:`thread_copies`: ``functional_call`` cannot run one module in two threads at once),
-    with torch's intra-op threads set to 1 for the call and restored after it. The sum over tasks is taken in
-    task order, as the loop's; the values differ from it by rounding only. ``pool``: an executor of at least
-    ``len(copies)`` threads to reuse across calls (threads that stay warm are faster than new ones); None
-    makes one for this call."""
+    small operations leave cores idle: thread w runs on ``copies[w]`` (one copy of the model per thread, from
+    :func:`thread_copies`: ``functional_call`` cannot run one module in two threads at once) and takes the next
+    task not yet taken whenever it finishes one, so a thread that the machine slows down does not hold up the
+    others at the end; torch's intra-op threads are set to 1 for the call and restored after it. A task's terms
+    do not depend on the thread that computed them, and the sum over tasks is taken in task order, as the
+    loop's; the values differ from it by rounding only. ``pool``: an executor of at least ``len(copies)``
+    threads to reuse across calls (threads that stay warm are faster than new ones); None makes one for this
+    call."""
     tasks = list(zip(*batch))
-    n = len(copies)
+    untaken: queue.SimpleQueue[int] = queue.SimpleQueue()  # the indices of the tasks no thread has taken yet
+    for i in range(len(tasks)):
+        untaken.put(i)
+
+    def work(w: int) -> list[tuple[int, list[Tensor]]]:
+        done = []
+        while True:
+            try:
+                i = untaken.get_nowait()
+            except queue.Empty:
+                return done
+            done.append((i, _task_terms(copies[w], params, tasks[i], inner, measure_accuracy)))
+
     intra_op = torch.get_num_threads()
     torch.set_num_threads(1)
     own = pool is None
-    pool = ThreadPoolExecutor(n) if own else pool
+    pool = ThreadPoolExecutor(len(copies)) if own else pool
     try:
-        work = lambda w: [_task_terms(copies[w], params, task, inner, measure_accuracy) for task in tasks[w::n]]  # noqa: E731
-        done = list(pool.map(work, range(n)))
+        terms = dict(item for done in pool.map(work, range(len(copies))) for item in done)
     finally:
         torch.set_num_threads(intra_op)
         if own:
             pool.shutdown()
-    return _reduce(list(params), [done[i % n][i // n] for i in range(len(tasks))], reduction)
+    return _reduce(list(params), [terms[i] for i in range(len(tasks))], reduction)
 
 
 def thread_copies(model: nn.Module, n: int) -> list[nn.Module]:

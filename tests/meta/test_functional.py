@@ -135,6 +135,34 @@ def test_fewer_tasks_than_threads_make_only_as_many_copies_as_tasks(monkeypatch)
         assert torch.allclose(got[name], expected[name], rtol=1e-12, atol=1e-14), name
 
 
+def test_a_thread_slowed_by_one_task_leaves_the_remaining_tasks_to_the_others():
+    import time
+
+    batch = tasks(n=6)
+    ran = []  # (copy, task) for every forward pass
+
+    class SlowOnTask0(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            task = next(i for i in range(6) if torch.equal(x, batch.support_x[i]) or torch.equal(x, batch.query_x[i]))
+            ran.append((id(self), task))
+            if task == 0:
+                time.sleep(0.2)  # as a core taken by another process would slow it
+            return self.net(x)
+
+    got = MetaLearner(SlowOnTask0(), "maml", inner_lr=0.3, task_threads=2).meta_gradient(batch)
+    by_copy: dict[int, set[int]] = {}
+    for copy, task in ran:
+        by_copy.setdefault(copy, set()).add(task)
+    assert {1, 2, 3, 4, 5} in by_copy.values()  # one thread took all the tasks while the other ran task 0
+    expected = MetaLearner(mlp(), "maml", inner_lr=0.3, task_threads=1).meta_gradient(batch)
+    for name in expected:  # the sum is still taken in task order
+        assert torch.allclose(got[f"net.{name}"], expected[name], rtol=1e-12, atol=1e-14), name
+
+
 class Uncopyable(torch.nn.Linear):
     def __deepcopy__(self, memo):
         raise TypeError("cannot pickle '_thread.lock' object")
