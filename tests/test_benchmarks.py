@@ -57,3 +57,14 @@ def test_throughput_benchmark_refuses_to_time_a_wrong_meta_gradient(tmp_path, mo
         throughput.main()
     assert "repeat 1/1" not in capsys.readouterr().out
     assert not (tmp_path / "t.md").exists()
+
+
+def test_op_profile_counts_the_same_operators_for_metasam_and_the_hand_written_loop():
+    run = subprocess.run([sys.executable, "benchmarks/op_profile.py", "--dataset", "glyphs", "--ways", "5", "--steps",
+                          "2", "--tasks", "2", "--rows", "8"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in run.stdout.splitlines() if line.startswith("| `")]
+    assert len(rows) == 8
+    convolution = next(r for r in rows if r[0] == "`aten::convolution_backward`")
+    assert convolution[1] == convolution[-2] != "0"  # metasam's calls == the hand-written loop's (last column pair)
