@@ -68,7 +68,7 @@ def test_evaluate_json_writes_pure_json_on_stdout_and_the_summary_on_stderr(tmp_
     out, err = capsys.readouterr()
     result = json.loads(out)
     assert len(result["task_accuracies"]) == 4 and result["episodes"] == 4
-    assert err.startswith("metasam evaluate: maml: ") and "(4 tasks of test, 3-way 1-shot)" in err
+    assert err.startswith("metasam evaluate: maml: ") and "(4 tasks of test, 3-way 1-shot, " in err
 
 
 def test_analyze_without_a_flag_runs_both_diagnostics(monkeypatch, capsys):

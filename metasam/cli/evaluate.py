@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--checkpoint", choices=("best", "last"), default="best", help="best validation accuracy, or the last")
     add(p, "--test-split", default=None, help="default: the run's test split")
     add(p, "--steps", type=int, default=None, help="inner steps at test time (default: the run's)")
+    add(p, "--test-rule", choices=("same", "gd"), default=None,
+        help="how the tasks are adapted at test time: same (the run's inner rule) or gd (plain gradient descent, to "
+             "tell what a sharpness-aware rule adds at test time from what it adds in training); default: the run's")
     add(p, "--json", action="store_true",
         help="print the result (with each task's accuracy) as JSON on stdout, and the summary line on stderr")
     add(p, "--no-progress", action="store_true", help="no progress bar")
@@ -28,11 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run_dir, args.episodes, args.seed, args.checkpoint, args.test_split, args.steps,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, test_rule=args.test_rule)
     if not main_process():  # under torchrun, rank 0 reports for all processes
         return 0
     line = (f"{result['algo']}: {100 * result['accuracy']:.2f} % ± {100 * result['ci95']:.2f} "
-            f"({result['episodes']} tasks of {result['test_split']}, {result['ways']}-way {result['shots']}-shot)")
+            f"({result['episodes']} tasks of {result['test_split']}, {result['ways']}-way {result['shots']}-shot, "
+            f"{result['test_inner_steps']} inner steps, test rule {result['test_rule']})")
     if args.json:
         print(f"metasam evaluate: {line}", file=sys.stderr)
         print(json.dumps(result, indent=2))

@@ -7,6 +7,7 @@ refused with an error naming the checkpoint instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -61,9 +62,9 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
                  test_split: str | None = None, steps: int | None = None, progress: bool = True,
                  test_rule: str | None = None) -> dict[str, Any]:
     """Mean accuracy ± 95 % CI of a run's ``which`` checkpoint on a fixed seeded TaskSet of the test split;
-    also written to ``RUN_DIR/eval_<which>_<episodes>_seed<seed>.json`` (``…_<test_rule>.json`` when
-    ``test_rule`` overrides the run's: the same weights adapted by another rule). Non-finite weights or logits
-    raise :class:`NonFiniteError`."""
+    also written to ``RUN_DIR/eval_<which>_<episodes>_seed<seed>.json``, a name that says which of the run's
+    test settings ``test_split``, ``steps`` and ``test_rule`` override (:func:`eval_file_name`). Non-finite
+    weights or logits raise :class:`NonFiniteError`."""
     run_dir = Path(run_dir)
     cfg = MetaTrainConfig.load(run_dir)
     split = test_split or cfg.test_split
@@ -87,11 +88,22 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
               "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": steps or cfg.test_inner_steps,
               "test_rule": rule, "accuracy": mean, "ci95": ci, "task_accuracies": accuracies}
     if procs.is_main:
-        write_text_atomic(json.dumps(result, indent=2), run_dir / eval_file_name(which, episodes, seed, rule, cfg.test_rule))
+        write_text_atomic(json.dumps(result, indent=2), run_dir / eval_file_name(which, episodes, seed, cfg, rule, steps, split))
     return result
 
 
-def eval_file_name(which: str, episodes: int, seed: int, test_rule: str, trained_rule: str) -> str:
-    """Where :func:`evaluate_run` writes its result in the run folder: ``eval_best_600_seed1234.json``, with
-    ``_<test_rule>`` before ``.json`` when the test rule is not the run's own."""
-    return f"eval_{which}_{episodes}_seed{seed}" + ("" if test_rule == trained_rule else f"_{test_rule}") + ".json"
+def eval_file_name(which: str, episodes: int, seed: int, cfg: MetaTrainConfig, test_rule: str | None = None,
+                   steps: int | None = None, test_split: str | None = None) -> str:
+    """Where :func:`evaluate_run` writes its result in the run folder: ``eval_best_600_seed1234.json`` for the
+    run's own test setting. Each override of it adds to the name, before ``.json``: ``_<test_rule>`` for
+    another test rule, ``_steps<K>`` for another number of test inner steps, ``_split-<8 hex digits>`` (of the
+    split's SHA-256; the file records the split) for another test split. So evaluations of the same weights
+    under different settings never overwrite one another."""
+    name = f"eval_{which}_{episodes}_seed{seed}"
+    if test_rule is not None and test_rule != cfg.test_rule:
+        name += f"_{test_rule}"
+    if steps is not None and steps != cfg.test_inner_steps:
+        name += f"_steps{steps}"
+    if test_split is not None and test_split != cfg.test_split:
+        name += f"_split-{hashlib.sha256(test_split.encode()).hexdigest()[:8]}"
+    return name + ".json"

@@ -157,6 +157,19 @@ def test_shards_and_merge_give_the_table_of_one_process(grid, tmp_path, capsys):
     assert (out / "results.md").read_text().replace(str(out), "OUT") == (grid[0] / "results.md").read_text().replace(str(grid[0]), "OUT")
 
 
+def test_merge_tests_again_a_cell_whose_result_file_holds_other_test_steps(grid, tmp_path, capsys):
+    """``metasam evaluate --steps K`` of metasam before 2026-12-02 wrote its result under the standard name; the
+    merge must not take such a file for the run's own test setting."""
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    run = out / rows(grid[1])["maml"]["runs"][0]
+    path = run / "eval_best_12_seed1234.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "test_inner_steps": 7, "accuracy": -1.0}))
+    assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 0
+    assert json.loads(path.read_text())["test_inner_steps"] == 1  # tested again, and rewritten
+    assert json.loads((out / "results.json").read_text())["settings"] == grid[1]["settings"]
+
+
 def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags(grid, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(grid[0], out)

@@ -13,6 +13,7 @@ from metasam.cli.main import main
 from metasam.meta import AgnosticRule, MetaLearner, SAMRule
 from metasam.models import Conv4
 from metasam.train.config import MetaTrainConfig
+from metasam.train.evaluation import eval_file_name
 from metasam.train.meta import MetaTrainer
 
 TINY = dict(dataset="glyphs", ways=3, shots=1, queries=2, meta_batch=2, hidden=8, val_every=2, val_tasks=4)
@@ -93,6 +94,18 @@ def test_cli_train_then_evaluate_and_refuse_to_overwrite(tmp_path, capsys):
     assert main(["evaluate", str(run), "--episodes", "5", "--no-progress"]) == 0
     result = json.loads((run / "eval_best_5_seed1234.json").read_text())
     assert 0.0 <= result["accuracy"] <= 1.0 and result["episodes"] == 5
+    default = (run / "eval_best_5_seed1234.json").read_text()
+    assert main(["evaluate", str(run), "--episodes", "5", "--test-rule", "gd", "--no-progress"]) == 0
+    assert "test rule gd)" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--episodes", "5", "--steps", "7", "--no-progress"]) == 0
+    written = {p.name: json.loads(p.read_text()) for p in run.glob("eval_*.json")}
+    assert len(written) == 3 and (run / "eval_best_5_seed1234.json").read_text() == default  # nothing overwritten
+    assert written["eval_best_5_seed1234_gd.json"]["test_rule"] == "gd"
+    assert written["eval_best_5_seed1234_steps7.json"]["test_inner_steps"] == 7
+    cfg = MetaTrainConfig.load(run)
+    other_split = eval_file_name("best", 5, 1234, cfg, test_split="images_background_small2:Japanese_(katakana)")
+    assert other_split.startswith("eval_best_5_seed1234_split-") and other_split.endswith(".json")
+    assert eval_file_name("best", 5, 1234, cfg, cfg.test_rule, cfg.test_inner_steps, cfg.test_split) == "eval_best_5_seed1234.json"
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
 

@@ -73,12 +73,15 @@ def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, p
     read back from the run folder when an evaluation newer than best.pt is there."""
     run = out / cell.folder
     cfg = MetaTrainConfig.load(run)
-    path = run / eval_file_name("best", plan.episodes, plan.test_seed, test_rule or cfg.test_rule, cfg.test_rule)
+    path = run / eval_file_name("best", plan.episodes, plan.test_seed, cfg, test_rule)
     if path.exists() and path.stat().st_mtime_ns >= (run / "best.pt").stat().st_mtime_ns:
         try:
-            return json.loads(path.read_text())
+            result = json.loads(path.read_text())
         except ValueError:
-            pass  # a damaged result is evaluated again
+            result = None  # a damaged result is evaluated again
+        setting = {"test_rule": test_rule or cfg.test_rule, "test_inner_steps": cfg.test_inner_steps}
+        if isinstance(result, dict) and all(result.get(k) == v for k, v in setting.items()):
+            return result  # (an older metasam evaluate --steps K wrote other steps under this name: evaluated again)
     return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress)
 
 
