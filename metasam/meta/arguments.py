@@ -138,6 +138,18 @@ def check_running_stats(model: nn.Module) -> None:
         )
 
 
+def check_initialized(model: nn.Module) -> None:
+    """Refuse a model with lazy layers not yet built (``nn.LazyLinear``, ``nn.LazyBatchNorm2d``, …): their
+    parameters have no shape until a first forward pass, so the learner would hold no tensors to adapt or
+    optimise, and a lazy batch norm's running statistics could not be checked."""
+    lazy = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+            if isinstance(t, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))]
+    if lazy:
+        raise ConfigError(f"the model has lazy layers not built yet (uninitialised {', '.join(lazy[:3])}"
+                          f"{', …' if len(lazy) > 3 else ''}): run one forward pass on a batch of your data, "
+                          "model(x), before building the MetaLearner")
+
+
 def adapted_names(model: nn.Module, names: Sequence[str], adapt: AdaptSelection | None) -> list[str]:
     """The names of the parameters that adapt in the inner loop: all of ``names`` for None; those listed; those
     for which ``adapt(name, parameter)`` is true; or those of a submodule of ``model``."""

@@ -34,6 +34,7 @@ from metasam.meta.arguments import (
     adapted_names,
     as_task_batch,
     check_hparams,
+    check_initialized,
     check_running_stats,
     nonfinite_step_error,
     outer_optimizer_class,
@@ -142,6 +143,7 @@ class MetaLearner(TaskAdapter):
         val_view = refuse_custom_spec(val_view, "val_view")
         if isinstance(val_view, dict):  # a view of metasam.data.val_views, as a checkpoint records it
             val_view = val_view_from_spec(val_view)
+        check_initialized(model)
         if not allow_running_stats:
             check_running_stats(model)
         self.model = model

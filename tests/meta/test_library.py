@@ -83,6 +83,17 @@ def test_torch_batchnorm_with_running_statistics_is_refused_with_the_fix_named()
     MetaLearner(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Linear(5, 3)))
 
 
+def test_lazy_layers_not_built_yet_are_refused_and_a_built_lazy_batchnorm_is_checked():
+    model = nn.Sequential(nn.Linear(4, 5), nn.LazyBatchNorm1d(), nn.ReLU(), nn.LazyLinear(3))
+    with pytest.raises(ConfigError, match=r"lazy layers not built yet \(uninitialised 1.weight, 1.bias, 3.weight, …\)"
+                                          r": run one forward pass"):
+        MetaLearner(model)
+    model(torch.randn(2, 4))  # built: a BatchNorm1d that keeps running statistics, refused as any other
+    with pytest.raises(ConfigError, match="keep running statistics"):
+        MetaLearner(model)
+    MetaLearner(model, allow_running_stats=True)
+
+
 def make_learner(scheduler=True):
     return MetaLearner(Net(), "maml", inner_lr=0.3, outer_optimizer="SGD", outer_lr=0.1,
                        outer_kwargs={"momentum": 0.9, "weight_decay": 1e-3},
