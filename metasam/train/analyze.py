@@ -74,11 +74,31 @@ def check_finite(what: str, values: np.ndarray, remedy: str) -> None:
         raise NonFiniteError(f"{what} is not finite ({int(bad.sum())} of {bad.size} values NaN/Inf); {remedy}", tensor=what)
 
 
-def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = True, k: int = 5, tasks: int = 20,
-                kind: str = "query", steps: int = 21, span: float = 1.0, seed: int = 0,
-                progress: bool = True) -> dict[str, Any]:
-    """Top-k Hessian eigenvalues and/or a 2-D landscape of a run's loss; writes ``analysis.json`` and
-    ``landscape_contour.png`` / ``landscape_surface.png`` into the run folder. Non-finite weights, losses or
+DEFAULTS = {"k": 5, "tasks": 20, "kind": "query", "steps": 11, "span": 1.0, "seed": 0}
+"""The settings of ``metasam analyze`` without flags (and of :func:`analyze_run`)."""
+
+
+def output_suffix(settings: dict[str, Any], is_meta: bool, plots: bool = False) -> str:
+    """What the names of an analysis's files add for ``settings`` away from :data:`DEFAULTS`: "" for the
+    defaults (``analysis.json``, ``landscape_contour.png``), else e.g. ``_hessian_k20_seed1`` (only one of the
+    two diagnostics, then each other setting in a fixed order; ``tasks`` and ``kind`` only for meta runs), so
+    that an analysis with other settings never overwrites another. ``plots``: the suffix of the landscape's
+    PNGs, which leaves out what the landscape does not depend on (``k``, and whether the Hessian ran too)."""
+    alone = settings["hessian"] != settings["landscape"] and not plots
+    parts = ["hessian" if settings["hessian"] else "landscape"] if alone else []
+    for name, value in settings.items():
+        if (name in DEFAULTS and value != DEFAULTS[name] and (is_meta or name not in ("tasks", "kind"))
+                and not (plots and name == "k")):
+            parts.append(value if name == "kind" else f"{name}{value:g}" if name == "span" else f"{name}{value}")
+    return "".join(f"_{part}" for part in parts)
+
+
+def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = True, k: int = DEFAULTS["k"],
+                tasks: int = DEFAULTS["tasks"], kind: str = DEFAULTS["kind"], steps: int = DEFAULTS["steps"],
+                span: float = DEFAULTS["span"], seed: int = DEFAULTS["seed"], progress: bool = True) -> dict[str, Any]:
+    """Top-k Hessian eigenvalues and/or a 2-D landscape of a run's loss; writes ``analysis<suffix>.json`` and
+    ``landscape<suffix>_contour.png`` / ``…_surface.png`` into the run folder, the suffix naming the settings
+    away from :data:`DEFAULTS` (:func:`output_suffix`), and returns the result. Non-finite weights, losses or
     eigenvalues raise :class:`NonFiniteError` (nothing is written)."""
     run_dir = Path(run_dir)
     if not (hessian or landscape):
@@ -94,7 +114,9 @@ def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = Tru
     loss_fn, params, what = _meta_loss(run_dir, tasks, kind) if is_meta else _supervised_loss(run_dir)
     at_theta = float(loss_fn(params))
     check_finite("the loss at θ", np.array(at_theta), "the model's predictions overflow on these tasks")
-    result: dict[str, Any] = {"run": str(run_dir), "loss": what, "loss_at_theta": at_theta}
+    settings = {"hessian": hessian, "landscape": landscape, "k": k, "tasks": tasks, "kind": kind, "steps": steps,
+                "span": span, "seed": seed}
+    result: dict[str, Any] = {"run": str(run_dir), "settings": settings, "loss": what, "loss_at_theta": at_theta}
     if hessian:
         values = hessian_eigenvalues(loss_fn, params, k=k, seed=seed, progress=progress).numpy()
         check_finite("the Hessian's top eigenvalues", values, "the loss is not twice differentiable here")
@@ -102,8 +124,10 @@ def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = Tru
     if landscape:
         alphas, betas, losses = loss_landscape(loss_fn, params, steps=steps, span=span, seed=seed, progress=progress)
         check_finite("the loss landscape", losses, f"the loss overflows within --span {span}: try a smaller --span")
-        paths = plot_landscape(alphas, betas, losses, run_dir / "landscape", title=run_dir.name)
+        paths = plot_landscape(alphas, betas, losses, run_dir / f"landscape{output_suffix(settings, is_meta, plots=True)}",
+                               title=run_dir.name)
         result["landscape"] = {"alphas": alphas.tolist(), "betas": betas.tolist(), "losses": losses.tolist(),
                                "plots": [str(p) for p in paths], "seed": seed, "span": span}
-    write_text_atomic(json.dumps(result, indent=2, allow_nan=False), run_dir / "analysis.json")
+    result["file"] = str(run_dir / f"analysis{output_suffix(settings, is_meta)}.json")
+    write_text_atomic(json.dumps(result, indent=2, allow_nan=False), result["file"])
     return result

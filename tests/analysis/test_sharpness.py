@@ -136,12 +136,28 @@ def test_analyze_and_plot_commands_on_a_supervised_run(tmp_path, capsys):
     assert main(["supervised", "--optimizer", "agnostic-sam", "--epochs", "1", "--alignment-every", "5", "--out", str(run),
                  "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["analyze", str(run), "--hessian", "--landscape", "--k", "2", "--steps", "3"]) == 0
-    result = json.loads((run / "analysis.json").read_text())
+    assert main(["analyze", str(run), "--hessian", "--landscape", "--k", "2", "--steps", "3", "--tasks", "7"]) == 0
+    first = (run / "analysis_k2_steps3.json").read_text()  # its settings away from the defaults (--tasks: meta runs)
+    result = json.loads(first)
     top = result["hessian_top_eigenvalues"]
-    assert len(top) == 2 and top[0] >= top[1]
+    assert len(top) == 2 and top[0] >= top[1] and result["settings"]["k"] == 2
     grid = np.array(result["landscape"]["losses"])
     assert grid.shape == (3, 3) and grid[1, 1] == pytest.approx(result["loss_at_theta"], rel=1e-5)
-    assert _png(run / "landscape_contour.png")[0] == (640, 480)
+    assert _png(run / "landscape_steps3_contour.png")[0] == (640, 480)  # the landscape does not depend on --k
+    assert main(["analyze", str(run), "--hessian", "--k", "1", "--seed", "3"]) == 0  # another analysis: its own file
+    assert json.loads((run / "analysis_hessian_k1_seed3.json").read_text())["settings"]["seed"] == 3
+    assert (run / "analysis_k2_steps3.json").read_text() == first
+    assert sorted(p.name for p in run.glob("analysis*")) == ["analysis_hessian_k1_seed3.json", "analysis_k2_steps3.json"]
     assert main(["plot", str(run), "--alignment", "--out", str(tmp_path / "a.png")]) == 0
     assert _png(tmp_path / "a.png")[1] > 10
+
+
+def test_analysis_file_names_say_the_settings_away_from_the_defaults():
+    from metasam.train.analyze import DEFAULTS, output_suffix
+
+    base = {"hessian": True, "landscape": True, **DEFAULTS}
+    assert output_suffix(base, is_meta=True) == ""  # analysis.json, landscape_contour.png
+    other = {**base, "landscape": False, "tasks": 50, "kind": "support", "span": 0.5}
+    assert output_suffix(other, is_meta=True) == "_hessian_tasks50_support_span0.5"
+    assert output_suffix(other, is_meta=False) == "_hessian_span0.5"  # a supervised run has no tasks to choose
+    assert output_suffix({**base, "k": 20, "steps": 5}, is_meta=True, plots=True) == "_steps5"
