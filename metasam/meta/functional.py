@@ -182,7 +182,9 @@ def meta_gradient_threads(
     small operations leave cores idle: thread w runs on ``copies[w]`` (one copy of the model per thread, from
     :func:`thread_copies`: ``functional_call`` cannot run one module in two threads at once) and takes the next
     task not yet taken whenever it finishes one, so a thread that the machine slows down does not hold up the
-    others at the end; torch's intra-op threads are set to 1 for the call and restored after it. A task's terms
+    others at the end. Each thread sets torch's intra-op threads to 1 for itself (torch's count is per thread,
+    so a pool's warm thread would otherwise keep the count it started with), and the caller's count is
+    restored after the call. A task's terms
     do not depend on the thread that computed them, and the sum over tasks is taken in task order, as the
     loop's; the values differ from it by rounding only. ``pool``: an executor of at least ``len(copies)``
     threads to reuse across calls (threads that stay warm are faster than new ones); None makes one for this
@@ -193,6 +195,7 @@ def meta_gradient_threads(
         untaken.put(i)
 
     def work(w: int) -> list[tuple[int, list[Tensor]]]:
+        torch.set_num_threads(1)  # torch's count is per thread: a pool's thread keeps the one it started with
         done = []
         while True:
             try:
@@ -202,7 +205,6 @@ def meta_gradient_threads(
             done.append((i, _task_terms(copies[w], params, tasks[i], inner, measure_accuracy)))
 
     intra_op = torch.get_num_threads()
-    torch.set_num_threads(1)
     own = pool is None
     pool = ThreadPoolExecutor(len(copies)) if own else pool
     try:

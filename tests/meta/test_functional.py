@@ -163,6 +163,31 @@ def test_a_thread_slowed_by_one_task_leaves_the_remaining_tasks_to_the_others():
         assert torch.allclose(got[f"net.{name}"], expected[name], rtol=1e-12, atol=1e-14), name
 
 
+def test_task_threads_of_a_warm_pool_run_with_one_intra_op_thread_each():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from metasam.meta import SAMRule
+    from metasam.meta.functional import meta_gradient_threads, thread_copies
+
+    threads = torch.get_num_threads()
+    seen = []
+
+    def loss(output, target):
+        seen.append(torch.get_num_threads())
+        return torch.nn.functional.cross_entropy(output, target)
+
+    try:
+        torch.set_num_threads(2)
+        with ThreadPoolExecutor(2) as pool:
+            assert set(pool.map(lambda _: torch.get_num_threads(), range(8))) == {2}  # threads started at 2
+            model = mlp()
+            inner = InnerLoop(inner_lr=0.1, steps=1, rule=SAMRule(rho=0.0), loss_fn=loss)
+            meta_gradient_threads(thread_copies(model, 2), dict(model.named_parameters()), tasks(n=4), inner, pool=pool)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Uncopyable(torch.nn.Linear):
     def __deepcopy__(self, memo):
         raise TypeError("cannot pickle '_thread.lock' object")
