@@ -2,7 +2,8 @@
 
 A run folder holds ``config.json`` (a :class:`~metasam.train.config.MetaTrainConfig`, reloadable),
 ``metrics.jsonl`` (one line per iteration, plus validation lines; the query metrics before adaptation every
-``PRE_ADAPTATION_EVERY`` iterations, as they cost an extra forward pass), ``last.pt`` and ``best.pt`` (best
+``PRE_ADAPTATION_EVERY`` iterations, as they cost an extra forward pass), ``last.pt`` (written at every
+validation, and between them once ``CHECKPOINT_SECONDS`` have passed since the last write) and ``best.pt`` (best
 mean accuracy on the fixed validation TaskSet; never chosen on test tasks) and ``val_tasks.json``.
 Meta-batch ``it`` is tasks ``it·T … it·T + T − 1`` of a seeded :class:`~metasam.data.EpisodeSampler`, so a
 resumed run sees exactly the tasks an uninterrupted run would, and reaches the same weights. Under torchrun
@@ -47,6 +48,9 @@ PRE_ADAPTATION_EVERY = 10
 """Iterations between the (extra forward pass) query loss / accuracy before adaptation in metrics.jsonl."""
 EXPLODING_LOSS = 100
 """A query loss this many times the loss of guessing at random (ln ways) warns that the run diverges."""
+CHECKPOINT_SECONDS = 300
+"""last.pt is also written after an iteration that ends this long after the last write, so that a run killed
+without warning (SIGKILL, a machine lost) loses at most about this much work, whatever ``--val-every`` is."""
 
 
 def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
@@ -123,6 +127,7 @@ class MetaTrainer:
         self.learner.reducer = self.procs.reducer
         self.best_val, self.best_iteration = -1.0, 0
         self.skipped_nonfinite, self.checkpoint_iteration = 0, 0
+        self.checkpoint_time = time.monotonic()
 
     def _save(self, name: str) -> None:
         if self.procs.is_main:
@@ -130,7 +135,7 @@ class MetaTrainer:
                         "skipped_nonfinite": self.skipped_nonfinite}
             write_run_checkpoint(self.out / name, self.cfg, self.learner, progress)
         if name == "last.pt":
-            self.checkpoint_iteration = self.learner.iteration
+            self.checkpoint_iteration, self.checkpoint_time = self.learner.iteration, time.monotonic()
 
     def start(self, restart: bool = False) -> None:
         """Fill the run folder: config.json, val_tasks.json and an iteration-0 last.pt (so a kill at any later
@@ -265,6 +270,8 @@ class MetaTrainer:
                                     tasks_s=f"{metrics['tasks_per_s']:.1f}", best_val=f"{max(self.best_val, 0):.3f}")
                 if learner.iteration % cfg.val_every == 0 or learner.iteration == cfg.iterations:
                     self.validate()
+                elif time.monotonic() - self.checkpoint_time >= CHECKPOINT_SECONDS:
+                    self._save("last.pt")
         finally:
             bar.close()
             for s, handler in previous.items():

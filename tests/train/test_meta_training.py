@@ -54,6 +54,31 @@ def test_interrupted_and_resumed_run_reaches_the_weights_of_an_uninterrupted_one
     assert [r["iteration"] for r in lines if "query_loss" in r] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("seconds, kept", [(0, 3), (3600, 0)])
+def test_last_checkpoint_is_also_written_when_time_has_passed_between_validations(tmp_path, monkeypatch, seconds, kept):
+    """A crash at iteration 4 of a run that validates only at its end keeps the iterations done before it when
+    CHECKPOINT_SECONDS have passed since the last write (0 here: after every iteration), else only iteration 0."""
+    import metasam.train.meta as meta
+
+    monkeypatch.setattr(meta, "CHECKPOINT_SECONDS", seconds)
+    cfg = MetaTrainConfig(algo="maml", iterations=5, **{**TINY, "val_every": 100})
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    trainer.start()
+    step = trainer.learner.meta_step
+
+    def step_then_crash(*args, **kwargs):
+        if trainer.learner.iteration == 3:
+            raise RuntimeError("the machine is lost")
+        return step(*args, **kwargs)
+
+    trainer.learner.meta_step = step_then_crash
+    with pytest.raises(RuntimeError, match="the machine is lost"):
+        trainer.train(progress=False)
+    resumed = MetaTrainer(MetaTrainConfig.load(tmp_path / "run"), tmp_path / "run")
+    resumed.resume()
+    assert resumed.learner.iteration == kept
+
+
 def test_best_checkpoint_is_the_best_validation_score_and_loads_back(tmp_path):
     cfg = MetaTrainConfig(algo="sharp-maml-low", iterations=6, inner_rule=SAMRule(rho=0.05), **TINY)
     trainer = MetaTrainer(cfg, tmp_path / "run")
