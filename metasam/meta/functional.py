@@ -184,11 +184,10 @@ def meta_gradient_threads(
     task not yet taken whenever it finishes one, so a thread that the machine slows down does not hold up the
     others at the end. Each thread sets torch's intra-op threads to 1 for itself (torch's count is per thread,
     so a pool's warm thread would otherwise keep the count it started with), and the caller's count is
-    restored after the call. A task's terms
-    do not depend on the thread that computed them, and the sum over tasks is taken in task order, as the
-    loop's; the values differ from it by rounding only. ``pool``: an executor of at least ``len(copies)``
-    threads to reuse across calls (threads that stay warm are faster than new ones); None makes one for this
-    call."""
+    restored after the call. A task's terms do not depend on the thread that computed them, and the sum over
+    tasks is taken in task order, as the loop's; the values differ from it by rounding only. ``pool``: an
+    executor of at least ``len(copies)`` threads to reuse across calls (threads that stay warm are faster than
+    new ones); None makes one for this call."""
     tasks = list(zip(*batch))
     untaken: queue.SimpleQueue[int] = queue.SimpleQueue()  # the indices of the tasks no thread has taken yet
     for i in range(len(tasks)):
