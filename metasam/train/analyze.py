@@ -11,7 +11,7 @@ import numpy as np
 
 from metasam.analysis import hessian_eigenvalues, loss_landscape, meta_loss_fn, model_loss_fn, plot_landscape
 from metasam.atomic_write import write_text_atomic
-from metasam.checkpoint import load_checkpoint
+from metasam.checkpoint import content_digest, load_checkpoint
 from metasam.data import TaskSet
 from metasam.data.label_noise import symmetric_label_noise
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError
@@ -35,12 +35,28 @@ def _meta_loss(run_dir: Path, tasks: int, kind: str):
     return meta_loss_fn(learner, chosen, kind), params, what
 
 
+def check_model_digest(run_dir: Path, state: dict[str, Any]) -> None:
+    """Refuse a supervised run's model.pt whose content hash differs from the ``model_sha256`` its result.json
+    records (runs from 2026-12-02 on; older ones, and runs killed before result.json was written, have none)."""
+    record = run_dir / "result.json"
+    if not record.is_file():
+        return
+    try:
+        expected = json.loads(record.read_text()).get("model_sha256")
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{record} is not a JSON object ({exc}); restore it from a copy of the run folder") from exc
+    if expected is not None and content_digest(state) != expected:
+        raise CheckpointError(f"{run_dir / 'model.pt'} fails its content check against the model_sha256 of {record}: "
+                              "the file is damaged or was replaced; restore it from a copy of the run folder")
+
+
 def _supervised_loss(run_dir: Path):
     data = json.loads((run_dir / "config.json").read_text())
     cfg = SupervisedConfig(**data)
     splits = load_splits(cfg)
     model = make_model(cfg, splits.num_classes)
     state = load_checkpoint(run_dir / "model.pt")
+    check_model_digest(run_dir, state)
     check_finite_weights(state, run_dir / "model.pt")
     model.load_state_dict(state)
     model.eval()  # running BatchNorm statistics, as at test time

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from metasam.analysis.alignment import gradient_cosine
 from metasam.atomic_write import save_atomic, write_text_atomic
+from metasam.checkpoint import content_digest
 from metasam.core import ASAM_ETA, check_nonnegative
 from metasam.data.label_noise import symmetric_label_noise
 from metasam.data.supervised import SupervisedSplits, load_cifar_splits, load_digits_splits
@@ -165,8 +166,8 @@ def train_supervised(
     """Train ``cfg``'s model and return the result (test accuracy on clean labels, history, timings).
 
     With ``out_dir``: writes config.json, metrics.jsonl (one line per epoch, and with ``alignment_every``
-    one per aligned step: ``step``, ``cos_before``, ``cos_after``), model.pt (final weights) and
-    result.json, each atomically.
+    one per aligned step: ``step``, ``cos_before``, ``cos_after``), model.pt (final weights, a plain
+    state_dict) and result.json (with ``model_sha256``, model.pt's content hash), each atomically.
     ``splits`` lets a caller (a benchmark) reuse loaded data across runs.
     """
     out = Path(out_dir) if out_dir is not None else None
@@ -265,6 +266,8 @@ def train_supervised(
     if not math.isfinite(result["train_loss"]):
         raise ConfigError("training ended with a non-finite loss; lower --lr or the radius")
     if out is not None:
-        save_atomic(model.state_dict(), out / "model.pt")
+        state = model.state_dict()
+        result["model_sha256"] = content_digest(state)  # model.pt stays a plain state_dict; analyze checks it
+        save_atomic(state, out / "model.pt")
         write_text_atomic(json.dumps(result, indent=2), out / "result.json")
     return result

@@ -148,6 +148,12 @@ def test_analyze_and_plot_commands_on_a_supervised_run(tmp_path, capsys):
     assert json.loads((run / "analysis_hessian_k1_seed3.json").read_text())["settings"]["seed"] == 3
     assert (run / "analysis_k2_steps3.json").read_text() == first
     assert sorted(p.name for p in run.glob("analysis*")) == ["analysis_hessian_k1_seed3.json", "analysis_k2_steps3.json"]
+    state = torch.load(run / "model.pt", weights_only=True)  # a plain state_dict, as users load it
+    next(v for v in state.values() if v.is_floating_point()).view(-1)[0] += 1.0  # a damaged (finite) weight
+    torch.save(state, run / "model.pt")
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--hessian", "--k", "1"]) == 2
+    assert "model.pt fails its content check against the model_sha256 of" in capsys.readouterr().err
     assert main(["plot", str(run), "--alignment", "--out", str(tmp_path / "a.png")]) == 0
     assert _png(tmp_path / "a.png")[1] > 10
 
