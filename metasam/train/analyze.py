@@ -35,16 +35,25 @@ def _meta_loss(run_dir: Path, tasks: int, kind: str):
     return meta_loss_fn(learner, chosen, kind), params, what
 
 
+def json_object(path: Path) -> dict[str, Any]:
+    """The JSON object that ``path`` holds; anything else raises :class:`CheckpointError` naming the file."""
+    try:
+        obj = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not a JSON object ({exc}); restore it from a copy of the run folder") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a JSON object (it holds a {type(obj).__name__}); restore it from a copy "
+                              "of the run folder")
+    return obj
+
+
 def check_model_digest(run_dir: Path, state: dict[str, Any]) -> None:
     """Refuse a supervised run's model.pt whose content hash differs from the ``model_sha256`` its result.json
     records (runs from 2026-12-02 on; older ones, and runs killed before result.json was written, have none)."""
     record = run_dir / "result.json"
     if not record.is_file():
         return
-    try:
-        expected = json.loads(record.read_text()).get("model_sha256")
-    except (ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{record} is not a JSON object ({exc}); restore it from a copy of the run folder") from exc
+    expected = json_object(record).get("model_sha256")
     if expected is not None and content_digest(state) != expected:
         raise CheckpointError(f"{run_dir / 'model.pt'} fails its content check against the model_sha256 of {record}: "
                               "the file is damaged or was replaced; restore it from a copy of the run folder")
@@ -123,10 +132,7 @@ def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = Tru
     config = run_dir / "config.json"
     if not config.is_file():
         raise ConfigError(f"{config} does not exist: not a metasam run folder")
-    try:
-        is_meta = "algo" in json.loads(config.read_text())
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{config} is not a JSON object ({exc}); restore it from a copy of the run folder") from exc
+    is_meta = "algo" in json_object(config)
     loss_fn, params, what = _meta_loss(run_dir, tasks, kind) if is_meta else _supervised_loss(run_dir)
     at_theta = float(loss_fn(params))
     check_finite("the loss at θ", np.array(at_theta), "the model's predictions overflow on these tasks")

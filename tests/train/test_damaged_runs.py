@@ -109,3 +109,10 @@ def test_a_run_whose_loss_explodes_warns_once(tmp_path, capsys):
     assert main([*CLI, "--iterations", "3", "--inner-lr", "1e6", "--out", str(tmp_path / "run")]) in (0, 2)
     warnings = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
     assert len(warnings) == 1 and "the run is diverging" in warnings[0] and "--inner-lr (now 1000000.0)" in warnings[0]
+
+
+@pytest.mark.parametrize("text, why", [("[1]", "(it holds a list)"), ("{bad", "(Expecting property name")])
+def test_analyze_refuses_a_config_that_is_not_a_json_object(tmp_path, capsys, text, why):
+    (tmp_path / "config.json").write_text(text)
+    assert main(["analyze", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'config.json'} is not a JSON object {why}" in error_line(capsys)
