@@ -59,9 +59,8 @@ def check_model_digest(run_dir: Path, state: dict[str, Any]) -> None:
                               "the file is damaged or was replaced; restore it from a copy of the run folder")
 
 
-def _supervised_loss(run_dir: Path):
-    data = json.loads((run_dir / "config.json").read_text())
-    cfg = SupervisedConfig(**data)
+def _supervised_loss(run_dir: Path, config: dict[str, Any]):
+    cfg = SupervisedConfig(**config)
     splits = load_splits(cfg)
     model = make_model(cfg, splits.num_classes)
     state = load_checkpoint(run_dir / "model.pt")
@@ -132,8 +131,9 @@ def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = Tru
     config = run_dir / "config.json"
     if not config.is_file():
         raise ConfigError(f"{config} does not exist: not a metasam run folder")
-    is_meta = "algo" in json_object(config)
-    loss_fn, params, what = _meta_loss(run_dir, tasks, kind) if is_meta else _supervised_loss(run_dir)
+    saved = json_object(config)
+    is_meta = "algo" in saved
+    loss_fn, params, what = _meta_loss(run_dir, tasks, kind) if is_meta else _supervised_loss(run_dir, saved)
     at_theta = float(loss_fn(params))
     check_finite("the loss at θ", np.array(at_theta), "the model's predictions overflow on these tasks")
     settings = {"hessian": hessian, "landscape": landscape, "k": k, "tasks": tasks, "kind": kind, "steps": steps,
