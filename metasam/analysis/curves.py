@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from metasam.atomic_write import replace_atomically
 from metasam.checkpoint import read_jsonl
 from metasam.errors import ConfigError
 
@@ -37,9 +38,9 @@ def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
     raise AssertionError("distinct resolved paths always have distinct tails")
 
 
-def check_out_path(out: str | Path) -> Path:
-    """``out`` as a Path, refused in one line when a file stands where its folder should be (checked before
-    any run is read or anything is drawn)."""
+def check_out_path(out: str | Path, overwrite: bool = False) -> Path:
+    """``out`` as a Path, refused in one line when a file stands where its folder should be, or when ``out``
+    exists and ``overwrite`` is not set (checked before any run is read or anything is drawn)."""
     out = Path(out)
     for parent in out.parents:
         if parent.exists():
@@ -48,6 +49,8 @@ def check_out_path(out: str | Path) -> Path:
             break
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder: give the PNG's file name, e.g. {out / 'curves.png'}")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out} exists: choose another --out, or pass --overwrite to replace it")
     return out
 
 
@@ -69,18 +72,20 @@ def _figure(panels: int, size: tuple[int, int], dpi: int):
 
 
 def _save(plt, fig, out: Path, dpi: int) -> Path:
+    """Write ``fig`` to ``out`` atomically (a kill or a full disk leaves any earlier file whole)."""
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    replace_atomically(out, lambda f: fig.savefig(f, format="png", dpi=dpi))
     plt.close(fig)
     return out
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, keys: Sequence[str] = CURVE_KEYS,
-              size: tuple[int, int] = (1200, 400), dpi: int = 100) -> Path:
+              size: tuple[int, int] = (1200, 400), dpi: int = 100, overwrite: bool = False) -> Path:
     """One subplot per metric in ``keys`` that any run logged, one line per run (labelled by its path, see
-    :func:`run_labels`); writes a PNG of ``size`` pixels."""
-    out = check_out_path(out)
+    :func:`run_labels`); writes a PNG of ``size`` pixels. An existing ``out`` is replaced only with
+    ``overwrite``."""
+    out = check_out_path(out, overwrite)
     runs = dict(zip(run_labels(run_dirs), (read_metrics(d) for d in run_dirs)))
     present = [k for k in keys if any(any(k in r for r in recs) for recs in runs.values())]
     if not present:
@@ -98,10 +103,11 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, keys: Sequence[st
 
 
 def plot_alignment(run_dirs: Sequence[str | Path], out: str | Path, size: tuple[int, int] = (1200, 400),
-                   dpi: int = 100) -> Path:
+                   dpi: int = 100, overwrite: bool = False) -> Path:
     """cos(g_S, g_V) before (solid) and after (dashed) each logged update, one colour per run, one panel per
-    level that any run logged (supervised; the bilevel outer and inner levels): the seed paper's Figure 1."""
-    out = check_out_path(out)
+    level that any run logged (supervised; the bilevel outer and inner levels): the seed paper's Figure 1.
+    An existing ``out`` is replaced only with ``overwrite``."""
+    out = check_out_path(out, overwrite)
     runs = dict(zip(run_labels(run_dirs), (read_metrics(d) for d in run_dirs)))
     levels = {title: keys for title, keys in ALIGNMENT_LEVELS.items()
               if any(keys[0] in r for recs in runs.values() for r in recs)}

@@ -11,6 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from metasam.analysis.hessian import LossFn
+from metasam.atomic_write import replace_atomically
 from metasam.errors import ConfigError
 
 
@@ -60,7 +61,8 @@ def plot_landscape(
     alphas: np.ndarray, betas: np.ndarray, losses: np.ndarray, out_prefix: str | Path, title: str = "",
     size: tuple[int, int] = (640, 480), dpi: int = 100,
 ) -> tuple[Path, Path]:
-    """Write ``<prefix>_contour.png`` and ``<prefix>_surface.png`` of ``size`` pixels; returns their paths."""
+    """Write ``<prefix>_contour.png`` and ``<prefix>_surface.png`` of ``size`` pixels, each atomically;
+    returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +78,7 @@ def plot_landscape(
     ax.set_xlabel("α (direction 1)")
     ax.set_ylabel("β (direction 2)")
     ax.set_title(title)
-    fig.savefig(paths[0], dpi=dpi)
+    replace_atomically(paths[0], lambda f: fig.savefig(f, format="png", dpi=dpi))
     plt.close(fig)
     fig = plt.figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
     ax = fig.add_subplot(projection="3d")
@@ -85,6 +87,6 @@ def plot_landscape(
     ax.set_ylabel("β")
     ax.set_zlabel("loss")
     ax.set_title(title)
-    fig.savefig(paths[1], dpi=dpi)
+    replace_atomically(paths[1], lambda f: fig.savefig(f, format="png", dpi=dpi))
     plt.close(fig)
     return paths

@@ -103,3 +103,18 @@ def test_plot_out_under_a_file_or_onto_a_folder_is_one_line_before_any_run_is_re
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
     assert afile.read_text() == "mine"
+
+
+def test_plot_refuses_an_existing_out_unless_overwrite_and_replaces_it_whole(tmp_path, capsys):
+    run = tmp_path / "maml"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "query_loss": 1.0}) + "\n")
+    out = tmp_path / "curves.png"
+    out.write_bytes(b"an earlier figure")
+    assert main(["plot", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"metasam plot: error: --out {out} exists: choose another --out, or pass --overwrite to replace it"
+    assert out.read_bytes() == b"an earlier figure"
+    assert main(["plot", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
