@@ -5,7 +5,7 @@
 
 A layout PxN is P processes of N threads each (OMP_NUM_THREADS=N). Since 2026-12-01 ``metasam train`` shares
 a process's tasks among N task threads on a CPU (``MetaLearner(task_threads="auto")``), so 1xN is N task
-threads, not one task at a time on N intra-op threads as in the table of docs/distributed.md. Each layout runs ``metasam train`` in a
+threads, not one task at a time on N intra-op threads as before (docs/distributed.md gives both). Each layout runs ``metasam train`` in a
 fresh temporary folder (P > 1 through ``python -m torch.distributed.run --standalone``) and reports the
 median of the ``tasks_per_s`` that rank 0 logs per outer step (global tasks of the meta-batch divided by the
 step's time, waits for the other ranks included), skipping the first two steps, plus the load average
