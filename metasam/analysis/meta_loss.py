@@ -13,15 +13,15 @@ from metasam.meta import MetaLearner
 from metasam.meta.functional import forward, task_loss
 
 
-def meta_loss_fn(learner: MetaLearner, tasks: Iterable, kind: str = "query") -> LossFn:
+def meta_loss_fn(learner: MetaLearner, tasks: Iterable, loss: str = "query") -> LossFn:
     """loss_fn(θ) for a meta-learned initialisation, averaged over ``tasks`` (Task or TaskBatch items).
 
-    kind="query": the post-adaptation query loss (1/n) Σ_τ L_q^τ(φ_K^τ(θ)), adapted with the learner's
+    loss="query": the post-adaptation query loss (1/n) Σ_τ L_q^τ(φ_K^τ(θ)), adapted with the learner's
     meta-training inner rule and steps, differentiated through the adaptation (the meta-objective);
-    kind="support": the plain support loss (1/n) Σ_τ L_s^τ(θ) at θ itself.
+    loss="support": the plain support loss (1/n) Σ_τ L_s^τ(θ) at θ itself.
     """
-    if kind not in ("query", "support"):
-        raise ConfigError(f"kind must be 'query' or 'support', got {kind!r}")
+    if loss not in ("query", "support"):
+        raise ConfigError(f"loss must be 'query' or 'support', got {loss!r}")
     episodes = []
     for task in tasks:
         sx, sy, qx, qy = task
@@ -36,7 +36,7 @@ def meta_loss_fn(learner: MetaLearner, tasks: Iterable, kind: str = "query") -> 
         theta = {n: params[n] for n in learner.names}
         total = 0.0
         for sx, sy, qx, qy in episodes:
-            if kind == "support":
+            if loss == "support":
                 total = total + learner.loss_fn(forward(learner.model, theta, sx), sy)
             else:  # torch.func.grad inside, so that the Hessian's jvp composes with the adaptation
                 total = total + task_loss(learner.model, theta, (sx, sy, qx, qy), learner.inner, grad)[0]

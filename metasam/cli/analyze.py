@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--landscape", action="store_true", help="loss on a grid along two filter-normalised directions")
     add(p, "--k", type=int, default=DEFAULTS["k"], help=f"eigenvalues to compute, at most {MAX_EIGENVALUES}")
     add(p, "--tasks", type=int, default=DEFAULTS["tasks"], help="meta runs: validation tasks the loss averages over")
-    add(p, "--loss", choices=("query", "support"), default=DEFAULTS["kind"],
+    add(p, "--loss", choices=("query", "support"), default=DEFAULTS["loss"],
         help="meta runs: post-adaptation query loss, or the support loss at θ")
     add(p, "--steps", type=int, default=DEFAULTS["steps"], help=f"landscape grid points per axis, at most {MAX_STEPS}")
     add(p, "--span", type=float, default=DEFAULTS["span"], help="landscape grid covers [-span, span]²")
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     both = not (args.hessian or args.landscape)
-    result = analyze_run(args.run_dir, args.hessian or both, args.landscape or both, k=args.k, tasks=args.tasks, kind=args.loss,
+    result = analyze_run(args.run_dir, args.hessian or both, args.landscape or both, k=args.k, tasks=args.tasks, loss=args.loss,
                          steps=args.steps, span=args.span, seed=args.seed)
     summary = {k: v for k, v in result.items() if k != "landscape"}
     if "landscape" in result:

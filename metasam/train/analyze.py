@@ -22,7 +22,7 @@ from metasam.train.splits import load_splits as load_meta_splits
 from metasam.train.supervised import SupervisedConfig, load_splits, make_model
 
 
-def _meta_loss(run_dir: Path, tasks: int, kind: str):
+def _meta_loss(run_dir: Path, tasks: int, loss: str):
     cfg = MetaTrainConfig.load(run_dir)
     learner = MetaLearner.load(run_dir, which="best")
     check_finite_weights(learner.model.state_dict(), run_dir / "best.pt")
@@ -30,9 +30,9 @@ def _meta_loss(run_dir: Path, tasks: int, kind: str):
     val = TaskSet.load(run_dir / "val_tasks.json", val_ds)
     chosen = [val[i] for i in range(min(tasks, len(val)))]
     params = {n: learner.params[n].detach() for n in learner.names}
-    what = (f"post-adaptation query loss over {len(chosen)} validation tasks" if kind == "query"
+    what = (f"post-adaptation query loss over {len(chosen)} validation tasks" if loss == "query"
             else f"support loss at θ over {len(chosen)} validation tasks")
-    return meta_loss_fn(learner, chosen, kind), params, what
+    return meta_loss_fn(learner, chosen, loss), params, what
 
 
 def json_object(path: Path) -> dict[str, Any]:
@@ -98,27 +98,27 @@ def check_finite(what: str, values: np.ndarray, remedy: str) -> None:
         raise NonFiniteError(f"{what} is not finite ({int(bad.sum())} of {bad.size} values NaN/Inf); {remedy}", tensor=what)
 
 
-DEFAULTS = {"k": 5, "tasks": 20, "kind": "query", "steps": 11, "span": 1.0, "seed": 0}
+DEFAULTS = {"k": 5, "tasks": 20, "loss": "query", "steps": 11, "span": 1.0, "seed": 0}
 """The settings of ``metasam analyze`` without flags (and of :func:`analyze_run`)."""
 
 
 def output_suffix(settings: dict[str, Any], is_meta: bool, plots: bool = False) -> str:
     """What the names of an analysis's files add for ``settings`` away from :data:`DEFAULTS`: "" for the
     defaults (``analysis.json``, ``landscape_contour.png``), else e.g. ``_hessian_k20_seed1`` (only one of the
-    two diagnostics, then each other setting in a fixed order; ``tasks`` and ``kind`` only for meta runs), so
+    two diagnostics, then each other setting in a fixed order; ``tasks`` and ``loss`` only for meta runs), so
     that an analysis with other settings never overwrites another. ``plots``: the suffix of the landscape's
     PNGs, which leaves out what the landscape does not depend on (``k``, and whether the Hessian ran too)."""
     alone = settings["hessian"] != settings["landscape"] and not plots
     parts = ["hessian" if settings["hessian"] else "landscape"] if alone else []
     for name, value in settings.items():
-        if (name in DEFAULTS and value != DEFAULTS[name] and (is_meta or name not in ("tasks", "kind"))
+        if (name in DEFAULTS and value != DEFAULTS[name] and (is_meta or name not in ("tasks", "loss"))
                 and not (plots and name == "k")):
-            parts.append(value if name == "kind" else f"{name}{value:g}" if name == "span" else f"{name}{value}")
+            parts.append(value if name == "loss" else f"{name}{value:g}" if name == "span" else f"{name}{value}")
     return "".join(f"_{part}" for part in parts)
 
 
 def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = True, k: int = DEFAULTS["k"],
-                tasks: int = DEFAULTS["tasks"], kind: str = DEFAULTS["kind"], steps: int = DEFAULTS["steps"],
+                tasks: int = DEFAULTS["tasks"], loss: str = DEFAULTS["loss"], steps: int = DEFAULTS["steps"],
                 span: float = DEFAULTS["span"], seed: int = DEFAULTS["seed"], progress: bool = True) -> dict[str, Any]:
     """Top-k Hessian eigenvalues and/or a 2-D landscape of a run's loss; writes ``analysis<suffix>.json`` and
     ``landscape<suffix>_contour.png`` / ``…_surface.png`` into the run folder, the suffix naming the settings
@@ -133,12 +133,12 @@ def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = Tru
         raise ConfigError(f"{config} does not exist: not a metasam run folder")
     saved = json_object(config)
     is_meta = "algo" in saved
-    loss_fn, params, what = _meta_loss(run_dir, tasks, kind) if is_meta else _supervised_loss(run_dir, saved)
+    loss_fn, params, what = _meta_loss(run_dir, tasks, loss) if is_meta else _supervised_loss(run_dir, saved)
     at_theta = float(loss_fn(params))
     check_finite("the loss at θ", np.array(at_theta), "the model's predictions overflow on these tasks")
-    settings = {"hessian": hessian, "landscape": landscape, "k": k, "tasks": tasks, "kind": kind, "steps": steps,
+    settings = {"hessian": hessian, "landscape": landscape, "k": k, "tasks": tasks, "loss": loss, "steps": steps,
                 "span": span, "seed": seed}
-    result: dict[str, Any] = {"run": str(run_dir), "settings": settings, "loss": what, "loss_at_theta": at_theta}
+    result: dict[str, Any] = {"run": str(run_dir), "settings": settings, "loss_description": what, "loss_at_theta": at_theta}
     if hessian:
         values = hessian_eigenvalues(loss_fn, params, k=k, seed=seed, progress=progress).numpy()
         check_finite("the Hessian's top eigenvalues", values, "the loss is not twice differentiable here")

@@ -64,7 +64,7 @@ def test_meta_query_loss_eigenvalues_match_the_full_hessian_through_adaptation()
     gen = torch.Generator().manual_seed(1)
     tasks = [(torch.randn(4, 2, generator=gen, dtype=D), torch.tensor([0, 0, 1, 1]),
               torch.randn(6, 2, generator=gen, dtype=D), torch.tensor([0, 0, 0, 1, 1, 1])) for _ in range(2)]
-    loss_fn = meta_loss_fn(learner, tasks, kind="query")
+    loss_fn = meta_loss_fn(learner, tasks, loss="query")
     params = {n: p.detach() for n, p in model.named_parameters()}
     names, shapes, sizes = list(params), [p.shape for p in params.values()], [p.numel() for p in params.values()]
 
@@ -74,7 +74,7 @@ def test_meta_query_loss_eigenvalues_match_the_full_hessian_through_adaptation()
     full = torch.autograd.functional.hessian(flat_loss, torch.cat([p.reshape(-1) for p in params.values()]))
     expected = torch.linalg.eigvalsh(full).flip(0)[:3]
     assert torch.allclose(hessian_eigenvalues(loss_fn, params, k=3, tol=1e-10), expected, rtol=1e-6, atol=1e-9)
-    support = meta_loss_fn(learner, tasks, kind="support")(params)
+    support = meta_loss_fn(learner, tasks, loss="support")(params)
     by_hand = sum(nn.functional.cross_entropy(model(sx), sy) for sx, sy, _, _ in tasks) / 2
     assert torch.allclose(support, by_hand)
 
@@ -163,7 +163,7 @@ def test_analysis_file_names_say_the_settings_away_from_the_defaults():
 
     base = {"hessian": True, "landscape": True, **DEFAULTS}
     assert output_suffix(base, is_meta=True) == ""  # analysis.json, landscape_contour.png
-    other = {**base, "landscape": False, "tasks": 50, "kind": "support", "span": 0.5}
+    other = {**base, "landscape": False, "tasks": 50, "loss": "support", "span": 0.5}
     assert output_suffix(other, is_meta=True) == "_hessian_tasks50_support_span0.5"
     assert output_suffix(other, is_meta=False) == "_hessian_span0.5"  # a supervised run has no tasks to choose
     assert output_suffix({**base, "k": 20, "steps": 5}, is_meta=True, plots=True) == "_steps5"
