@@ -68,10 +68,11 @@ def _resume(args: argparse.Namespace) -> MetaTrainer:
     ignored = [k for k, v in vars(args).items()
                if k in DEFAULTS and k not in ("resume", "no_progress", *RESUME_OVERRIDES) and v != DEFAULTS[k]]
     if ignored:
+        allowed = ", ".join("--" + k.replace("_", "-") for k in RESUME_OVERRIDES)
         raise ConfigError(
             f"--resume continues {run_dir} with its saved config.json; drop "
-            f"{', '.join('--' + k.replace('_', '-') for k in ignored)} (only --iterations, --skip-nonfinite and "
-            "--no-progress may be given), or start a new run with --out"
+            f"{', '.join('--' + k.replace('_', '-') for k in ignored)} (only {allowed} and --no-progress may be "
+            "given), or start a new run with --out"
         )
     cfg = MetaTrainConfig.load(run_dir)
     overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None}

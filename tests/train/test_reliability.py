@@ -164,7 +164,7 @@ def test_foreign_checkpoints_and_changed_settings_are_named(tmp_path, capsys):
     assert main([*CLI, "--iterations", "2", "--ways", "4", "--out", str(b)]) == 0
     capsys.readouterr()
     assert main(["train", "--resume", str(a), "--outer-lr", "0.1"]) == 2
-    assert "drop --outer-lr (only --iterations, --skip-nonfinite and --no-progress may be given)" in errors(
+    assert "drop --outer-lr (only --skip-nonfinite, --iterations, --task-threads and --no-progress may be given)" in errors(
         capsys.readouterr().err)[0]
     assert main(["train", "--resume", str(a / "last.pt")]) == 2
     assert errors(capsys.readouterr().err) == [
