@@ -72,6 +72,7 @@ def run_case(case: str, reducer=None) -> dict:
     return {
         "tasks": mine, "grad": grad, "metrics": metrics, "accs": accs, "accs_alone": learner.task_accuracies(eval_items()),
         "weights": {n: p.detach().clone() for n, p in learner.params.items()}, "momentum": learner.outer_momentum,
+        "adam": [{k: v.clone() for k, v in state.items()} for state in learner.outer_optimizer.state.values()],
     }
 
 
@@ -114,6 +115,13 @@ def test_two_processes_take_the_outer_steps_of_one_process_on_the_whole_meta_bat
     for name, w in single["weights"].items():
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name  # every rank took the same steps
         assert torch.allclose(ranks[0]["weights"][name], w, rtol=1e-10, atol=1e-13), name
+    # Adam's moments and step count too: the same on every rank, bit for bit, and those of one process
+    assert len(ranks[0]["adam"]) == len(single["adam"]) == len(single["weights"])
+    for mine, other, one in zip(ranks[0]["adam"], ranks[1]["adam"], single["adam"]):
+        assert mine.keys() == one.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for key in one:
+            assert torch.equal(mine[key], other[key]), key
+            assert torch.allclose(mine[key], one[key], rtol=1e-9, atol=1e-13), key
     if single["momentum"] is not None:  # the agnostic outer rule's momentum of validation meta-gradients
         for a, b in zip(ranks[0]["momentum"], single["momentum"]):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
