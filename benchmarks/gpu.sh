@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
-# The one short GPU check a session lent a GPU machine runs (docs/performance.md, "On a GPU"): the CUDA
-# tests (same meta-gradients as the CPU on both paths over tasks, full float32, a killed CUDA run that
-# resumes), then the throughput benchmark on CUDA with both paths over tasks against the baselines.
+# The GPU check (docs/performance.md, "On a GPU"): the CUDA tests (same meta-gradients as the CPU on both
+# paths over tasks, full float32, a killed CUDA run that resumes), then the throughput benchmark on CUDA
+# with both paths over tasks against the baselines.
 #
-#   bash benchmarks/gpu.sh        # from the repository root; results go to $OUT (default /tmp/metasam-gpu)
+#   OUT=gpu-results bash benchmarks/gpu.sh    # from the repository root; default OUT: /tmp/metasam-gpu
 #
-# Then copy $OUT/throughput-cuda.md to docs/results/throughput-cuda.md. Exit status: non-zero if the
+# Writes $OUT/gpu.txt (the card), $OUT/tests.log and $OUT/throughput-cuda.md. Exit status: non-zero if the
 # tests or the benchmark failed (each part runs even when the other fails).
 #
-# Needs PyTorch with CUDA, metasam's dependencies and pytest (the device image has them); higher is
-# used when importable (carry its wheel as .whl/, see docs/performance.md). No dataset is needed: the
-# benchmark runs on the synthetic glyph set, the same Conv4 shapes as Omniglot (timing does not depend
-# on the pixels). Budget: at most 2 minutes of tests and 5 of benchmark, each under its own timeout,
-# so that a session's 15 device minutes leave room for the machine's start and one rerun (peak memory
-# is left out: a fresh CUDA process per row would take most of it). The benchmark writes its page
-# after every setting, so a run cut short keeps what it measured.
+# Needs PyTorch with CUDA and `pip install -e ".[dev,bench]"`; higher is timed when importable, and wheels
+# placed in .whl/ are installed from there first (for a machine without a network). No dataset is needed:
+# the benchmark runs on the synthetic glyph set, the same Conv4 shapes as Omniglot (timing does not depend
+# on the pixels). At most 2 minutes of tests and 5 of benchmark, each under its own timeout (peak memory
+# is left out: it needs a fresh CUDA process per row). The benchmark rewrites its page after every
+# setting, so a run cut short keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/metasam-gpu}"
