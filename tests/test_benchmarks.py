@@ -1,7 +1,7 @@
 """The throughput benchmark runs end to end, and its correctness gate stops a wrong meta-gradient.
 
-The benchmark is the one command a GPU session gets to run once (docs/performance.md), so it must not
-rot between such sessions. These tests run it on the offline glyph set with tiny settings (timings are
+The benchmark is the command a GPU owner runs (docs/performance.md, "On a GPU"), and CI has no GPU, so it
+must not rot unseen. These tests run it on the offline glyph set with tiny settings (timings are
 meaningless here and not asserted): its meta-gradient check must pass on both paths over tasks against
 the float64 truth of an independent hand-written loop, and must refuse to time anything when metasam's
 meta-gradient is wrong.
