@@ -56,6 +56,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -551,7 +552,9 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
               " (metasam rows: `metasam.models.CPUConv4` on the CPU outside the vmap path, as `metasam train` builds it, "
               "`Conv4` elsewhere; baselines: the textbook Conv4 of torch layers with the same weights)" +
               f", 1-shot, {args.queries} queries per class, α = 0.4 at 5-way and 0.1 at 20-way, Adam outer "
-              f"step; median tasks/s of {args.repeats} interleaved repeats over {args.batches} meta-batches each.", ""]
+              f"step; tasks/s: the median of {args.repeats} interleaved repeats over {args.batches} meta-batches each, "
+              "with the slowest and fastest repeat. Seeds: initial weights 0, training tasks 0, validation tasks 1 "
+              "(the same for every implementation).", ""]
     for key, why in skipped.items():
         lines += [f"- **{key} skipped**: it does not import here ({why}).", ""]
     for res in results:
@@ -559,7 +562,7 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
         best_key = max((k for k in median if k in BASELINES), key=median.get)
         best = median[best_key]
         lines += [f"## {res['ways']}-way 1-shot, meta-batch {res['tasks']}, {res['steps']} inner step{'s' if res['steps'] > 1 else ''}", ""]
-        lines += ["| implementation | tasks/s | × best baseline | × metasam maml | GFLOP/s | % of matmul peak | peak memory (MB) | meta-gradient vs float64 truth (rel) | vs metasam maml (max abs / max rel) |",
+        lines += ["| implementation | tasks/s (min – max) | × best baseline | × metasam maml | GFLOP/s | % of matmul peak | peak memory (MB) | meta-gradient vs float64 truth (rel) | vs metasam maml (max abs / max rel) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for k, rate in median.items():
             gflops = rate * res["flops_task"] / 1e9 if res["second_order"][k] else float("nan")
@@ -569,7 +572,8 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
             g = "–" if gflops != gflops else f"{gflops:.1f}"
             pct = "–" if gflops != gflops else f"{100 * gflops / peak:.0f} %"
             truth = f"{res['error'][k]:.1e}" if k in res["error"] else "–"
-            lines.append(f"| {names[k]} | {rate:.2f} | {rate / best:.2f} | {rate / median['metasam:maml']:.2f} | {g} | {pct} | {mem} | {truth} | {agree} |")
+            spread = f"{min(res['rates'][k]):.2f} – {max(res['rates'][k]):.2f}"
+            lines.append(f"| {names[k]} | {rate:.2f} ({spread}) | {rate / best:.2f} | {rate / median['metasam:maml']:.2f} | {g} | {pct} | {mem} | {truth} | {agree} |")
         lines += ["", f"Best baseline: {names[best_key]}. FLOPs per task of a second-order step: "
                   f"{res['flops_task'] / 1e9:.2f} GFLOP, of which the query forward+backward is "
                   f"{res['flops_query'] / 1e9:.2f} GFLOP ({100 * res['flops_query'] / res['flops_task']:.0f} %). "
@@ -595,7 +599,18 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
             lines += ["", "Episodes per second from the cached dataset (DataLoader over EpisodeSampler): " + ", ".join(
                 f"{w} workers {r:.0f} ({r / train:.0f}× metasam maml's training rate)" for w, r in res["data"].items()) + "."]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + LIMITS)
+
+
+LIMITS = ["## What these numbers do not show", "",
+          "- One run on one machine. On a shared virtual machine one run's ratio to the best baseline has moved by "
+          "up to ±0.15 from another's (docs/performance.md); the min – max column shows the spread within this run "
+          "only.",
+          "- The speed of meta-gradient steps on tasks already in memory, from the same weights for every "
+          "implementation: not accuracy (nothing is trained to convergence; the meta-gradient columns show that the "
+          "implementations compute the same step), not start-up, and not data loading (its rate is given apart).",
+          "- Peak memory, where shown, is the peak of two outer steps above the start of a fresh process per row.", ""]
+"""The closing section of every page: what a throughput page cannot tell."""
 
 
 def machine(device: str) -> str:
@@ -662,7 +677,9 @@ def main() -> None:
     peak = matmul_peak(args.device)
     print(f"best float32 matmul here: {peak:.1f} GFLOP/s", flush=True)
     results = []
-    command = ("python benchmarks/throughput.py " + " ".join(sys.argv[1:])).strip()
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "METASAM_BENCH_THREADS") if k in os.environ]
+    command = shlex.join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
+    command = " ".join([*env, command])
     for i, item in enumerate(args.settings.split(",")):
         ways, tasks, *steps = (int(v) for v in item.split(":"))
         results.append(run_setting(args, ways, tasks, steps[0] if steps else 1, args.presets if i == 0 else ["maml"], baselines))

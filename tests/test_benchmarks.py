@@ -38,12 +38,15 @@ def test_throughput_benchmark_checks_both_paths_and_reports(tmp_path):
     table = out.read_text()
     for name in ("metasam maml (loop)", "metasam maml (vmap)"):
         cells = _row(table, name)
-        assert float(cells[1]) > 0  # tasks/s
+        median, low, high = map(float, re.fullmatch(r"([\d.]+) \(([\d.]+) – ([\d.]+)\)", cells[1]).groups())
+        assert 0 < low <= median <= high  # tasks/s: the median of the repeats, with the slowest and the fastest
         assert float(cells[7]) <= 1e-3, f"{name}: meta-gradient {cells[7]} from the float64 truth"
     baseline = _row(table, "torch.autograd loop (hand-written)")
     assert float(baseline[7]) <= 1e-3
     query = re.search(r"Query passes alone .*?metasam's Conv4 ([\d.]+) GFLOP/s .*?the textbook Conv4 ([\d.]+) GFLOP/s", table)
     assert query and float(query.group(1)) > 0 and float(query.group(2)) > 0, table
+    assert "Command: `OMP_NUM_THREADS=1 python benchmarks/throughput.py " in table  # the environment it ran in
+    assert table.rindex("\n## ") == table.index("\n## What these numbers do not show\n")  # the last section
 
 
 def test_throughput_benchmark_refuses_to_time_a_wrong_meta_gradient(tmp_path, monkeypatch, capsys):
