@@ -66,10 +66,10 @@ def hessian_eigenvalues(
 
 def model_loss_fn(
     model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]] | tuple[Tensor, Tensor],
-    loss: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+    criterion: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
 ) -> LossFn:
     """loss_fn(θ) = mean over ``batches`` (one (x, y) pair or an iterable such as a DataLoader) of
-    loss(model_θ(x), y). BatchNorm runs in the model's current mode (call ``model.eval()`` first for
+    criterion(model_θ(x), y). BatchNorm runs in the model's current mode (call ``model.eval()`` first for
     running statistics); buffers are passed as copies, so the model is never written."""
     batches = [batches] if isinstance(batches, tuple) else list(batches)
     buffers = dict(model.named_buffers())
@@ -78,7 +78,7 @@ def model_loss_fn(
         total = 0.0
         for x, y in batches:
             copies = {n: b.clone() for n, b in buffers.items()}
-            total = total + loss(functional_call(model, {**params, **copies}, (x,)), y)
+            total = total + criterion(functional_call(model, {**params, **copies}, (x,)), y)
         return total / len(batches)
 
     return loss_fn

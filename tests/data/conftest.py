@@ -31,7 +31,8 @@ def omniglot_folder() -> Path | None:
 def omniglot_dir() -> Path:
     folder = omniglot_folder()
     if folder is None:
-        pytest.skip("Omniglot small subsets not found: set METASAM_DATA or put them in <repo>/../shared/data/omniglot")
+        pytest.skip("Omniglot small subsets not found: set METASAM_DATA to the folder holding "
+                    "omniglot/images_background_small1.zip and images_background_small2.zip")
     return folder
 
 
