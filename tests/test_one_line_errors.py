@@ -147,3 +147,9 @@ def test_a_file_system_error_no_check_foresaw_is_one_line(tmp_path, capsys, tmpf
     assert main(["plot", str(run), "--out", str(read_only / "figs" / "curves.png")]) == 2
     assert error_line(capsys) == (f"metasam plot: error: {read_only / 'figs'}: read-only file system. "
                                   f"Make {read_only} writable (or choose another folder) and try again")
+    # the PNG itself, straight into the read-only folder: the atomic writer's message, nothing left behind
+    assert main(["plot", str(run), "--out", str(read_only / "curves.png")]) == 2
+    assert error_line(capsys) == (f"metasam plot: error: cannot write {read_only / 'curves.png'}: read-only file system; "
+                                  f"no earlier curves.png existed. Make {read_only} writable (or choose another folder) "
+                                  "and try again")
+    assert list(read_only.iterdir()) == []

@@ -50,7 +50,8 @@ def check_out_path(out: str | Path, overwrite: bool = False) -> Path:
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder: give the PNG's file name, e.g. {out / 'curves.png'}")
     if out.exists() and not overwrite:
-        raise ConfigError(f"--out {out} exists: choose another --out, or pass --overwrite to replace it")
+        raise ConfigError(f"--out {out} exists: choose another --out, or pass --overwrite (overwrite=True in Python) "
+                          "to replace it")
     return out
 
 

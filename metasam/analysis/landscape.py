@@ -57,6 +57,12 @@ def loss_landscape(
     return alphas, alphas.copy(), losses
 
 
+def landscape_paths(out_prefix: str | Path) -> tuple[Path, Path]:
+    """The two PNGs :func:`plot_landscape` writes for ``out_prefix``: ``<prefix>_contour.png``, ``<prefix>_surface.png``."""
+    prefix = Path(out_prefix)
+    return prefix.with_name(prefix.name + "_contour.png"), prefix.with_name(prefix.name + "_surface.png")
+
+
 def plot_landscape(
     alphas: np.ndarray, betas: np.ndarray, losses: np.ndarray, out_prefix: str | Path, title: str = "",
     size: tuple[int, int] = (640, 480), dpi: int = 100,
@@ -68,10 +74,9 @@ def plot_landscape(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prefix = Path(out_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = landscape_paths(out_prefix)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     a, b = np.meshgrid(alphas, betas, indexing="ij")
-    paths = (prefix.with_name(prefix.name + "_contour.png"), prefix.with_name(prefix.name + "_surface.png"))
     fig, ax = plt.subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
     contour = ax.contour(a, b, losses, levels=20, cmap="viridis")
     ax.clabel(contour, inline=True, fontsize=7)

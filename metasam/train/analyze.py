@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from metasam.analysis import hessian_eigenvalues, loss_landscape, meta_loss_fn, model_loss_fn, plot_landscape
+from metasam.analysis.landscape import landscape_paths
 from metasam.atomic_write import write_text_atomic
 from metasam.checkpoint import content_digest, load_checkpoint
 from metasam.data import TaskSet
@@ -119,11 +120,13 @@ def output_suffix(settings: dict[str, Any], is_meta: bool, plots: bool = False) 
 
 def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = True, k: int = DEFAULTS["k"],
                 tasks: int = DEFAULTS["tasks"], loss: str = DEFAULTS["loss"], steps: int = DEFAULTS["steps"],
-                span: float = DEFAULTS["span"], seed: int = DEFAULTS["seed"], progress: bool = True) -> dict[str, Any]:
+                span: float = DEFAULTS["span"], seed: int = DEFAULTS["seed"], progress: bool = True,
+                overwrite: bool = False) -> dict[str, Any]:
     """Top-k Hessian eigenvalues and/or a 2-D landscape of a run's loss; writes ``analysis<suffix>.json`` and
     ``landscape<suffix>_contour.png`` / ``…_surface.png`` into the run folder, the suffix naming the settings
-    away from :data:`DEFAULTS` (:func:`output_suffix`), and returns the result. Non-finite weights, losses or
-    eigenvalues raise :class:`NonFiniteError` (nothing is written)."""
+    away from :data:`DEFAULTS` (:func:`output_suffix`), and returns the result. Files of an earlier analysis
+    with the same settings are refused before anything is computed, unless ``overwrite``. Non-finite weights,
+    losses or eigenvalues raise :class:`NonFiniteError` (nothing is written)."""
     run_dir = Path(run_dir)
     if not (hessian or landscape):
         raise ConfigError("nothing to do: pass --hessian and/or --landscape")
@@ -133,11 +136,17 @@ def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = Tru
         raise ConfigError(f"{config} does not exist: not a metasam run folder")
     saved = json_object(config)
     is_meta = "algo" in saved
+    settings = {"hessian": hessian, "landscape": landscape, "k": k, "tasks": tasks, "loss": loss, "steps": steps,
+                "span": span, "seed": seed}
+    file = run_dir / f"analysis{output_suffix(settings, is_meta)}.json"
+    prefix = run_dir / f"landscape{output_suffix(settings, is_meta, plots=True)}"
+    written = [p for p in (file, *(landscape_paths(prefix) if landscape else ())) if p.exists()]
+    if written and not overwrite:
+        raise ConfigError(f"{written[0]} exists (an analysis with these settings): pass --overwrite to replace it "
+                          "(overwrite=True in Python), or choose other settings")
     loss_fn, params, what = _meta_loss(run_dir, tasks, loss) if is_meta else _supervised_loss(run_dir, saved)
     at_theta = float(loss_fn(params))
     check_finite("the loss at θ", np.array(at_theta), "the model's predictions overflow on these tasks")
-    settings = {"hessian": hessian, "landscape": landscape, "k": k, "tasks": tasks, "loss": loss, "steps": steps,
-                "span": span, "seed": seed}
     result: dict[str, Any] = {"run": str(run_dir), "settings": settings, "loss_description": what, "loss_at_theta": at_theta}
     if hessian:
         values = hessian_eigenvalues(loss_fn, params, k=k, seed=seed, progress=progress).numpy()
@@ -146,10 +155,9 @@ def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = Tru
     if landscape:
         alphas, betas, losses = loss_landscape(loss_fn, params, steps=steps, span=span, seed=seed, progress=progress)
         check_finite("the loss landscape", losses, f"the loss overflows within --span {span}: try a smaller --span")
-        paths = plot_landscape(alphas, betas, losses, run_dir / f"landscape{output_suffix(settings, is_meta, plots=True)}",
-                               title=run_dir.name)
+        paths = plot_landscape(alphas, betas, losses, prefix, title=run_dir.name)
         result["landscape"] = {"alphas": alphas.tolist(), "betas": betas.tolist(), "losses": losses.tolist(),
                                "plots": [str(p) for p in paths], "seed": seed, "span": span}
-    result["file"] = str(run_dir / f"analysis{output_suffix(settings, is_meta)}.json")
+    result["file"] = str(file)
     write_text_atomic(json.dumps(result, indent=2, allow_nan=False), result["file"])
     return result

@@ -113,7 +113,8 @@ def test_plot_refuses_an_existing_out_unless_overwrite_and_replaces_it_whole(tmp
     out.write_bytes(b"an earlier figure")
     assert main(["plot", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"metasam plot: error: --out {out} exists: choose another --out, or pass --overwrite to replace it"
+    assert err == (f"metasam plot: error: --out {out} exists: choose another --out, or pass --overwrite "
+                   "(overwrite=True in Python) to replace it")
     assert out.read_bytes() == b"an earlier figure"
     assert main(["plot", str(run), "--out", str(out), "--overwrite"]) == 0
     assert out.read_bytes().startswith(b"\x89PNG")

@@ -148,6 +148,17 @@ def test_analyze_and_plot_commands_on_a_supervised_run(tmp_path, capsys):
     assert json.loads((run / "analysis_hessian_k1_seed3.json").read_text())["settings"]["seed"] == 3
     assert (run / "analysis_k2_steps3.json").read_text() == first
     assert sorted(p.name for p in run.glob("analysis*")) == ["analysis_hessian_k1_seed3.json", "analysis_k2_steps3.json"]
+    # the same settings again: refused before anything is computed, the earlier files kept; replaced if asked
+    contour = (run / "landscape_steps3_contour.png").read_bytes()
+    (run / "analysis_k2_steps3.json").unlink()  # the PNGs alone are enough to refuse
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--landscape", "--steps", "3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"metasam analyze: error: {run / 'landscape_steps3_contour.png'} exists (an analysis with these settings): "
+        "pass --overwrite to replace it (overwrite=True in Python), or choose other settings")
+    assert (run / "landscape_steps3_contour.png").read_bytes() == contour
+    assert main(["analyze", str(run), "--hessian", "--k", "1", "--seed", "3"]) == 2
+    assert main(["analyze", str(run), "--hessian", "--k", "1", "--seed", "3", "--overwrite"]) == 0
     state = torch.load(run / "model.pt", weights_only=True)  # a plain state_dict, as users load it
     next(v for v in state.values() if v.is_floating_point()).view(-1)[0] += 1.0  # a damaged (finite) weight
     torch.save(state, run / "model.pt")
