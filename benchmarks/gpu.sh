@@ -5,8 +5,9 @@
 #
 #   OUT=gpu-results bash benchmarks/gpu.sh    # from the repository root; default OUT: /tmp/metasam-gpu
 #
-# Writes $OUT/gpu.txt (the card), $OUT/tests.log and $OUT/throughput-cuda.md. Exit status: non-zero if the
-# tests or the benchmark failed (each part runs even when the other fails).
+# Writes $OUT/gpu.txt (the card), $OUT/tests.log, $OUT/throughput.log and $OUT/throughput-cuda.md, and
+# refuses to start where OUT already holds a throughput-cuda.md (choose a new OUT). Exit status: non-zero if
+# the tests or the benchmark failed (each part runs even when the other fails).
 #
 # Needs PyTorch with CUDA and `pip install -e ".[dev,bench]"`; higher is timed when importable, and wheels
 # placed in .whl/ are installed from there first (for a machine without a network). No dataset is needed:
@@ -17,6 +18,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/metasam-gpu}"
+if [ -e "$out/throughput-cuda.md" ]; then
+    echo "gpu.sh: $out/throughput-cuda.md exists: set OUT to a new folder (nothing was run)" >&2
+    exit 2
+fi
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/metasam-site .whl/*.whl

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from scipy import stats
 
+from metasam.atomic_write import write_text_atomic
 from metasam.data.supervised import load_digits_splits
 from metasam.train.supervised import OPTIMIZERS, SupervisedConfig, train_supervised
 
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS / "noisy_labels.json"), help="the JSON the page is rendered from")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 2 seeds, 2 noise levels, 2 radii")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of a part that --results already holds (refused otherwise)")
     args = parser.parse_args(argv)
     args.command = "python benchmarks/noisy_labels.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.threads is not None:
@@ -210,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         radii = {k: v[1:3] for k, v in RADII.items()}
     path = Path(args.results)
     results = json.loads(path.read_text()) if path.is_file() else {}
+    held = [part for part in ("accuracy", "timing") if args.only in (None, part) and part in results]
+    if held and not args.overwrite:
+        parser.error(f"{path} already holds the {' and '.join(held)} results: choose another --results and --out, or "
+                     "pass --overwrite to replace them (the page is rendered from --results)")
+    if not results and Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists and was not rendered from --results {path}, which is new: choose "
+                     "another --out, or pass --overwrite to replace it")
     if args.only in (None, "accuracy"):
         results["accuracy"] = accuracy_part(args, radii)
     if "accuracy" not in results:
@@ -217,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "timing"):
         results["timing"] = timing_part(args, results["accuracy"]["chosen"], rounds=2 if args.quick else 5)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    write_text_atomic(json.dumps(results, indent=1) + "\n", path)
     page = render(results)
-    Path(args.out).write_text(page)
+    write_text_atomic(page, args.out)
     print(page)
     return 0
 

@@ -26,7 +26,8 @@ the test suite, against finite differences and their definitions).
 The float32 implementations differ by rounding (``CPUConv4`` computes its blocks in another
 order, ``metasam.models.cpu_conv4.first_block`` and ``conv_block``); the run stops if metasam's is further from the float64
 truth than ``MAX_RELATIVE_ERROR`` or twice the closest baseline's distance, whichever is larger. Timing
-interleaves the implementations (rotating their order every repeat) and reports the median tasks/s;
+interleaves the implementations (rotating their order every repeat) and reports the median tasks/s
+with the slowest and fastest repeat;
 peak memory is measured in a fresh subprocess per implementation (on CPU the kernel's high-water mark
 of its RSS, restarted once the model is built, minus the RSS then; ``getrusage`` would report at least
 the size of this process, which forked it; ``torch.cuda.max_memory_allocated`` on a GPU). FLOPs are
@@ -69,6 +70,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from metasam.atomic_write import write_text_atomic
 from metasam.data import EpisodeSampler, TaskBatch, collate_tasks
 from metasam.meta import MetaLearner
 from metasam.models import Conv4, CPUConv4
@@ -603,9 +605,9 @@ def render(results: list[dict], args, peak: float, skipped: dict[str, str], comm
 
 
 LIMITS = ["## What these numbers do not show", "",
-          "- One run on one machine. On a shared virtual machine one run's ratio to the best baseline has moved by "
-          "up to ±0.15 from another's (docs/performance.md); the min – max column shows the spread within this run "
-          "only.",
+          "- One run on one machine. Another run can differ by more than the spread within this one (the min – max "
+          "column); on this project's shared 2-core CPU virtual machine one run's ratio to the best baseline moved "
+          "by up to ±0.15 from another's (docs/performance.md).",
           "- The speed of meta-gradient steps on tasks already in memory, from the same weights for every "
           "implementation: not accuracy (nothing is trained to convergence; the meta-gradient columns show that the "
           "implementations compute the same step), not start-up, and not data loading (its rate is given apart).",
@@ -661,7 +663,10 @@ def main() -> None:
                              "every implementation in the process")
     parser.add_argument("--quick", action="store_true", help="5:4 only, 1 repeat, presets maml and sharp-maml-low")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results" / "throughput.md"))
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
     args = parser.parse_args()
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists: choose another --out, or pass --overwrite to replace it")
     if args.quick:
         args.settings, args.repeats, args.batches, args.presets = "5:4", 1, 1, "maml,sharp-maml-low"
     args.presets = [p.strip() for p in args.presets.split(",")]
@@ -685,7 +690,7 @@ def main() -> None:
         results.append(run_setting(args, ways, tasks, steps[0] if steps else 1, args.presets if i == 0 else ["maml"], baselines))
         peak = max(peak, matmul_peak(args.device))  # the best of several moments: a shared machine is noisy
         text = render(results, args, peak, skipped, command)
-        Path(args.out).write_text(text)  # after every setting: a run cut short keeps what it measured
+        write_text_atomic(text, args.out)  # after every setting: a run cut short keeps what it measured
     print("\n" + text)
     print(f"wrote {args.out}")
 

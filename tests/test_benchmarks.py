@@ -71,3 +71,24 @@ def test_op_profile_counts_the_same_operators_for_metasam_and_the_hand_written_l
     assert len(rows) == 8
     convolution = next(r for r in rows if r[0] == "`aten::convolution_backward`")
     assert convolution[1] == convolution[-2] != "0"  # metasam's calls == the hand-written loop's (last column pair)
+
+
+def test_benchmarks_refuse_to_replace_earlier_results_unless_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    throughput, noisy_labels = (importlib.import_module(name) for name in ("throughput", "noisy_labels"))
+    page = tmp_path / "t.md"
+    page.write_text("an earlier page")
+    monkeypatch.setattr(sys, "argv", ["throughput.py", *TINY, "--out", str(page)])
+    with pytest.raises(SystemExit) as stop:
+        throughput.main()
+    assert stop.value.code == 2 and f"--out {page} exists: choose another --out, or pass --overwrite" in capsys.readouterr().err
+    results = tmp_path / "noisy.json"
+    results.write_text('{"accuracy": {"chosen": {}}}')
+    for only in ([], ["--only", "accuracy"]):
+        with pytest.raises(SystemExit) as stop:
+            noisy_labels.main(["--results", str(results), "--out", str(tmp_path / "n.md"), *only])
+        assert stop.value.code == 2 and "already holds the accuracy results" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # a new --results would render a page over one it did not make
+        noisy_labels.main(["--results", str(tmp_path / "new.json"), "--out", str(page)])
+    assert stop.value.code == 2 and "was not rendered from --results" in capsys.readouterr().err
+    assert page.read_text() == "an earlier page" and results.read_text() == '{"accuracy": {"chosen": {}}}'
