@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import reference as ref
 from metasam import ConfigError, agnostic_perturbation, cosine_similarity, global_norm, momentum_update, sam_perturbation
 
 D = torch.float64
@@ -22,28 +23,43 @@ def test_sam_perturbation_is_rho_times_unit_gradient_by_hand():
 
 
 def test_asam_perturbation_with_eta_by_hand():
-    params, grads, rho, eta = [t(1.0, -2.0)], [t(2.0, 1.0)], 0.7, 0.5
-    # T = |θ| + η = (1.5, 2.5); T g = (3, 2.5); ‖T g‖ = sqrt(15.25); ε = ρ T² g / ‖T g‖
-    expected = t(0.7 * 2.25 * 2.0, 0.7 * 6.25 * 1.0) / math.sqrt(15.25)
+    # two tensors of unequal norm, so that a norm taken per tensor gives another ε
+    params, grads, rho, eta = [t(1.0, -2.0), t(3.0)], [t(2.0, 1.0), t(-1.0)], 0.7, 0.5
+    # T = |θ| + η = (1.5, 2.5), (3.5); T g = (3, 2.5), (-3.5); ‖T g‖² = 9 + 6.25 + 12.25 = 27.5; ε = ρ T² g / ‖T g‖
     eps = sam_perturbation(params, grads, rho, adaptive=True, eta=eta)
-    assert torch.allclose(eps[0], expected)
+    assert torch.allclose(eps[0], t(0.7 * 2.25 * 2.0, 0.7 * 6.25 * 1.0) / math.sqrt(27.5))
+    assert torch.allclose(eps[1], t(0.7 * 12.25 * -1.0) / math.sqrt(27.5))
 
 
 def test_agnostic_perturbation_by_hand():
-    g_s, m = [t(0.0, 2.0)], [t(1.0, 1.0)]
-    eps = agnostic_perturbation([t(5.0, 5.0)], g_s, m, rho1=0.2, rho2=0.1)
-    # ρ1 (0, 1) − ρ2 (1, 1)/√2
-    expected = t(0.0, 0.2) - 0.1 * t(1.0, 1.0) / math.sqrt(2.0)
-    assert torch.allclose(eps[0], expected)
+    g_s, m = [t(0.0, 2.0), t(1.0)], [t(1.0, 1.0), t(-3.0)]  # ‖g_S‖ = √5, ‖m‖ = √11 over both tensors
+    eps = agnostic_perturbation([t(5.0, 5.0), t(5.0)], g_s, m, rho1=0.2, rho2=0.1)
+    # ρ1 g_S / ‖g_S‖ − ρ2 m / ‖m‖
+    assert torch.allclose(eps[0], 0.2 * t(0.0, 2.0) / math.sqrt(5.0) - 0.1 * t(1.0, 1.0) / math.sqrt(11.0))
+    assert torch.allclose(eps[1], 0.2 * t(1.0) / math.sqrt(5.0) - 0.1 * t(-3.0) / math.sqrt(11.0))
 
 
 def test_agnostic_asam_perturbation_by_hand():
-    params, g_s, m, eta = [t(2.0, -1.0)], [t(1.0, 3.0)], [t(-2.0, 1.0)], 0.01
-    scale = t(2.01, 1.01)
-    ascent = 0.4 * scale**2 * g_s[0] / math.sqrt(float(((scale * g_s[0]) ** 2).sum()))
-    descent = 0.1 * scale**2 * m[0] / math.sqrt(float(((scale * m[0]) ** 2).sum()))
+    params, g_s, m, eta = [t(2.0, -1.0), t(0.5)], [t(1.0, 3.0), t(2.0)], [t(-2.0, 1.0), t(1.0)], 0.01
+    scale = [t(2.01, 1.01), t(0.51)]  # |θ| + η
+    # ‖T g_S‖² = (2.01·1)² + (1.01·3)² + (0.51·2)², ‖T m‖² = (2.01·−2)² + (1.01·1)² + (0.51·1)²
+    up = math.sqrt(2.01**2 + (1.01 * 3) ** 2 + (0.51 * 2) ** 2)
+    down = math.sqrt((2.01 * 2) ** 2 + 1.01**2 + 0.51**2)
     eps = agnostic_perturbation(params, g_s, m, 0.4, 0.1, adaptive=True, eta=eta)
-    assert torch.allclose(eps[0], ascent - descent)
+    for e, sc, g, mi in zip(eps, scale, g_s, m):
+        assert torch.allclose(e, 0.4 * sc**2 * g / up - 0.1 * sc**2 * mi / down)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_agnostic_perturbation_equals_the_reference_on_several_tensors(adaptive):
+    """ε = ρ1 T² g_S / ‖T g_S‖ − ρ2 T² m / ‖T m‖ with ρ2 > 0, against tests/reference.py (no metasam code)."""
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(3, 4, generator=gen, dtype=D), 5 * torch.randn(4, generator=gen, dtype=D)]
+    g_s = [torch.randn_like(p) for p in params]
+    m = [torch.randn_like(p) for p in params]
+    eps = agnostic_perturbation(params, g_s, m, 0.3, 0.12, adaptive, eta=0.01)
+    for got, expected in zip(eps, ref.agnostic_eps(params, g_s, m, 0.3, 0.12, adaptive, eta=0.01)):
+        assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

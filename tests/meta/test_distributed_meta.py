@@ -26,7 +26,7 @@ CASES = {  # name: (algo, path, rule hyperparameters); the outer rules are where
     "maml-vmap": ("maml", "vmap", {}),
     "sharp-maml-up": ("sharp-maml-up", "loop", {"outer_rho": 0.3}),
     "agnostic-sam-both": ("agnostic-sam-both", "loop", {
-        "inner_rho1": 0.08, "inner_rho2": 0.03, "inner_beta": 0.5, "outer_rho1": 0.3, "outer_rho2": 0.1, "outer_beta": 0.5,
+        "inner_rho1": 0.08, "inner_rho2": 0.03, "inner_beta": 0.7, "outer_rho1": 0.3, "outer_rho2": 0.1, "outer_beta": 0.7,
     }),
 }
 STEPS = 3

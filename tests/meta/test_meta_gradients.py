@@ -136,7 +136,9 @@ def test_vmap_refuses_torch_batchnorm():
         MetaLearner(mlp("torch"), "maml", path="vmap")
 
 
-def test_outer_sam_rule_equals_its_definition():
+def test_outer_sam_rule_is_maml_meta_gradient_at_the_perturbed_weights():
+    """Sharp-MAML-up's direction is maml's meta-gradient at θ + ρ g/‖g‖: a consistency check of the outer rule
+    against the learner's own maml; the independent float64 check is in test_reference_gradients.py."""
     batch, rho = tasks(), 0.2
     plain = MetaLearner(mlp(), "maml", inner_lr=0.3)
     g = plain.meta_gradient(batch)
@@ -151,8 +153,11 @@ def test_outer_sam_rule_equals_its_definition():
         assert torch.allclose(got[n], expected[n], rtol=1e-10)
 
 
-def test_outer_agnostic_rule_equals_its_definition_and_keeps_momentum():
-    batch, val, rho1, rho2, beta = tasks(seed=1), tasks(seed=2), 0.2, 0.1, 0.5
+def test_outer_agnostic_rule_is_maml_meta_gradient_at_the_perturbed_weights_and_starts_its_momentum():
+    """Agnostic-SAM-up's direction is maml's meta-gradient at θ + ρ1 unit(g_S) − ρ2 unit(g_V), and its momentum
+    starts as g_V: a consistency check against the learner's own maml; the momentum over several outer steps
+    is checked against the independent float64 reference in test_reference_gradients.py."""
+    batch, val, rho1, rho2, beta = tasks(seed=1), tasks(seed=2), 0.2, 0.1, 0.7
     plain = MetaLearner(mlp(), "maml", inner_lr=0.3)
     g_s, g_v = plain.meta_gradient(batch), plain.meta_gradient(val)
     ns, nv = global_norm(list(g_s.values())), global_norm(list(g_v.values()))

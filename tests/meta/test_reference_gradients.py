@@ -75,9 +75,16 @@ def assert_close(got, expected, what):
     assert diff <= RTOL * ref.norm(expected), f"{what}: relative difference {float(diff / ref.norm(expected)):.2e}"
 
 
-def learner_for(inner, outer, first_order, path, lr=1e-3, val_view=None):
+PATHS = {  # the three ways the learner runs a meta-batch, named explicitly (task_threads="auto" depends on the cores)
+    "loop": {"path": "loop", "task_threads": 1},
+    "loop-threads": {"path": "loop", "task_threads": 2},
+    "vmap": {"path": "vmap", "task_threads": 1},
+}
+
+
+def learner_for(inner, outer, first_order, path, lr=1e-3, val_view=None, inner_steps=STEPS, **kwargs):
     return MetaLearner(
-        mlp(), "maml", inner_lr=ALPHA, inner_steps=STEPS, first_order=first_order, path=path,
+        mlp(), "maml", inner_lr=ALPHA, inner_steps=inner_steps, first_order=first_order, **PATHS[path], **kwargs,
         outer_optimizer=torch.optim.SGD, outer_lr=lr, val_view=val_view,
         inner_rule={"kind": inner.kind, "params": rule_params(inner)},
         outer_rule={"kind": outer.kind, "params": rule_params(outer)},
@@ -89,12 +96,12 @@ def reference_direction(learner, inner, outer, first_order, batch, val_batch, m=
     return ref.outer_direction(theta, batch, val_batch, inner, outer, STEPS, ALPHA, first_order, m, val_view)
 
 
-@pytest.mark.parametrize("path", ["loop", "vmap"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("algo", list(PRESETS))
 def test_every_presets_meta_gradient_equals_the_reference(algo, path):
     inner_kind, outer_kind, first_order = PRESETS[algo]
     inner, outer = INNER[inner_kind], OUTER[outer_kind]
-    learner = MetaLearner(mlp(), algo, inner_lr=ALPHA, inner_steps=STEPS, path=path,
+    learner = MetaLearner(mlp(), algo, inner_lr=ALPHA, inner_steps=STEPS, **PATHS[path],
                           **rule_kwargs(inner, "inner"), **rule_kwargs(outer, "outer"))
     batch, val = tasks(1), tasks(2)
     got = learner.meta_gradient(batch, val if outer_kind == "agnostic" else None)
@@ -112,7 +119,7 @@ VARIANTS = {  # inner rules beyond the presets' defaults, each with first order 
 }
 
 
-@pytest.mark.parametrize("path", ["loop", "vmap"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_inner_rule_variants_equal_the_reference(variant, first_order, path):
@@ -129,7 +136,7 @@ def flipped_view(x, y):
     return 0.8 * x.flip(0), y.flip(0)
 
 
-@pytest.mark.parametrize("path", ["loop", "vmap"])
+@pytest.mark.parametrize("path", list(PATHS))
 def test_agnostic_inner_rule_with_its_own_validation_view_equals_the_reference(path):
     inner, outer = INNER["agnostic"], OUTER["plain"]
     learner = learner_for(inner, outer, False, path, val_view=flipped_view)
@@ -150,8 +157,37 @@ def test_adaptation_with_the_agnostic_rule_equals_the_reference_fast_weights():
     assert_close([got[n] for n in learner.names], expected, "adapt")
 
 
+@pytest.mark.parametrize("test_rule", ["same", "gd"])
+def test_meta_test_adapts_with_the_test_rule_and_test_steps_of_the_reference(test_rule):
+    """What every reported accuracy rests on: trained with K = 1 inner step, adapted at test with
+    test_inner_steps = 3 by the test rule (the agnostic rule, whose momentum acts from the second step, or
+    plain gradient descent); adapt() and task_losses() against the reference's φ_3 and its query loss."""
+    inner = INNER["agnostic"]
+    learner = learner_for(inner, OUTER["plain"], False, "loop", inner_steps=1, test_inner_steps=STEPS, test_rule=test_rule)
+    assert (learner.inner_steps, learner.test_inner_steps) == (1, STEPS)
+    sx, sy, qx, qy = tasks(6)
+    theta = [p.detach() for p in learner.model.parameters()]
+    rule = {"same": inner, "gd": INNER["gd"]}
+
+    def reference_losses(level, steps):
+        return [float(ref.ce(ref.adapt(theta, sx[t], sy[t], level, steps, ALPHA, first_order=False), qx[t], qy[t]))
+                for t in range(len(sx))]
+
+    for t in range(len(sx)):
+        got = learner.adapt(sx[t], sy[t])
+        expected = ref.adapt(theta, sx[t], sy[t], rule[test_rule], STEPS, ALPHA, first_order=False)
+        assert_close([got[n] for n in learner.names], expected, f"φ_3 of task {t}")
+    expected = reference_losses(rule[test_rule], STEPS)
+    assert learner.task_losses(tasks(6)) == pytest.approx(expected, rel=1e-12)
+    # the check can tell the training step count and the other rule from the test's own
+    other = rule["gd" if test_rule == "same" else "same"]
+    for wrong in (reference_losses(rule[test_rule], 1), reference_losses(other, STEPS)):
+        assert all(abs(w - e) > 1e-6 * abs(e) for w, e in zip(wrong, expected))
+
+
 OUTER_CASES = {  # (inner, outer): the outer rules whose momentum or perturbation spans outer steps
     "sharp-maml-up": (INNER["gd"], OUTER["sam"]),
+    "sharp-maml-up-asam": (INNER["gd"], ref.Level("sam", rho=0.2, adaptive=True, eta=0.05)),
     "agnostic-sam-up": (INNER["gd"], OUTER["agnostic"]),
     "agnostic-sam-both": (INNER["agnostic"], OUTER["agnostic"]),
     "agnostic-asam-both": (ref.Level("agnostic", rho1=0.3, rho2=0.12, beta=BETA, adaptive=True, eta=0.05),
@@ -159,7 +195,7 @@ OUTER_CASES = {  # (inner, outer): the outer rules whose momentum or perturbatio
 }
 
 
-@pytest.mark.parametrize("path", ["loop", "vmap"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("case", list(OUTER_CASES))
 def test_three_outer_sgd_steps_equal_the_reference_and_carry_the_outer_momentum(case, path):
     """θ_{t+1} = θ_t − lr · d_t with SGD as the outer optimizer, so each step is checkable by hand; the outer
