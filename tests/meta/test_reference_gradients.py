@@ -170,7 +170,7 @@ def test_meta_test_adapts_with_the_test_rule_and_test_steps_of_the_reference(tes
     rule = {"same": inner, "gd": INNER["gd"]}
 
     def reference_losses(level, steps):
-        return [float(ref.ce(ref.adapt(theta, sx[t], sy[t], level, steps, ALPHA, first_order=False), qx[t], qy[t]))
+        return [float(ref.ce(ref.adapt(theta, sx[t], sy[t], level, steps, ALPHA, first_order=True), qx[t], qy[t]))
                 for t in range(len(sx))]
 
     for t in range(len(sx)):
