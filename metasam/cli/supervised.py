@@ -48,6 +48,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    result = train_supervised(config_of(args), out_dir=args.out, progress=not args.no_progress)
+    summary = {k: v for k, v in result.items() if k not in ("history", "alignment")}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def config_of(args: argparse.Namespace) -> SupervisedConfig:
+    """The run the flags describe (checked: see :class:`SupervisedConfig`); a sharpness flag the optimizer does
+    not use is refused."""
     given = {name: getattr(args, name) for name in SHARPNESS_PARAMS if getattr(args, name) is not None}
     unused = sorted(set(given) - set(OPTIMIZER_PARAMS[args.optimizer]))
     if unused:
@@ -55,13 +64,9 @@ def run(args: argparse.Namespace) -> int:
         takes = ", ".join("--" + name.replace("_", "-") for name in OPTIMIZER_PARAMS[args.optimizer]) or "none of them"
         raise ConfigError(f"--optimizer {args.optimizer} does not use {flags} (it takes {takes}); drop them or choose "
                           "the optimizer that uses them")
-    cfg = SupervisedConfig(
+    return SupervisedConfig(
         dataset=args.dataset, optimizer=args.optimizer, label_noise=args.label_noise, seed=args.seed,
         epochs=args.epochs, batch_size=args.batch_size, val_batch_size=args.val_batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, alignment_every=args.alignment_every,
         data_root=args.data_root, download=args.download, device=args.device, tf32=args.tf32, **given,
     )
-    result = train_supervised(cfg, out_dir=args.out, progress=not args.no_progress)
-    summary = {k: v for k, v in result.items() if k not in ("history", "alignment")}
-    print(json.dumps(summary, indent=2))
-    return 0

@@ -48,12 +48,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_of(args: argparse.Namespace) -> MetaTrainConfig:
+    """The run the flags of a new ``metasam train`` describe (checked: see :class:`MetaTrainConfig`)."""
+    inner_rule, outer_rule = rules_from_flags(args)
+    return MetaTrainConfig(**settings_given(args), inner_rule=inner_rule, outer_rule=outer_rule)
+
+
 def _start(args: argparse.Namespace) -> MetaTrainer:
     if not args.out:
         raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
-    settings = settings_given(args)
-    inner_rule, outer_rule = rules_from_flags(args)
-    cfg = MetaTrainConfig(**settings, inner_rule=inner_rule, outer_rule=outer_rule)
+    cfg = config_of(args)
     check_new_run_dir(args.out)
     check_device(cfg.device)
     trainer = MetaTrainer(cfg, args.out)
