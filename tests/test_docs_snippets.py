@@ -1,11 +1,16 @@
 """The Python the docs show runs: every metasam block of docs/coming_from.md (the other libraries' blocks are
 shown, not run) and the README's example run whole; the fragments of the other pages (which use a model or data
-defined in prose) at least import only names that exist."""
+defined in prose) at least import only names that exist, and every metasam name quoted in code exists."""
 
+import importlib
+import inspect
 import re
 from pathlib import Path
 
 import pytest
+import torch
+
+import metasam
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "coming_from.md"
@@ -42,3 +47,43 @@ def test_the_imports_of_every_docs_fragment_resolve():
     assert len(imports) >= 6
     for page, line in imports:
         exec(compile(line.split("#")[0], page, "exec"), {})
+
+
+def resolve(dotted: str) -> bool | None:
+    """Whether ``metasam.a.b``, ``Name.attr`` (Name exported by metasam) or ``learner.attr`` (of a
+    ``MetaLearner``) exists; None for anything else (a file name, another library's name)."""
+    first, *rest = dotted.split(".")
+    if first == "learner":  # an instance: its attributes set in __init__ count too
+        obj, path = metasam.MetaLearner(torch.nn.Linear(2, 2)), "learner"
+    elif first == "metasam":
+        obj, path = metasam, "metasam"
+    elif hasattr(metasam, first) and not inspect.ismodule(getattr(metasam, first)):
+        obj, path, rest = getattr(metasam, first), first, rest
+    else:
+        return None
+    for part in rest:
+        path += "." + part
+        if not hasattr(obj, part):
+            try:
+                obj = importlib.import_module(path) if inspect.ismodule(obj) else None
+            except ModuleNotFoundError:
+                return False
+            if obj is None:
+                return False
+        else:
+            obj = getattr(obj, part)
+    return True
+
+
+def test_every_metasam_name_the_docs_quote_exists():
+    """A function, class, method or module quoted in code (`metasam.meta.rules`, `MetaLearner.load`,
+    `learner.meta_step(...)`) exists under that name."""
+    quoted = {}
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for span in re.findall(r"`([^`\n]+)`", page.read_text()):
+            if match := re.fullmatch(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(\(.*\))?", span):
+                if not re.search(r"\.(json|jsonl|md|pt|py|png|csv|txt|sh)$", match[1]):
+                    quoted.setdefault(match[1], str(page.relative_to(ROOT)))
+    found = {name: resolve(name) for name in quoted}
+    assert sum(r is True for r in found.values()) >= 40
+    assert [f"{quoted[n]}: {n}" for n, r in found.items() if r is False] == []
