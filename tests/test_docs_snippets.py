@@ -2,6 +2,7 @@
 shown, not run) and the README's example run whole; the fragments of the other pages (which use a model or data
 defined in prose) at least import only names that exist, and every metasam name quoted in code exists."""
 
+import ast
 import importlib
 import inspect
 import re
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import metasam
+import metasam.core
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "coming_from.md"
@@ -87,3 +89,35 @@ def test_every_metasam_name_the_docs_quote_exists():
     found = {name: resolve(name) for name in quoted}
     assert sum(r is True for r in found.values()) >= 40
     assert [f"{quoted[n]}: {n}" for n, r in found.items() if r is False] == []
+
+
+def documented_signatures() -> list[tuple[str, ast.FunctionDef]]:
+    """The signatures the docs' Python blocks write out (``name(a, b=1, **kw) -> T``, continued over lines), for
+    names metasam exports."""
+    found = []
+    for page, block in FRAGMENTS:
+        text = re.sub(r"#.*", "", block)
+        for match in re.finditer(r"^([A-Za-z_]\w*)\((?:[^()]|\([^()]*\))*\)(?: -> [^\n]+)?$", text, flags=re.M):
+            try:
+                tree = ast.parse(f"def {match[0]}: ...")
+            except SyntaxError:
+                continue  # a call with arguments, not a signature
+            if hasattr(metasam.core, match[1]) or hasattr(metasam, match[1]):
+                found.append((page, tree.body[0]))
+    return found
+
+
+def test_the_signatures_the_docs_write_out_match_the_code():
+    """Same parameters in the same order, the same defaults."""
+    signatures = documented_signatures()
+    assert {f.name for _, f in signatures} >= {"sam_perturbation", "agnostic_perturbation", "SAM", "AgnosticSAM"}
+    for page, doc in signatures:
+        code = inspect.signature(getattr(metasam.core, doc.name, None) or getattr(metasam, doc.name))
+        args = doc.args
+        written = [a.arg for a in args.args] + ([f"**{args.kwarg.arg}"] if args.kwarg else [])
+        actual = [("**" if p.kind is p.VAR_KEYWORD else "") + p.name for p in code.parameters.values()]
+        assert written == actual, f"{page}: {doc.name}({', '.join(written)}) but the code has ({', '.join(actual)})"
+        defaults = dict(zip([a.arg for a in args.args][len(args.args) - len(args.defaults):],
+                            (ast.literal_eval(d) for d in args.defaults)))
+        for name, value in defaults.items():
+            assert code.parameters[name].default == value, f"{page}: {doc.name}'s {name} defaults to {value}"
