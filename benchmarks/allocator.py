@@ -6,10 +6,10 @@ memory kept), in alternating order, and reports the median step rate each arm re
 ``tasks_per_s``, first two steps skipped), their ratio per round, and the page faults and system CPU
 time of each process per task trained.
 
-    PYTHONPATH=. python benchmarks/allocator.py --dataset omniglot --data-root DATA \
+    python benchmarks/allocator.py --dataset omniglot --data-root DATA \
         --train-split images_background_small1 \
         --test-split "images_background_small2:Japanese_(katakana),Sanskrit,Tagalog" [--rounds 3]
-    PYTHONPATH=. python benchmarks/allocator.py          # the synthetic glyph set, offline
+    python benchmarks/allocator.py          # the synthetic glyph set, offline
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import argparse
 import os
 import statistics
 
-from benchmarks.distributed_scaling import add_train_arguments, run
+from distributed_scaling import add_train_arguments, run  # beside this script, on its sys.path
 
 ARMS = {"glibc defaults": {"METASAM_RETAIN_FREED_MEMORY": "0"}, "freed memory kept": {"METASAM_RETAIN_FREED_MEMORY": "1"}}
 
