@@ -6,6 +6,8 @@ command still reproduces it and a renamed flag cannot survive in the docs.
   variables (``COMMON="..."``) and ``for`` loops are expanded first, as the shell would.
 - A synopsis (``[--k 5]``, ``sgd|sam``, ``...``) and a command quoted in prose name only flags their
   sub-command has.
+- A benchmark command (``python benchmarks/NAME.py ...``, in any page, as the results pages print it) names
+  only flags the script's ``--help`` lists.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import contextlib
 import io
 import re
 import shlex
+import subprocess
+import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -122,3 +127,28 @@ def flags_of(command: str) -> set[str]:
 def test_a_synopsis_or_a_command_in_prose_names_only_flags_of_its_command(page, words):
     named = {m[0] for w in words for m in re.finditer(r"--[a-z0-9][a-z0-9-]*", w)}
     assert named <= flags_of(words[0]), f"{page}: metasam {words[0]} has no {', '.join(sorted(named - flags_of(words[0])))}"
+
+
+BENCHMARK = re.compile(r"python (?:-m )?benchmarks/(\w+)\.py([^`#\n\"]*)")
+BENCHMARK_COMMANDS = [(str(page.relative_to(ROOT)), match[1], match[2])
+                      for page in PAGES for match in BENCHMARK.finditer(re.sub(r"\\\n\s*", " ", page.read_text()))]
+
+
+@cache
+def script_flags(script: str) -> set[str]:
+    """The flags ``python benchmarks/SCRIPT.py --help`` lists."""
+    run = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return set(re.findall(r"--[a-z0-9][a-z0-9-]*", run.stdout))
+
+
+def test_the_docs_show_the_benchmarks_commands():
+    assert len(BENCHMARK_COMMANDS) >= 15 and {"throughput", "noisy_labels", "allocator"} <= {s for _, s, _ in BENCHMARK_COMMANDS}
+
+
+@pytest.mark.parametrize("script", sorted({s for _, s, _ in BENCHMARK_COMMANDS}))
+def test_a_benchmark_command_in_the_docs_names_only_flags_of_its_script(script):
+    for page, _, rest in (c for c in BENCHMARK_COMMANDS if c[1] == script):
+        named = set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", rest))
+        assert named <= script_flags(script), f"{page}: benchmarks/{script}.py has no {', '.join(sorted(named - script_flags(script)))}"
