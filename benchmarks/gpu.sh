@@ -24,8 +24,10 @@ if [ -e "$out/throughput-cuda.md" ]; then
 fi
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/metasam-site .whl/*.whl
-    export PYTHONPATH="/tmp/metasam-site"
+    site="$(mktemp -d)"  # this run's own folder, removed at exit: two runs never share or leave one
+    trap 'rm -rf "$site"' EXIT
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
