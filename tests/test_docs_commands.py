@@ -1,11 +1,13 @@
 """Every ``metasam`` command the README and docs show is one today's CLI accepts, so that a results page's
 command still reproduces it and a renamed flag cannot survive in the docs.
 
-- A command in a shell block is parsed as the CLI parses it and, for ``train``, ``bench`` and ``supervised``,
-  turned into its checked configuration (what the CLI does before it loads any data). The block's own
-  variables (``COMMON="..."``) and ``for`` loops are expanded first, as the shell would.
+- A command in a shell block is parsed as the CLI parses it and, for
+  ``train``, ``bench`` (each of its cells) and ``supervised``, turned into its checked configuration (what the
+  CLI does before it loads any data). A block's own variables (``COMMON="..."``) and ``for`` loops are
+  expanded first, as the shell would.
 - A synopsis (``[--k 5]``, ``sgd|sam``, ``...``) and a command quoted in prose name only flags their
-  sub-command has.
+  sub-command has (prose also quotes fragments, ``metasam plot --alignment``, and commands the CLI refuses,
+  in docs/reliability.md).
 - A benchmark command (``python benchmarks/NAME.py ...``, in any page, as the results pages print it) names
   only flags the script's ``--help`` lists.
 """
@@ -67,7 +69,7 @@ def is_synopsis(words: list[str]) -> bool:
 
 
 def shown_commands() -> tuple[list, list]:
-    """(runnable commands of shell blocks, synopses and commands quoted in prose), each as (page, words)."""
+    """(commands of shell blocks, synopses and commands quoted in prose), each as (page, words)."""
     runnable, mentioned = [], []
     for page in PAGES:
         text = page.read_text()
@@ -84,7 +86,7 @@ def shown_commands() -> tuple[list, list]:
         prose = re.sub(r"```.*?```", "", text, flags=re.S)
         for span in re.findall(r"`([^`\n]+)`", prose):
             if match := COMMAND.match(span):
-                mentioned.append((name, match[1].split()))
+                mentioned.append((name, shlex.split(match[1])))
     return runnable, mentioned
 
 
@@ -111,7 +113,9 @@ def test_a_shown_command_is_accepted_with_its_settings(page, words):
     if args.command == "train" and not args.resume:
         train.config_of(args)
     elif args.command == "bench" and not args.merge:
-        bench.plan_of(args)
+        plan = bench.plan_of(args)
+        for cell in plan.grid_cells():
+            plan.config(cell)
     elif args.command == "supervised":
         supervised.config_of(args)
 
