@@ -19,6 +19,7 @@ STEP_KEYS = ("step", "iteration", "epoch")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl``, one dict per line, in the order they were written."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: not a metasam run folder")

@@ -51,10 +51,13 @@ class TaskSet:
         return (self[i] for i in range(len(self)))
 
     def batch(self, indices: Sequence[int]) -> TaskBatch:
+        """The tasks at ``indices`` stacked into one batch, as :meth:`EpisodeSampler.batch` gives them."""
         return collate_tasks([self[i] for i in indices])
 
     # --- files --------------------------------------------------------------------------------
     def to_json(self) -> dict:
+        """The task set as plain data: each task's class names and the file ids of its support and query
+        images, so that the same tasks load again from another copy of the dataset."""
         ds = self.dataset
         return {
             "format": FORMAT,
@@ -77,6 +80,8 @@ class TaskSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike, dataset: FewShotDataset) -> "TaskSet":
+        """The task set :meth:`save` wrote, its classes and images looked up in ``dataset`` by name; a file
+        that is not a metasam task set, or names what ``dataset`` lacks, raises :class:`DatasetError`."""
         try:
             doc = json.loads(Path(path).read_text())
         except FileNotFoundError:

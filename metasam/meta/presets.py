@@ -11,6 +11,10 @@ from metasam.meta.rules import Rule, make_rule, settings_of
 
 @dataclass(frozen=True)
 class Preset:
+    """A named algorithm: the rule of each level and the order of the meta-gradient. ``maml`` is
+    (gd, plain); Sharp-MAML puts ``sam`` at the inner level (low), the outer (up) or both; Agnostic-SAM puts
+    ``agnostic`` there. ``first_order``: the meta-gradient drops the second-order term (FOMAML)."""
+
     inner: str  # gd | sam | agnostic
     outer: str  # plain | sam | agnostic
     first_order: bool = False

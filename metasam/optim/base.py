@@ -141,6 +141,7 @@ class SharpnessOptimizer(Optimizer):
         return {"base": self.base_optimizer.state_dict(), "sharpness": self._sharpness_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned: the base optimizer's state and this wrapper's own."""
         if set(state_dict) != {"base", "sharpness"}:
             raise ConfigError(
                 f"not a {type(self).__name__} state dict (keys {sorted(state_dict)}); it must come from "

@@ -205,6 +205,8 @@ class MetaTrainer:
             f"(now {self.cfg.inner_lr}) or --outer-lr (now {self.cfg.outer_lr})", stacklevel=2)
 
     def validate(self) -> float:
+        """Accuracy on the fixed validation tasks, logged; saves best.pt when it beats the best so far, and
+        last.pt."""
         acc, ci = self.learner.evaluate(self.val_set)
         it = self.learner.iteration
         self._log({"iteration": it, "val_acc": acc, "val_ci95": ci})
@@ -230,6 +232,10 @@ class MetaTrainer:
         return {"skipped_nonfinite": self.skipped_nonfinite, "nonfinite": exc.tensor}
 
     def train(self, progress: bool = True) -> dict[str, Any]:
+        """Meta-train up to ``cfg.iterations``: validate every ``val_every`` iterations and at the last, save
+        last.pt between validations every ``CHECKPOINT_SECONDS``. SIGINT or SIGTERM finishes the iteration, saves
+        last.pt and raises ``KeyboardInterrupt`` naming the resume command. Returns the summary also written to
+        train_summary.json."""
         cfg, learner = self.cfg, self.learner
         stop = {"signal": None}
 
@@ -290,4 +296,5 @@ class MetaTrainer:
 
 
 def datasets_summary(*datasets: FewShotDataset | None) -> str:
+    """One line describing the datasets given (None left out)."""
     return "; ".join(repr(d) for d in datasets if d is not None)
