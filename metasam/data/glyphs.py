@@ -58,7 +58,7 @@ class Glyphs(FewShotDataset):
     dilate 1–2 px). The result is area-downsampled to ``image_size``; strokes are 1.0 on 0.0.
 
     Rendering is deterministic for a given font file, Pillow/FreeType and PyTorch build (all arithmetic
-    is float64); it is cached like the other datasets. With the defaults: 13 scripts, 560+ classes.
+    is float64); it is cached like the other datasets. With the defaults: 13 scripts, 530 classes.
     """
 
     synthetic = True
