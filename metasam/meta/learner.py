@@ -104,7 +104,8 @@ class MetaLearner(TaskAdapter):
             ∇L_meta = Σ_r Σ_{τ∈S_r} ∇L_q^τ / Σ_r |S_r| of the whole meta-batch. None: one process.
         **rule_params: a shorthand for the preset's rules with other settings, each prefixed by its level:
             ``inner_rho1=0.1`` is ``inner_rule=AgnosticRule(rho1=0.1)`` for agnostic-sam (the settings are
-            the fields of :class:`~metasam.meta.rules.SAMRule` and :class:`~metasam.meta.rules.AgnosticRule`).
+            the fields of :class:`~metasam.meta.rules.SAMRule` and :class:`~metasam.meta.rules.AgnosticRule`),
+            checked against the preset's rule at that level; refused at a level whose rule is given.
     """
 
     def __init__(
@@ -135,6 +136,12 @@ class MetaLearner(TaskAdapter):
         preset_inner, preset_outer = check_hparams(
             algo, inner_lr, inner_steps, test_inner_steps, outer_lr, test_rule, path, **rule_params
         )
+        for level, rule in (("inner", inner_rule), ("outer", outer_rule)):
+            shorthand = sorted(k for k in rule_params if k.startswith(f"{level}_"))
+            if rule is not None and shorthand:
+                raise ConfigError(
+                    f"{', '.join(shorthand)} set the preset's {level} rule, which {level}_rule= replaces: give the "
+                    f"settings to the rule you pass ({level}_rule=AgnosticRule(rho1=...)) or drop {level}_rule=")
         optimizer_class = outer_optimizer_class(outer_optimizer)
         if "lr" in (outer_kwargs or {}):
             raise ConfigError("outer_kwargs holds 'lr': give the outer learning rate as outer_lr= (it is checked and saved there)")

@@ -8,7 +8,7 @@ from test_meta_gradients import mlp, tasks
 from torch import nn
 
 from metasam import CheckpointError, ConfigError, NonFiniteError
-from metasam.meta import MetaLearner
+from metasam.meta import AgnosticRule, MetaLearner, SAMRule
 from metasam.meta.learner import check_hparams
 
 AGNOSTIC = {"algo": "agnostic-sam-both", "inner_lr": 0.3, "outer_lr": 0.01, "inner_rho1": 0.05, "inner_rho2": 0.02,
@@ -92,3 +92,13 @@ def test_hyperparameters_are_checked_without_a_model(kwargs, message):
         check_hparams(**args)
     with pytest.raises(ConfigError, match=message):
         MetaLearner(mlp(), **args)
+
+
+def test_a_rule_setting_at_a_level_whose_rule_is_given_is_refused_not_dropped():
+    """inner_rho1= sets the preset's inner rule; with inner_rule= given it would silently do nothing."""
+    with pytest.raises(ConfigError, match=r"inner_rho1 set the preset's inner rule, which inner_rule= replaces"):
+        MetaLearner(mlp(), "agnostic-sam", inner_rule=AgnosticRule(rho1=0.2), inner_rho1=0.1)
+    with pytest.raises(ConfigError, match=r"outer_rho set the preset's outer rule, which outer_rule= replaces"):
+        MetaLearner(mlp(), "sharp-maml-up", outer_rule=SAMRule(rho=0.2), outer_rho=0.1)
+    learner = MetaLearner(mlp(), "sharp-maml-both", inner_rule=SAMRule(rho=0.2), outer_rho=0.1)
+    assert (learner.inner_rule.rho, learner.outer_rule.rho) == (0.2, 0.1)  # the other level's shorthand still applies
