@@ -10,8 +10,8 @@ from scipy import stats
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     """(mean, 1.96 · sd / √n) with the sample standard deviation (0 for a single value): the normal
-    interval over many test tasks (n in the hundreds, where t and normal agree)."""
-    n = len(values)
+    interval over many test tasks (n in the hundreds, where t and normal agree). Raises ValueError for no values."""
+    n = _count(values)
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return mean, 1.96 * sd / math.sqrt(n)
@@ -19,8 +19,8 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
 
 def t_interval(values: Sequence[float]) -> tuple[float, float]:
     """(mean, t_{0.975, n−1} · sd / √n): the 95 % Student-t interval of a mean over few values (seeds),
-    NaN half-width for a single value (one seed says nothing about the spread)."""
-    n = len(values)
+    NaN half-width for a single value (one seed says nothing about the spread). Raises ValueError for no values."""
+    n = _count(values)
     mean = sum(values) / n
     if n < 2:
         return mean, float("nan")
@@ -34,10 +34,17 @@ def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]
 
         d_s = (1/n) Σ_t (a[s][t] − b[s][t]),   mean ± :func:`t_interval` over the seeds' d_s.
 
-    Raises ValueError unless a and b have the same number of seeds and, per seed, of tasks."""
+    With one seed the half-width is NaN (see :func:`t_interval`). Raises ValueError unless a and b have the
+    same number of seeds and, per seed, of tasks."""
     if not a or len(a) != len(b) or any(len(x) != len(y) or not x for x, y in zip(a, b)):
         raise ValueError(f"a paired difference needs the same seeds and tasks on both sides, got "
                          f"{[len(x) for x in a]} and {[len(y) for y in b]} tasks per seed")
     per_seed = [sum(x - y for x, y in zip(xs, ys)) / len(xs) for xs, ys in zip(a, b)]
     mean, half = t_interval(per_seed)
     return mean, half, per_seed
+
+
+def _count(values: Sequence[float]) -> int:
+    if not values:
+        raise ValueError("an interval needs at least one value, got none")
+    return len(values)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from metasam.stats import paired_difference, t_interval
+from metasam.stats import mean_ci95, paired_difference, t_interval
 
 
 def test_t_interval_of_three_seeds_by_hand():
@@ -29,3 +29,16 @@ def test_paired_difference_pairs_seeds_and_tasks():
         paired_difference([[0.5, 0.5]], [[0.5]])
     with pytest.raises(ValueError, match="the same seeds and tasks"):
         paired_difference([[0.5], [0.5]], [[0.5]])
+
+
+def test_mean_ci95_uses_the_sample_sd_by_hand():
+    mean, half = mean_ci95([1.0, 0.0, 1.0, 1.0])
+    assert mean == pytest.approx(0.75)
+    assert half == pytest.approx(1.96 * math.sqrt(0.75 / 3) / 2)  # Σ(v − 0.75)² = 0.75, n − 1 = 3, √n = 2
+    assert mean_ci95([0.3]) == (pytest.approx(0.3), 0.0)
+
+
+@pytest.mark.parametrize("interval", [mean_ci95, t_interval])
+def test_an_interval_of_no_values_is_a_named_error(interval):
+    with pytest.raises(ValueError, match="needs at least one value"):
+        interval([])
