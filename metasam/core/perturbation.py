@@ -3,8 +3,9 @@
 These are the only place in metasam where the perturbation equations are written. The torch.optim
 wrappers (:mod:`metasam.optim`) and both levels of the bilevel trainer (:mod:`metasam.meta`) call them.
 
-Every function is pure: it takes sequences of tensors (one per parameter, in a fixed order), returns
-new tensors, writes nothing in place and keeps no state. Built from differentiable torch operations,
+Every function is pure: it takes sequences of tensors (one per parameter, in a fixed order), writes
+nothing in place and keeps no state. Each returns new tensors, except :func:`momentum_update`, which
+returns the given g_V tensors themselves where m starts (m = g_V). Built from differentiable torch operations,
 so a second-order meta-gradient can flow through a perturbation when the caller wants it to.
 
 Notation (docs/algorithms.md §1): θ the parameters, g a gradient, ‖·‖ the global L2 norm over all
@@ -71,7 +72,8 @@ def sam_perturbation(
             weight tensors and leaves the biases at T = 1 (see :func:`asam_scaled`).
 
     Returns:
-        ε as a new list of tensors shaped like ``grads``; ‖ε‖ = ρ for SAM, ‖T⁻¹ε‖ = ρ for ASAM.
+        ε as a new list of tensors shaped like ``grads``; ‖ε‖ = ρ for SAM, ‖T⁻¹ε‖ = ρ for ASAM, for a
+        nonzero gradient (up to the 1e-12 of unit); ε = 0 for a zero gradient.
     """
     check_nonnegative(rho, "rho")
     _check_same_length(params, grads, "params", "grads")

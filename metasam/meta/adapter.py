@@ -69,7 +69,9 @@ class TaskAdapter:
         return adapt(self.model, theta, support_x, support_y, self.test_loop(steps))
 
     def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Logits of ``x`` under fast weights ``params`` (BatchNorm: statistics of the batch ``x``)."""
+        """Logits of ``x`` under fast weights ``params``, the model in its current mode (BatchNorm: the
+        statistics of the batch ``x`` for metasam's BatchNorm, and for torch's in train mode or without running
+        statistics)."""
         return forward(self.model, {n: params[n] for n in self.names}, x)
 
     def _checked(self, batch: Sequence[Tensor]) -> Sequence[Tensor]:

@@ -250,7 +250,8 @@ class MetaLearner(TaskAdapter):
         """The direction the outer rule feeds to the outer optimizer, keyed like ``named_parameters``.
 
         For the plain outer rule this is ∇L_meta(θ). No step is taken; the outer rule's momentum
-        (agnostic outer) is not advanced either. With a ``reducer``, ``batch`` (and ``val_batch``) hold
+        (agnostic outer) is not advanced either. ``val_batch``, a validation meta-batch, is required (else
+        :class:`ConfigError`) under the agnostic outer rule and unused otherwise. With a ``reducer``, ``batch`` (and ``val_batch``) hold
         this process's tasks and the direction is that of the whole meta-batch, the same on every process.
         """
         direction, _, _ = self._outer_direction(self._checked(as_task_batch(batch)), val_batch)
@@ -261,8 +262,9 @@ class MetaLearner(TaskAdapter):
         alignment: bool = False,
     ) -> dict[str, float]:
         """One outer step on ``batch``; returns metrics (query loss / accuracy after adaptation and,
-        with ``pre_adaptation=True``, before it; meta-gradient norm; cos(g_S, g_V) where the agnostic outer
-        rule runs). The "before" metrics cost an extra forward pass over every query set (about a fifth of
+        with ``pre_adaptation=True``, before it; ``meta_grad_norm``, the norm of the direction given to the
+        outer optimizer, ∇L_meta(θ + ε) under the sam and agnostic outer rules, and ``outer_grad_norm``,
+        ‖∇L_meta(θ)‖; cos(g_S, g_V) where the agnostic outer rule runs). The "before" metrics cost an extra forward pass over every query set (about a fifth of
         a second-order MAML step), so they are off unless asked for.
 
         ``alignment=True`` adds the gradient alignment before and after the update, on the same batches:

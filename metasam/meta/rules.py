@@ -84,7 +84,7 @@ class SAMRule(Rule):
     """
 
     rho: float = setting(0.05, "ρ, the radius of the SAM perturbation")
-    adaptive: bool = setting(False, "scale the radius by |φ| + η (ASAM)")
+    adaptive: bool = setting(False, "ASAM's form ε = ρ T²g/‖Tg‖, T = |φ| + η")
     eta: float = setting(ASAM_ETA, "η of ASAM's scale |φ| + η")
     detach_perturbation: bool = setting(False, "treat the perturbation as a constant (no gradient through it; cheaper)")
     name = "sam"
@@ -105,13 +105,14 @@ class AgnosticRule(Rule):
 
     ``state`` is m (None before the first step). Without ``val_grad_fn`` the validation view is the
     training data itself, ∇L_v = ∇L (the seed paper duplicates the support set at the inner level):
-    the first step then equals :class:`SAMRule` with radius ρ1 − ρ2, later steps differ through m.
+    the first step then equals :class:`SAMRule` with radius ρ1 − ρ2 (in exact arithmetic: ρ1·u − ρ2·u and
+    (ρ1 − ρ2)·u may differ by rounding), later steps differ through m.
     """
 
     rho1: float = setting(0.05, "ρ1, the radius of the ascent along the training gradient")
     rho2: float = setting(0.025, "ρ2, the radius of the step against the validation momentum")
     beta: float = setting(0.9, "β, the decay of the validation momentum m ← β m + (1 − β) ∇L_v")
-    adaptive: bool = setting(False, "scale the radii by |φ| + η (ASAM)")
+    adaptive: bool = setting(False, "ASAM's form of both terms, ρ T²g/‖Tg‖, T = |φ| + η")
     eta: float = setting(ASAM_ETA, "η of ASAM's scale |φ| + η")
     detach_perturbation: bool = setting(False, "treat the perturbation as a constant (no gradient through it; cheaper)")
     name = "agnostic"

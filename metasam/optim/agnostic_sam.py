@@ -114,7 +114,8 @@ class AgnosticSAM(SharpnessOptimizer):
         """Move to θ + ε from g_S in ``p.grad`` and g_V given; returns ε.
 
         ``val_grads`` holds one gradient (or None for none) per parameter of the optimizer, in
-        ``param_groups`` order: the gradients of the validation batch at the same θ. The new m is
+        ``param_groups`` order: the gradients of the validation batch at the same θ. None counts as a zero
+        g_V for a parameter that has a training gradient (its m becomes β·m, or 0 on its first step). The new m is
         kept aside and becomes the optimizer's only when :meth:`second_step` completes the step, so a
         step refused for a non-finite gradient leaves m as it was.
 
