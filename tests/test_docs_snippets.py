@@ -1,8 +1,10 @@
 """The Python the docs show runs: every metasam block of docs/coming_from.md (the other libraries' blocks are
 shown, not run) and the README's example run whole; the fragments of the other pages (which use a model or data
-defined in prose) at least import only names that exist, and every metasam name quoted in code exists."""
+defined in prose) at least import only names that exist; every metasam name quoted in code exists, every
+signature written out is the code's, and every test the docs give as evidence exists."""
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import re
@@ -13,6 +15,7 @@ import torch
 
 import metasam
 import metasam.core
+from metasam.train.config import MetaTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "coming_from.md"
@@ -121,3 +124,29 @@ def test_the_signatures_the_docs_write_out_match_the_code():
                             (ast.literal_eval(d) for d in args.defaults)))
         for name, value in defaults.items():
             assert code.parameters[name].default == value, f"{page}: {doc.name}'s {name} defaults to {value}"
+
+
+def test_every_test_the_docs_name_exists():
+    """The docs give tests as evidence (`test_core.py::test_sam_perturbation_by_hand`, `tests/test_cuda.py`): each
+    named test function exists (in the file named with it), and each named test file exists. A setting whose
+    name starts with test_ (`test_inner_steps`) is not a test."""
+    settings = {f.name for f in dataclasses.fields(MetaTrainConfig)} | set(inspect.signature(metasam.MetaLearner).parameters)
+    defined: dict[str, set[str]] = {}
+    for file in (ROOT / "tests").rglob("*.py"):
+        for name in re.findall(r"^\s*def (test_\w+)", file.read_text(), flags=re.M):
+            defined.setdefault(name, set()).add(file.relative_to(ROOT / "tests").as_posix())
+    reference = re.compile(r"(?:(?<![\w/.])((?:tests/)?[\w/]+\.py)::)?(?<![\w/.])(test_\w+)(?![\w.=(])")
+    named, wrong = 0, []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        text, where = page.read_text(), page.relative_to(ROOT)
+        wrong += [f"{where}: {f}" for f in re.findall(r"\btests/[\w/]+\.py", text) if not (ROOT / f).is_file()]
+        for span in re.findall(r"`([^`\n]+)`", text):
+            for file, name in reference.findall(span):
+                if name in settings:
+                    continue
+                named += 1
+                places = defined.get(name, set())
+                file = file.removeprefix("tests/")
+                if not places or (file and not any(p == file or p.endswith("/" + file) for p in places)):
+                    wrong.append(f"{where}: {file + '::' if file else ''}{name}")
+    assert named >= 60 and wrong == []
