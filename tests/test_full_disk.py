@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -54,14 +55,17 @@ def test_a_run_on_a_full_disk_stops_in_one_line_keeps_its_checkpoint_and_resumes
     err = capsys.readouterr().err
     assert "Traceback" not in err
     (line,) = [x for x in err.splitlines() if ": error: " in x]
-    assert f"cannot write {run}/" in line and ": no space left on device; the previous " in line
-    assert line.endswith(f"then continue the run with: metasam train --resume {run}")
+    assert re.fullmatch(rf"metasam train: error: cannot write {re.escape(str(run))}/last\.pt: no space left on "
+                        rf"device; the previous last\.pt is intact\. It needs [\d.]+ MiB in {re.escape(str(run))} "
+                        rf"\([\d.]+ MiB free\): .*then continue the run with: metasam train --resume {re.escape(str(run))}",
+                        line), line
     kept = load_checkpoint(run / "last.pt", require_digest=True)["learner"]["iteration"]
     assert not list(run.glob(".*.tmp"))
     subprocess.run(["mount", "-o", "remount,size=10m", str(disk)], check=True)  # space was freed
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lines if "val_acc" not in r] == [1, 2, 3, 4] and kept < 4
+    assert [r["iteration"] for r in lines if "val_acc" in r] == [2, 4]  # each line once, validations too
 
 
 def test_a_metrics_line_that_does_not_fit_stops_the_run_in_one_error(tmpfs):
@@ -75,3 +79,4 @@ def test_a_metrics_line_that_does_not_fit_stops_the_run_in_one_error(tmpfs):
     assert str(info.value).startswith(f"cannot append to {run / 'metrics.jsonl'}: no space left on device; "
                                       f"{run / 'last.pt'} keeps iteration 0. ")
     assert str(info.value).endswith(f"then continue the run with: metasam train --resume {run}")
+    assert load_checkpoint(run / "last.pt", require_digest=True)["learner"]["iteration"] == 0

@@ -16,18 +16,22 @@ def cache_files(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
+def loads_from_the_cache(monkeypatch, root, cache, **kwargs):
+    """An Omniglot load that must not decode a drawing: the cache alone gives its images."""
+    import metasam.data.omniglot as om
+
+    with monkeypatch.context() as patch:
+        patch.setattr(om, "_decode", lambda *a: pytest.fail("decoded again: the cache was not rewritten"))
+        return Omniglot(root, cache_dir=cache, **kwargs)
+
+
 def test_second_load_uses_the_cache(tmp_path, monkeypatch):
     fake_omniglot(tmp_path / "data", chars=4, drawings=5)
     cache = tmp_path / "cache"
     first = Omniglot(tmp_path / "data", cache_dir=cache)
     files = cache_files(cache)
     assert len(files) == 1 and files[0].endswith(".pt")  # no temporary file left behind
-    import metasam.data.omniglot as om
-
-    monkeypatch.setattr(om, "_decode", lambda *a: pytest.fail("decoded again despite a cache"))
-    t = time.perf_counter()
-    second = Omniglot(tmp_path / "data", cache_dir=cache)
-    assert time.perf_counter() - t < 1.0
+    second = loads_from_the_cache(monkeypatch, tmp_path / "data", cache)
     assert torch.equal(first.images, second.images) and first.classes == second.classes
 
 
@@ -60,15 +64,17 @@ def test_default_cache_dir_comes_from_environment(tmp_path, monkeypatch):
     assert len(cache_files(tmp_path / "envcache")) == 1
 
 
-def test_corrupt_cache_file_is_rebuilt(tmp_path):
+def test_corrupt_cache_file_is_rebuilt(tmp_path, monkeypatch):
     fake_omniglot(tmp_path / "data")
     cache = tmp_path / "cache"
     good = Omniglot(tmp_path / "data", cache_dir=cache)
     (path,) = cache.iterdir()
     path.write_bytes(b"truncated")
-    with pytest.warns(UserWarning, match="unreadable cache"):
+    with pytest.warns(UserWarning, match="unreadable cache") as record:
         again = Omniglot(tmp_path / "data", cache_dir=cache)
+    assert len(record) == 1 and str(path) in str(record[0].message)
     assert torch.equal(good.images, again.images)
+    assert torch.equal(loads_from_the_cache(monkeypatch, tmp_path / "data", cache).images, good.images)
 
 
 def test_a_failed_cache_write_leaves_no_file_to_read_and_the_next_load_rebuilds(tmp_path, monkeypatch):
@@ -80,9 +86,9 @@ def test_a_failed_cache_write_leaves_no_file_to_read_and_the_next_load_rebuilds(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.warns(UserWarning, match=r"cannot write the image cache .*no space left on device.*continuing without it"):
+    with pytest.warns(UserWarning, match=r"cannot write the image cache .*no space left on device.*continuing without it") as record:
         first = Omniglot(tmp_path / "data", cache_dir=cache)
-    assert cache_files(cache) == []  # neither a half-written cache file nor a temporary one
+    assert len(record) == 1 and cache_files(cache) == []  # neither a half-written cache file nor a temporary one
     monkeypatch.undo()
     import metasam.data.omniglot as om
 
@@ -101,12 +107,12 @@ def test_an_image_cache_on_a_real_full_disk_is_a_warning(tmp_path, tmpfs):
         while True:
             os.write(fd, b"\0" * 4096)
     os.close(fd)
-    with pytest.warns(UserWarning, match=r"cannot write the image cache .*no space left on device.*continuing without it"):
+    with pytest.warns(UserWarning, match=r"cannot write the image cache .*no space left on device.*continuing without it") as record:
         ds = Omniglot(tmp_path / "data", cache_dir=cache / "metasam")
-    assert len(ds) > 0 and not list((cache / "metasam").glob("*.pt"))
+    assert len(record) == 1 and len(ds) > 0 and not list((cache / "metasam").glob("*.pt"))
 
 
-def test_an_edited_pixel_in_the_cache_is_caught_and_the_cache_rebuilt(tmp_path):
+def test_an_edited_pixel_in_the_cache_is_caught_and_the_cache_rebuilt(tmp_path, monkeypatch):
     fake_omniglot(tmp_path / "data")
     cache = tmp_path / "cache"
     good = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
@@ -116,6 +122,8 @@ def test_an_edited_pixel_in_the_cache_is_caught_and_the_cache_rebuilt(tmp_path):
     assert at > 0
     data[at + 40] ^= 0xFF  # same size, one pixel changed: the file still loads
     path.write_bytes(bytes(data))
-    with pytest.warns(UserWarning, match=r"unreadable cache file .*fails its content check"):
+    with pytest.warns(UserWarning, match=r"unreadable cache file .*fails its content check") as record:
         again = Omniglot(tmp_path / "data", rotations=False, cache_dir=cache)
+    assert len(record) == 1 and str(path) in str(record[0].message)
     assert torch.equal(good.images, again.images)
+    assert torch.equal(loads_from_the_cache(monkeypatch, tmp_path / "data", cache, rotations=False).images, good.images)

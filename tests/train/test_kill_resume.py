@@ -167,6 +167,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(tmp_
     proc.wait(30)
     if proc.returncode == 0:
         pytest.skip("the run finished before the random kill time on this machine")
+    assert proc.returncode == -signal.SIGKILL, output(proc)
     resume(run)
     assert_same_run(run, reference)
 
@@ -192,6 +193,7 @@ def test_sigterm_saves_closes_and_names_the_resume_command(tmp_path, reference):
     message = output(proc).strip().splitlines()[-1]
     assert message.startswith("metasam train: stopped by SIGTERM at iteration ")
     assert message.endswith(f"Continue with: metasam train --resume {run}")
+    assert f"; checkpoint {run / 'last.pt'} saved. " in message
     stopped_at = int(message.split("at iteration ")[1].split(";")[0])
     assert state(run / "last.pt")["iteration"] == stopped_at >= 2
     assert (run / "metrics.jsonl").read_text().endswith("\n")  # no torn line: the log was closed cleanly

@@ -56,9 +56,10 @@ def test_nan_stops_the_run_in_one_line_keeps_the_last_good_checkpoint_and_resume
     run = tmp_path / "run"
     poison(monkeypatch, {3})
     assert main([*CLI, "--out", str(run)]) == 2
-    (line,) = errors(capsys.readouterr().err)
-    assert "iteration 3: the query loss is NaN" in line and "Try a smaller --inner-lr (now 0.4)" in line
-    assert f"{run / 'last.pt'} keeps iteration 2" in line and f"--resume {run} --skip-nonfinite 1" in line
+    assert errors(capsys.readouterr().err) == [
+        "metasam train: error: iteration 3: the query loss is NaN; θ, the outer optimizer and its momentum keep their "
+        "values of iteration 2. Try a smaller --inner-lr (now 0.4), --outer-lr (now 0.001). The run stopped; "
+        f"{run / 'last.pt'} keeps iteration 2. To skip such steps instead: metasam train --resume {run} --skip-nonfinite 1"]
     last = checkpoint(run / "last.pt")
     assert last["learner"]["iteration"] == 2
     assert all(torch.isfinite(t).all() for t in last["learner"]["model"].values())
@@ -107,6 +108,10 @@ def test_a_skipped_step_changes_no_weight_optimizer_state_or_momentum_and_the_ne
     assert any(not torch.equal(entering[4]["model"][k], v) for k, v in after["model"].items())  # step 4 trained
     assert checkpoint(tmp_path / "run" / "last.pt")["skipped_nonfinite"] == 1
     assert checkpoint(tmp_path / "run" / "last.pt")["learner"]["iteration"] == 4
+    skipped, stopped = [r for r in records(tmp_path / "run") if "nonfinite" in r]
+    assert {k: skipped[k] for k in ("iteration", "skipped_nonfinite", "nonfinite")} == {
+        "iteration": 3, "skipped_nonfinite": 1, "nonfinite": "query loss"}
+    assert stopped == {"iteration": 5, "nonfinite": "query loss", "stopped": True}
 
 
 def test_settings_are_checked_before_any_data_is_loaded(tmp_path, monkeypatch, capsys):
