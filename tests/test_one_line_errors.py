@@ -136,6 +136,7 @@ def test_a_missing_default_test_split_names_its_flag_and_a_missing_data_root_nam
     monkeypatch.delenv("METASAM_DATA", raising=False)
     assert main([*args, "--out", str(tmp_path / "run")]) == 2
     assert "no data folder given. Pass --data-root <folder> (root=<folder> in Python) or set" in error_line(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_file_system_error_no_check_foresaw_is_one_line(tmp_path, capsys, tmpfs):

@@ -76,13 +76,22 @@ def test_bad_config_values_raise_config_error():
 
 @pytest.mark.parametrize("field, value, flag", [
     ("lr", float("inf"), "--lr"), ("lr", float("nan"), "--lr"), ("lr", 0.0, "--lr"),
-    ("weight_decay", float("inf"), "--weight-decay"), ("weight_decay", -1e-4, "--weight-decay"),
+    ("weight_decay", float("inf"), "--weight-decay"), ("weight_decay", float("nan"), "--weight-decay"),
+    ("weight_decay", -1e-4, "--weight-decay"),
     ("eta", float("nan"), "--eta"), ("momentum", 1.0, "--momentum"), ("momentum", -0.1, "--momentum"),
     ("beta", float("nan"), "--beta"),
 ])
 def test_non_finite_or_out_of_range_hyperparameters_name_their_flag(field, value, flag):
     with pytest.raises(ConfigError, match=flag):
         SupervisedConfig(**{field: value})
+
+
+@pytest.mark.parametrize("flags", [["--lr", "inf"], ["--weight-decay", "nan"], ["--momentum", "1"]])
+def test_the_cli_names_the_flag_of_a_bad_hyperparameter_in_one_line(flags, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["supervised", *flags, "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"metasam supervised: error: {flags[0]} ") and not out.exists()
 
 
 @pytest.mark.parametrize("optimizer, flags, named", [

@@ -129,8 +129,9 @@ def test_plots_are_nonempty_pngs_of_the_requested_size(tmp_path):
     assert size == (500, 300)
 
 
-def test_analyze_and_plot_commands_on_a_supervised_run(tmp_path, capsys):
+def test_analyze_and_plot_commands_on_a_supervised_run(tmp_path, capsys, monkeypatch):
     from metasam.cli.main import main
+    from metasam.train import analyze
 
     run = tmp_path / "digits"
     assert main(["supervised", "--optimizer", "agnostic-sam", "--epochs", "1", "--alignment-every", "5", "--out", str(run),
@@ -152,13 +153,17 @@ def test_analyze_and_plot_commands_on_a_supervised_run(tmp_path, capsys):
     contour = (run / "landscape_steps3_contour.png").read_bytes()
     (run / "analysis_k2_steps3.json").unlink()  # the PNGs alone are enough to refuse
     capsys.readouterr()
-    assert main(["analyze", str(run), "--landscape", "--steps", "3"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"metasam analyze: error: {run / 'landscape_steps3_contour.png'} exists (an analysis with these settings): "
-        "pass --overwrite to replace it (overwrite=True in Python), or choose other settings")
+    with monkeypatch.context() as patch:
+        patch.setattr(analyze, "_supervised_loss", lambda *a: pytest.fail("computed before the refusal"))
+        assert main(["analyze", str(run), "--landscape", "--steps", "3"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"metasam analyze: error: {run / 'landscape_steps3_contour.png'} exists (an analysis with these settings): "
+            "pass --overwrite to replace it (overwrite=True in Python), or choose other settings")
+        assert main(["analyze", str(run), "--hessian", "--k", "1", "--seed", "3"]) == 2
     assert (run / "landscape_steps3_contour.png").read_bytes() == contour
-    assert main(["analyze", str(run), "--hessian", "--k", "1", "--seed", "3"]) == 2
+    earlier = (run / "analysis_hessian_k1_seed3.json").stat().st_ino
     assert main(["analyze", str(run), "--hessian", "--k", "1", "--seed", "3", "--overwrite"]) == 0
+    assert (run / "analysis_hessian_k1_seed3.json").stat().st_ino != earlier  # replaced (atomically: a new file)
     state = torch.load(run / "model.pt", weights_only=True)  # a plain state_dict, as users load it
     next(v for v in state.values() if v.is_floating_point()).view(-1)[0] += 1.0  # a damaged (finite) weight
     torch.save(state, run / "model.pt")

@@ -249,8 +249,8 @@ def test_alignment_before_and_after_the_update_equals_the_reference(algo):
     expected_after = outer_cos([t - lr * di for t, di in zip(theta, d)])
 
     metrics = learner.meta_step(batch, val, pre_adaptation=False, alignment=True)
-    assert metrics["outer_cos_before"] == pytest.approx(expected_before, rel=1e-10)
-    assert metrics["outer_cos_after"] == pytest.approx(expected_after, rel=1e-10)
-    assert metrics["inner_cos_before"] == pytest.approx(sum(before) / len(before), rel=1e-10)
-    assert metrics["inner_cos_after"] == pytest.approx(sum(after) / len(after), rel=1e-10)
+    assert metrics["outer_cos_before"] == pytest.approx(expected_before, rel=1e-12)
+    assert metrics["outer_cos_after"] == pytest.approx(expected_after, rel=1e-12)
+    assert metrics["inner_cos_before"] == pytest.approx(sum(before) / len(before), rel=1e-12)
+    assert metrics["inner_cos_after"] == pytest.approx(sum(after) / len(after), rel=1e-12)
     assert abs(expected_after - expected_before) > 1e-3 and abs(sum(after) - sum(before)) > 1e-3  # the test can tell them apart

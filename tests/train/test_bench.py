@@ -173,10 +173,17 @@ def test_merge_tests_again_a_cell_whose_result_file_holds_other_test_steps(grid,
 def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags(grid, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(grid[0], out)
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main([*ARGS, "--seeds", "0,1,2", "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith(f"metasam bench: error: {out} holds a bench with other --seeds")
+    other_grid = [a.replace("maml:inner_lr=0.001,0.4", "maml:inner_lr=0.001,0.2") for a in ARGS]
+    assert main([*other_grid, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"metasam bench: error: {out} holds a bench with other --grid")
+    assert main([*ARGS, "--iterations", "3", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"metasam bench: error: {out} holds a bench with other ")
     assert main(["bench", "--out", str(out), "--merge", "--iterations", "5"]) == 2
     assert "drop --iterations" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept  # every cell and result kept
 
 
 def _launch(out: Path) -> subprocess.Popen:

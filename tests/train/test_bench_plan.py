@@ -69,7 +69,6 @@ def test_grid_specs_and_tied_settings():
     ("maml:val_tasks=5,10", "set it with --val-tasks"),
     ("maml:inner_speed=1", "no setting 'inner_speed'; a grid varies one of"),
     ("maml:inner_lr=0.1,fast", "'fast' is not a float"),
-    ("agnostic-sam:inner_rho2=__import__('os').getcwd()", "is not a float"),  # no code is evaluated
     ("agnostic-sam:inner_rho2=rho1**2", "is not a float"),
     ("maml:inner_lr=0.1,0.1", "a value is listed twice"),
 ])
@@ -138,6 +137,16 @@ def test_bad_bench_settings_are_one_line_before_any_data_loads(tmp_path, capsys,
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("metasam bench: error: ") and message in err, err
     assert not out.exists()
+
+
+def test_a_grid_value_that_is_code_is_refused_and_never_run(tmp_path, capsys, no_data):
+    marker = tmp_path / "ran"
+    payload = f"agnostic-sam:inner_rho2=__import__('pathlib').Path('{marker}').touch() or rho1/2"
+    assert main(["bench", "--algos", "maml,agnostic-sam", "--settings", "5w1s", "--grid", "agnostic-sam:inner_rho1=0.1",
+                 "--grid", payload, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("metasam bench: error: ") and "is not a float" in line
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_merge_needs_a_bench_folder_and_refuses_an_old_one_seed_layout(tmp_path, capsys, no_data):

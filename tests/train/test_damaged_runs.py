@@ -7,10 +7,12 @@ import shutil
 
 import pytest
 import torch
+from test_reliability import folder_bytes
 
 from metasam.atomic_write import save_atomic
 from metasam.checkpoint import DIGEST_KEY, load_checkpoint
 from metasam.cli.main import main
+from metasam.train import analyze
 
 CLI = ["train", "--dataset", "glyphs", "--ways", "3", "--queries", "2", "--meta-batch", "2", "--iterations", "2",
        "--val-every", "2", "--val-tasks", "3", "--no-progress"]
@@ -56,11 +58,13 @@ def rewrite(path, change) -> None:
 
 def test_a_flipped_byte_in_a_checkpoint_is_named_by_resume_and_evaluate(run, capsys):
     flip_a_weight_byte(run / "last.pt")
+    flip_a_weight_byte(run / "best.pt")
+    damaged = folder_bytes(run)
     assert main(["train", "--resume", str(run), "--iterations", "4", "--no-progress"]) == 2
     assert f"checkpoint {run / 'last.pt'} fails its content check" in error_line(capsys)
-    flip_a_weight_byte(run / "best.pt")
     assert main(["evaluate", str(run), "--episodes", "3", "--no-progress"]) == 2
     assert f"checkpoint {run / 'best.pt'} fails its content check" in error_line(capsys)
+    assert folder_bytes(run) == damaged  # the run folder is kept as it was, the damaged files too
 
 
 def test_a_checkpoint_that_lost_its_hash_is_refused(run, capsys):
@@ -95,11 +99,13 @@ def test_logits_that_overflow_during_adaptation_are_refused(run, capsys):
     assert f"the logits of {run / 'best.pt'} become NaN/Inf during adaptation (its weights are finite)" in error_line(capsys)
 
 
-def test_analyze_refuses_an_infinite_span_before_loading_and_a_landscape_that_overflows(run, capsys):
-    assert main(["analyze", str(run), "--span", "inf"]) == 2
-    assert error_line(capsys).endswith("error: --span must be a finite number > 0, got inf")
-    assert main(["analyze", str(run), "--k", "100000"]) == 2
-    assert error_line(capsys).endswith("error: --k must be an int between 1 and 100, got 100000")
+def test_analyze_refuses_an_infinite_span_before_loading_and_a_landscape_that_overflows(run, capsys, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(analyze, "_meta_loss", lambda *a: pytest.fail("the run was loaded before the options were checked"))
+        assert main(["analyze", str(run), "--span", "inf"]) == 2
+        assert error_line(capsys).endswith("error: --span must be a finite number > 0, got inf")
+        assert main(["analyze", str(run), "--k", "100000"]) == 2
+        assert error_line(capsys).endswith("error: --k must be an int between 1 and 100, got 100000")
     assert main(["analyze", str(run), "--landscape", "--tasks", "2", "--steps", "3", "--span", "1e38"]) == 2
     assert "the loss landscape is not finite" in error_line(capsys)
     assert not list(run.glob("analysis*.json")) and not list(run.glob("landscape*.png"))

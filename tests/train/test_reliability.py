@@ -47,6 +47,10 @@ def checkpoint(path):
     return torch.load(path, weights_only=True)
 
 
+def folder_bytes(run) -> dict:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
 def errors(err: str) -> list[str]:
     assert "Traceback" not in err
     return [line for line in err.splitlines() if ": error: " in line]
@@ -168,20 +172,24 @@ def test_foreign_checkpoints_and_changed_settings_are_named(tmp_path, capsys):
     assert main([*CLI, "--iterations", "2", "--out", str(a)]) == 0
     assert main([*CLI, "--iterations", "2", "--ways", "4", "--out", str(b)]) == 0
     capsys.readouterr()
+    kept = folder_bytes(a)
     assert main(["train", "--resume", str(a), "--outer-lr", "0.1"]) == 2
     assert "drop --outer-lr (only --skip-nonfinite, --iterations, --task-threads and --no-progress may be given)" in errors(
         capsys.readouterr().err)[0]
     assert main(["train", "--resume", str(a / "last.pt")]) == 2
     assert errors(capsys.readouterr().err) == [
         f"metasam train: error: --resume takes the run folder, not a file in it: use --resume {a}"]
+    assert folder_bytes(a) == kept
     (a / "best.pt").write_bytes((b / "best.pt").read_bytes())  # a checkpoint copied from another run
+    (a / "last.pt").write_bytes((b / "last.pt").read_bytes())
+    kept = folder_bytes(a)
     assert main(["evaluate", str(a), "--episodes", "3", "--no-progress"]) == 2
     (line,) = errors(capsys.readouterr().err)
     assert "best.pt was written by another configuration" in line and "ways: 4 vs 3" in line
-    (a / "last.pt").write_bytes((b / "last.pt").read_bytes())
     assert main(["train", "--resume", str(a), "--no-progress"]) == 2
     (line,) = errors(capsys.readouterr().err)
     assert "last.pt was written by another configuration" in line and "ways: 4 vs 3" in line
+    assert folder_bytes(a) == kept  # every refusal left the run folder as it was
     for name in ("last.pt", "best.pt", "metrics.jsonl", "train_summary.json"):  # as if killed before last.pt
         (b / name).unlink()
     assert main([*CLI, "--iterations", "2", "--ways", "4", "--out", str(b)]) == 2
