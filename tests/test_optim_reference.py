@@ -70,17 +70,19 @@ class Reference:
         self.m = [None] * len(theta)
         self.buf = [None] * len(theta)
 
-    def step(self, train, val, active):
+    def step(self, train, val, active, val_gain=None):
+        """``val_gain=False``: the validation loss leaves ``gain`` out while the training loss uses it, so
+        gain's g_V is 0 (the documented rule for a parameter with no validation gradient)."""
         idx = [i for i, a in enumerate(active) if a]
         at = [self.theta[i] for i in idx]
         scaled = None if self.scaled is None else [self.scaled[i] for i in idx]
 
-        def loss_fn(data):
+        def loss_fn(data, use_gain=active[0]):
             def f(w):
                 full = list(self.theta)
                 for i, wi in zip(idx, w):
                     full[i] = wi
-                return loss_with(full, *data, use_gain=active[0])
+                return loss_with(full, *data, use_gain=use_gain)
 
             return f
 
@@ -88,7 +90,7 @@ class Reference:
         if self.kind == "sam":
             eps = ref.ascent(at, g_s, self.rho[0], self.adaptive, ETA, scaled)
         else:
-            g_v = ref.grad(loss_fn(val), at, create_graph=False)
+            g_v = grad_or_zero(loss_fn(val, active[0] if val_gain is None else val_gain), at)
             m = [g if self.m[i] is None else BETA * self.m[i] + (1 - BETA) * g for i, g in zip(idx, g_v)]
             for i, mi in zip(idx, m):
                 self.m[i] = mi
@@ -97,6 +99,13 @@ class Reference:
         new, buf = ref.sgd(at, g_star, [self.buf[i] for i in idx], LR, MU, WD)
         for i, t, b in zip(idx, new, buf):
             self.theta[i], self.buf[i] = t.detach(), b.detach()
+
+
+def grad_or_zero(loss_fn, at):
+    """∇ loss_fn at ``at``, 0 for a tensor the loss does not use."""
+    at = [a.detach().requires_grad_() for a in at]
+    grads = torch.autograd.grad(loss_fn(at), at, allow_unused=True)
+    return [torch.zeros_like(a) if g is None else g for a, g in zip(at, grads)]
 
 
 CASES = {  # name: (kind, radii, adaptive, asam_scope)
@@ -155,6 +164,25 @@ def test_the_validation_momentum_is_kept_per_parameter_when_a_parameter_has_no_g
     opt, reference = run_and_compare(case, [True, False, True, True])
     params = list(opt.model.parameters())
     assert_close([opt.momentum[p] for p in params], reference.m, f"{case}: m after four steps")
+
+
+@pytest.mark.parametrize("case", ["agnostic-sam", "agnostic-asam"])
+def test_a_parameter_with_a_training_gradient_and_no_validation_gradient_takes_g_v_zero(case):
+    """Step 2's validation loss leaves ``gain`` out (its training loss uses it): gain's m becomes β·m, the
+    other parameters' m carry on, and every step equals the reference built on g_V = 0 for gain."""
+    kind, radii, adaptive, scope = CASES[case]
+    model = Net()
+    opt = make(model, kind, radii, adaptive, scope)
+    reference = Reference([p.detach().clone() for p in model.parameters()], kind, radii, adaptive)
+    for step, val_gain in enumerate([True, False, True]):
+        train, val = batch(10 + step, 12), batch(20 + step, 6)
+        m_gain = None if step == 0 else opt.momentum[model.gain].clone()
+        opt.step(closure(model, *train), closure(model, *val, val_gain))
+        reference.step(train, val, [True] * 5, val_gain=val_gain)
+        assert_close([p.detach() for p in model.parameters()], reference.theta, f"{case}, step {step + 1}")
+        if not val_gain:
+            assert torch.equal(opt.momentum[model.gain], BETA * m_gain)
+    assert_close([opt.momentum[p] for p in model.parameters()], reference.m, f"{case}: m after three steps")
 
 
 def state_of(opt, model):
