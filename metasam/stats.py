@@ -10,7 +10,8 @@ from scipy import stats
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     """(mean, 1.96 · sd / √n) with the sample standard deviation (0 for a single value): the normal
-    interval over many test tasks (n in the hundreds, where t and normal agree). Raises ValueError for no values."""
+    interval over many test tasks (n in the hundreds, where t and normal agree). Raises ValueError for no
+    values."""
     n = _count(values)
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
@@ -19,7 +20,8 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
 
 def t_interval(values: Sequence[float]) -> tuple[float, float]:
     """(mean, t_{0.975, n−1} · sd / √n): the 95 % Student-t interval of a mean over few values (seeds),
-    NaN half-width for a single value (one seed says nothing about the spread). Raises ValueError for no values."""
+    NaN half-width for a single value (one seed says nothing about the spread). Raises ValueError for no
+    values."""
     n = _count(values)
     mean = sum(values) / n
     if n < 2:

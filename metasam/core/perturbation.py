@@ -5,8 +5,8 @@ wrappers (:mod:`metasam.optim`) and both levels of the bilevel trainer (:mod:`me
 
 Every function is pure: it takes sequences of tensors (one per parameter, in a fixed order), writes
 nothing in place and keeps no state. Each returns new tensors, except :func:`momentum_update`, which
-returns the given g_V tensors themselves where m starts (m = g_V). Built from differentiable torch operations,
-so a second-order meta-gradient can flow through a perturbation when the caller wants it to.
+returns the given g_V tensors themselves where m starts (m = g_V). Built from differentiable torch
+operations, so a second-order meta-gradient can flow through a perturbation when the caller wants it to.
 
 Notation (docs/algorithms.md §1): θ the parameters, g a gradient, ‖·‖ the global L2 norm over all
 parameters together, unit(g) = g / (‖g‖ + 1e-12), T = |θ| + η element-wise (ASAM's scale operator).

@@ -251,8 +251,9 @@ class MetaLearner(TaskAdapter):
 
         For the plain outer rule this is ∇L_meta(θ). No step is taken; the outer rule's momentum
         (agnostic outer) is not advanced either. ``val_batch``, a validation meta-batch, is required (else
-        :class:`ConfigError`) under the agnostic outer rule and unused otherwise. With a ``reducer``, ``batch`` (and ``val_batch``) hold
-        this process's tasks and the direction is that of the whole meta-batch, the same on every process.
+        :class:`ConfigError`) under the agnostic outer rule and unused otherwise. With a ``reducer``, ``batch``
+        (and ``val_batch``) hold this process's tasks and the direction is that of the whole meta-batch, the
+        same on every process.
         """
         direction, _, _ = self._outer_direction(self._checked(as_task_batch(batch)), val_batch)
         return {n: g.detach() for n, g in zip(self.names, direction)}
@@ -264,8 +265,9 @@ class MetaLearner(TaskAdapter):
         """One outer step on ``batch``; returns metrics (query loss / accuracy after adaptation and,
         with ``pre_adaptation=True``, before it; ``meta_grad_norm``, the norm of the direction given to the
         outer optimizer, ∇L_meta(θ + ε) under the sam and agnostic outer rules, and ``outer_grad_norm``,
-        ‖∇L_meta(θ)‖; cos(g_S, g_V) where the agnostic outer rule runs). The "before" metrics cost an extra forward pass over every query set (about a fifth of
-        a second-order MAML step), so they are off unless asked for.
+        ‖∇L_meta(θ)‖; cos(g_S, g_V) where the agnostic outer rule runs). The "before" metrics cost an extra
+        forward pass over every query set (about a fifth of a second-order MAML step), so they are off unless
+        asked for.
 
         ``alignment=True`` adds the gradient alignment before and after the update, on the same batches:
         ``outer_cos_before`` / ``outer_cos_after`` (:meth:`outer_alignment` at θ and at the new θ, on

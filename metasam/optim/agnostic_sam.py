@@ -115,9 +115,9 @@ class AgnosticSAM(SharpnessOptimizer):
 
         ``val_grads`` holds one gradient (or None for none) per parameter of the optimizer, in
         ``param_groups`` order: the gradients of the validation batch at the same θ. None counts as a zero
-        g_V for a parameter that has a training gradient (its m becomes β·m, or 0 on its first step). The new m is
-        kept aside and becomes the optimizer's only when :meth:`second_step` completes the step, so a
-        step refused for a non-finite gradient leaves m as it was.
+        g_V for a parameter that has a training gradient (its m becomes β·m, or 0 on its first step). The
+        new m is kept aside and becomes the optimizer's only when :meth:`second_step` completes the step, so
+        a step refused for a non-finite gradient leaves m as it was.
 
         m is kept per parameter: the parameters that have a gradient now are updated (a parameter's
         first gradient starts its m at g_V); the others keep theirs.
