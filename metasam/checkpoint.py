@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,15 @@ def _feed(h: Any, obj: Any) -> None:
         h.update(f"{type(obj).__name__} {obj!r};".encode())
 
 
+def _torch_reason(exc: Exception) -> str:
+    """torch's reason for refusing a file, in one sentence: what it found (an unsupported global, a damaged
+    archive), without its advice to load the file with ``weights_only=False``."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    advice = ("weights_only", "Weights only load failed", "Check the documentation")
+    found = next((line for line in lines if line and not any(a in line for a in advice)), "")
+    return found.removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0].split(". ")[0].rstrip(".")
+
+
 def load_checkpoint(path: str | os.PathLike, *, require_digest: bool = False, mmap: bool = False) -> Any:
     """Load with ``weights_only=True`` (tensors and plain containers only, no code from the file) and check
     the content digest of a file saved with ``digest=True`` (it stays in the returned dict).
@@ -61,7 +71,10 @@ def load_checkpoint(path: str | os.PathLike, *, require_digest: bool = False, mm
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {_torch_reason(exc)}): metasam loads only "
+            "tensors and plain values from a file, never code. The file is damaged or was not written by metasam: "
+            "restore it from a copy, or use the run's other checkpoint") from exc
     saved = obj.get(DIGEST_KEY) if isinstance(obj, dict) else None
     if saved is None and require_digest:
         raise CheckpointError(f"checkpoint {path} has no content hash: it was damaged, or not written by metasam")
