@@ -10,7 +10,7 @@ from pathlib import Path
 
 from metasam.cli.flags import add, add_run_flags, rules_from_flags, settings_given
 from metasam.errors import CheckpointError, ConfigError, RunFolderInUse
-from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, check_device
+from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, as_flags, check_device
 from metasam.train.meta import MetaTrainer, datasets_summary
 from metasam.train.run_checkpoint import load_run_checkpoint
 from metasam.train.run_folder import check_new_run_dir, check_writable
@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
 def config_of(args: argparse.Namespace) -> MetaTrainConfig:
     """The run the flags of a new ``metasam train`` describe (checked: see :class:`MetaTrainConfig`)."""
     inner_rule, outer_rule = rules_from_flags(args)
-    return MetaTrainConfig(**settings_given(args), inner_rule=inner_rule, outer_rule=outer_rule)
+    try:
+        return MetaTrainConfig(**settings_given(args), inner_rule=inner_rule, outer_rule=outer_rule)
+    except ConfigError as exc:  # the library's names of the settings (inner_lr) as the flags typed (--inner-lr)
+        raise ConfigError(as_flags(str(exc))) from exc
 
 
 def _start(args: argparse.Namespace) -> MetaTrainer:

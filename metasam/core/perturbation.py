@@ -148,10 +148,11 @@ def momentum_update(
     return [g if m is None else beta * m + (1.0 - beta) * g for m, g in zip(momentum, grads)]
 
 
-def check_beta(beta: float) -> None:
-    """Raise :class:`ConfigError` unless β, the validation momentum of Agnostic-SAM, lies in [0, 1)."""
+def check_beta(beta: float, name: str = "beta") -> None:
+    """Raise :class:`ConfigError` unless β, the validation momentum of Agnostic-SAM, lies in [0, 1); ``name``
+    is how the message names it."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-        raise ConfigError(f"beta must lie in [0, 1) (m <- beta*m + (1-beta)*g_V), got {beta!r}")
+        raise ConfigError(f"{name} must lie in [0, 1) (m <- beta*m + (1-beta)*g_V), got {beta!r}")
 
 
 def add(a: Sequence[Tensor], b: Sequence[Tensor], alpha: float = 1.0) -> list[Tensor]:

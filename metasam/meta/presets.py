@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,8 @@ def preset_rules(algo: str, inner: dict[str, Any] | None = None, outer: dict[str
     """The (inner, outer) rules of preset ``algo``, with the settings ``inner`` and ``outer`` given (the rules'
     defaults for the others): ``preset_rules("agnostic-sam", {"rho1": 0.1, "rho2": 0.05})``.
 
-    Raises :class:`ConfigError` for an unknown preset, or a setting its rule at that level does not have."""
+    Raises :class:`ConfigError` for an unknown preset, a setting its rule at that level does not have, or a
+    bad value, naming the setting with its level (``inner_rho must be ...``)."""
     if algo not in PRESETS:
         raise ConfigError(f"unknown algo {algo!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[algo]
@@ -48,6 +50,9 @@ def preset_rules(algo: str, inner: dict[str, Any] | None = None, outer: dict[str
             takes = ", ".join(f"{level}_{k}" for k in settings_of(kind)) or "nothing"
             raise ConfigError(f"{algo} does not use {', '.join(f'{level}_{k}' for k in unused)}: its {level} rule is "
                               f"{kind!r}, which takes {takes}")
-        rules.append(make_rule(kind, **given))
+        try:
+            rules.append(make_rule(kind, **given))
+        except ConfigError as exc:  # "sam rule: rho must be ..." names the setting as given: inner_rho
+            raise ConfigError(re.sub(rf"^{kind} rule: (\w+)", rf"{level}_\1", str(exc))) from exc
     return rules[0], rules[1]
 

@@ -120,7 +120,7 @@ class AgnosticRule(Rule):
 
     def __post_init__(self) -> None:
         _check_settings(self)
-        check_beta(self.beta)
+        check_beta(self.beta, f"{self.name} rule: beta")
         if self.rho2 > self.rho1:
             warnings.warn(
                 f"agnostic rule: rho2={self.rho2} > rho1={self.rho1}; the paper finds rho1 > rho2 works best "

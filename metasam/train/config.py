@@ -213,7 +213,7 @@ class MetaTrainConfig:
 def as_flags(text: str) -> str:
     """``text`` with the settings it names (inner_lr, outer_rho1, ...) spelled as ``metasam train``'s flags
     (--inner-lr, --outer-rho1): the library names a setting as its argument, the command line as its flag."""
-    return re.sub(r"\b(inner|outer)_([a-z0-9_]+)\b", lambda m: f"--{m[1]}-{m[2].replace('_', '-')}", text)
+    return re.sub(r"\b(test_inner_steps|test_rule|(?:inner|outer)_[a-z0-9_]+)\b", lambda m: "--" + m[1].replace("_", "-"), text)
 
 
 def check_int(name: str, value: Any, low: int = 1) -> None:

@@ -83,8 +83,9 @@ def test_loading_another_models_state_names_the_differing_tensors():
     ({"inner_lr": float("inf")}, "inner_lr must be a finite number > 0"),
     ({"outer_lr": -1.0}, "outer_lr must be a finite number > 0"),
     ({"test_inner_steps": 0}, "test_inner_steps must be an int >= 1"),
-    ({"algo": "sharp-maml-up", "outer_rho": float("inf")}, "rho must be a finite number >= 0"),
-    ({"algo": "agnostic-sam", "inner_eta": -0.1}, "eta must be a finite number >= 0"),
+    ({"algo": "sharp-maml-up", "outer_rho": float("inf")}, "^outer_rho must be a finite number >= 0"),
+    ({"algo": "agnostic-sam", "inner_eta": -0.1}, "^inner_eta must be a finite number >= 0"),
+    ({"algo": "agnostic-sam", "inner_beta": 1.0}, "^inner_beta must lie in"),
 ])
 def test_hyperparameters_are_checked_without_a_model(kwargs, message):
     args = {"algo": "maml", "inner_lr": 0.4, "inner_steps": 1, **kwargs}

@@ -130,9 +130,10 @@ def test_settings_are_checked_before_any_data_is_loaded(tmp_path, monkeypatch, c
     assert errors(capsys.readouterr().err) == [
         f"metasam train: error: {existing} already holds a run; continue it with --resume {existing} or choose another --out"]
     for bad, message in [(["--meta-batch", "0"], "--meta-batch must be an int >= 1, got 0"),
-                         (["--outer-lr", "nan"], "outer_lr must be a finite number > 0, got nan"),
-                         (["--algo", "sharp-maml-low", "--inner-rho", "inf"], "rho must be a finite number >= 0, got inf"),
-                         (["--test-inner-steps", "0"], "test_inner_steps must be an int >= 1, got 0"),
+                         (["--outer-lr", "nan"], "error: --outer-lr must be a finite number > 0, got nan"),
+                         (["--algo", "sharp-maml-low", "--inner-rho", "inf"], "error: --inner-rho must be a finite number >= 0, got inf"),
+                         (["--algo", "agnostic-sam-both", "--outer-beta", "1.5"], "error: --outer-beta must lie in [0, 1)"),
+                         (["--test-inner-steps", "0"], "error: --test-inner-steps must be an int >= 1, got 0"),
                          (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "--device"),
                          (["--device", "gpu"], "--device 'gpu' is not a torch device")]:
         if bad[0] == "--device" and torch.cuda.is_available():
