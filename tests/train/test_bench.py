@@ -186,6 +186,18 @@ def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept  # every cell and result kept
 
 
+def test_a_damaged_train_summary_is_one_line_naming_the_command_that_writes_it_again(grid, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    summary = out / "3w1s" / "maml" / "inner_lr=0.4" / "seed1" / "train_summary.json"
+    summary.write_text('{"iterations": 2, "best_val')  # torn
+    assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"metasam bench: error: {summary} is damaged (JSONDecodeError: ")
+    assert line.endswith(f"delete it and run metasam train --resume {summary.parent}, which writes it again from the "
+                         "run's checkpoints")
+
+
 def _launch(out: Path) -> subprocess.Popen:
     argv = ["bench", *TINY, "--iterations", "12", "--val-every", "4", "--episodes", "4", "--algos", "maml",
             "--grid", "maml:inner_lr=0.1,0.4"]

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from metasam.errors import ConfigError
+from metasam.errors import CheckpointError, ConfigError
 from metasam.stats import mean_ci95, paired_difference, t_interval
 from metasam.train.bench.grid import edges, point_name
 from metasam.train.bench.plan import BenchPlan, Cell, Method
@@ -27,11 +27,18 @@ SAME_TASKS = ("test_split", "episodes", "seed", "ways", "shots")
 
 
 def summary_of(run: Path) -> dict[str, Any] | None:
-    """The run's train_summary.json (written when it finished), or None while it is unfinished."""
-    try:
-        return json.loads((run / "train_summary.json").read_text())
-    except FileNotFoundError:
+    """The run's train_summary.json (written when it finished), or None while it is unfinished; a damaged one
+    raises :class:`CheckpointError` naming it and the command that writes it again."""
+    path = run / "train_summary.json"
+    if not path.exists():
         return None
+    try:
+        summary = json.loads(path.read_text())
+        float(summary["best_val_acc"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{path} is damaged ({type(exc).__name__}: {exc}): delete it and run metasam train "
+                              f"--resume {run}, which writes it again from the run's checkpoints") from exc
+    return summary
 
 
 def select(plan: BenchPlan, out: Path, ways: int, shots: int) -> tuple[dict[str, Method], dict[str, Any], list[Cell]]:
