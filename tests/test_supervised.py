@@ -79,7 +79,7 @@ def test_bad_config_values_raise_config_error():
     ("weight_decay", float("inf"), "--weight-decay"), ("weight_decay", float("nan"), "--weight-decay"),
     ("weight_decay", -1e-4, "--weight-decay"),
     ("eta", float("nan"), "--eta"), ("momentum", 1.0, "--momentum"), ("momentum", -0.1, "--momentum"),
-    ("beta", float("nan"), "--beta"),
+    ("beta", float("nan"), "--beta"), ("rho1", -1.0, "--rho1"), ("rho2", float("inf"), "--rho2"), ("epochs", 0, "--epochs"),
 ])
 def test_non_finite_or_out_of_range_hyperparameters_name_their_flag(field, value, flag):
     with pytest.raises(ConfigError, match=flag):

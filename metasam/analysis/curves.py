@@ -91,7 +91,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, keys: Sequence[st
     runs = dict(zip(run_labels(run_dirs), (read_metrics(d) for d in run_dirs)))
     present = [k for k in keys if any(any(k in r for r in recs) for recs in runs.values())]
     if not present:
-        raise ConfigError(f"none of the runs logged any of {list(keys)}")
+        raise ConfigError(f"none of the runs logged any of {list(keys)}: their metrics.jsonl holds no such record yet "
+                          "(train them longer), or pass the keys they logged")
     plt, fig, axes = _figure(len(present), size, dpi)
     for ax, key in zip(axes, present):
         for name, records in runs.items():

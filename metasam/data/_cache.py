@@ -94,4 +94,5 @@ def _atomic_save(obj: dict, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_atomic(obj, path, digest=True)
     except (OSError, CheckpointError) as exc:
-        warnings.warn(f"cannot write the image cache {path} ({exc}); continuing without it", stacklevel=4)
+        warnings.warn(f"cannot write the image cache {path} ({exc}); continuing without it (set METASAM_CACHE to a "
+                      "writable folder, or pass cache_dir=False, to stop this warning)", stacklevel=4)

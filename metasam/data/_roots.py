@@ -23,5 +23,6 @@ def find_root(root: str | os.PathLike | None, dirname: str, dataset: str) -> lis
         root = env
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise DatasetError(f"{dataset}: data folder {base} does not exist; create it or pass the right root=")
+        raise DatasetError(f"{dataset}: data folder {base} does not exist; create it, or pass the right --data-root "
+                           "(root= in Python)")
     return [base / dirname, base]

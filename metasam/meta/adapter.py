@@ -120,7 +120,7 @@ class TaskAdapter:
             per_item = self.reducer.gather(per_item)
         values = [value for item in per_item for value in item]
         if not values:
-            raise ConfigError("evaluate() got no tasks")
+            raise ConfigError("got no tasks to evaluate: pass at least one (a TaskSet, a task, or a task batch)")
         return values
 
     def evaluate(self, tasks, steps: int | None = None, progress: bool = False) -> tuple[float, float]:

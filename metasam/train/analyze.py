@@ -129,7 +129,7 @@ def analyze_run(run_dir: str | Path, hessian: bool = True, landscape: bool = Tru
     losses or eigenvalues raise :class:`NonFiniteError` (nothing is written)."""
     run_dir = Path(run_dir)
     if not (hessian or landscape):
-        raise ConfigError("nothing to do: pass --hessian and/or --landscape")
+        raise ConfigError("nothing to do: pass hessian=True and/or landscape=True")
     check_options(k, tasks, steps, span, seed)
     config = run_dir / "config.json"
     if not config.is_file():

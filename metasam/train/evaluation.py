@@ -19,7 +19,7 @@ from torch import nn
 
 from metasam.atomic_write import write_text_atomic
 from metasam.data import TaskSet
-from metasam.errors import ConfigError, NonFiniteError
+from metasam.errors import CheckpointError, ConfigError, NonFiniteError
 from metasam.meta import MetaLearner
 from metasam.stats import mean_ci95
 from metasam.train.config import MetaTrainConfig, check_int
@@ -74,6 +74,9 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     if steps is not None:
         check_int("steps", steps)
     path = run_dir / f"{which}.pt"
+    if which == "best" and not path.exists() and (run_dir / "last.pt").exists():
+        raise CheckpointError(f"{path} does not exist: the run has not validated yet; evaluate its last checkpoint with "
+                              "--checkpoint last (which='last' in Python), or train it further")
     procs = join("cpu")  # under torchrun the processes share the tasks
     rule = test_rule or cfg.test_rule
     learner = MetaLearner.from_checkpoint(load_run_checkpoint(path, cfg), path, reducer=procs.reducer,

@@ -86,7 +86,7 @@ class SupervisedConfig:
             raise ConfigError(f"--label-noise must lie in [0, 0.8], got {self.label_noise}")
         for name in ("epochs", "batch_size", "val_batch_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.alignment_every < 0:
             raise ConfigError(f"--alignment-every must be >= 0 (0: no alignment log), got {self.alignment_every}")
         if self.asam_scope not in ASAM_SCOPES:
@@ -102,6 +102,8 @@ class SupervisedConfig:
             self.rho1 = DEFAULT_RHO1[self.optimizer]
         if self.rho2 is None:
             self.rho2 = self.rho1 / 2
+        check_nonnegative(self.rho1, "--rho1")
+        check_nonnegative(self.rho2, "--rho2")
 
 
 def make_optimizer(cfg: SupervisedConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -264,7 +266,7 @@ def train_supervised(
         "alignment": alignment,
     }
     if not math.isfinite(result["train_loss"]):
-        raise ConfigError("training ended with a non-finite loss; lower --lr or the radius")
+        raise ConfigError("training ended with a non-finite loss; lower --lr or --rho1")
     if out is not None:
         state = model.state_dict()
         result["model_sha256"] = content_digest(state)  # model.pt stays a plain state_dict; analyze checks it

@@ -67,6 +67,14 @@ def test_a_flipped_byte_in_a_checkpoint_is_named_by_resume_and_evaluate(run, cap
     assert folder_bytes(run) == damaged  # the run folder is kept as it was, the damaged files too
 
 
+def test_evaluate_before_the_first_validation_points_to_the_last_checkpoint(run, capsys):
+    (run / "best.pt").unlink()  # as in a run stopped before it first validated
+    assert main(["evaluate", str(run), "--episodes", "3", "--no-progress"]) == 2
+    assert error_line(capsys).endswith(f"error: {run / 'best.pt'} does not exist: the run has not validated yet; evaluate "
+                                       "its last checkpoint with --checkpoint last (which='last' in Python), or train it further")
+    assert main(["evaluate", str(run), "--episodes", "3", "--checkpoint", "last", "--no-progress"]) == 0
+
+
 def test_a_checkpoint_that_lost_its_hash_is_refused(run, capsys):
     ckpt = load_checkpoint(run / "last.pt")
     del ckpt[DIGEST_KEY]
