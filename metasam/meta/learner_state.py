@@ -65,12 +65,12 @@ def from_checkpoint(cls: type[MetaLearner], ckpt: dict[str, Any], source: str | 
     ``overrides["model"]``, when given, is the module the weights load into instead of the recorded model."""
     model = overrides.pop("model", None)
     try:
+        hparams, state = dict(ckpt["hparams"]), ckpt["learner"]
         if model is None:
             model = MODELS[ckpt["model"]["name"]](**ckpt["model"]["kwargs"])
-        learner = cls(model, **{**ckpt["hparams"], **overrides})
-        state = ckpt["learner"]
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{source} is not a metasam meta-learning checkpoint (missing {exc})") from exc
+    learner = cls(model, **{**hparams, **overrides})  # a bad override is the caller's error, not the file's
     load_state_dict(learner, state, source)
     return learner
 

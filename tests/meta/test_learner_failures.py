@@ -77,6 +77,9 @@ def test_loading_another_models_state_names_the_differing_tensors():
         small.load_state_dict({"model": small.model.state_dict()})
     with pytest.raises(CheckpointError, match="not a metasam meta-learning checkpoint"):
         MetaLearner.from_checkpoint({"weights": 1}, "x.pt")
+    saved = {"model": None, "hparams": small.hparams, "learner": small.state_dict()}
+    with pytest.raises(TypeError, match="momentum"):  # the caller's override, not the checkpoint, is wrong
+        MetaLearner.from_checkpoint(saved, "x.pt", model=mlp(), outer_kwargs={"momentum": 0.9})
 
 
 @pytest.mark.parametrize("kwargs, message", [
