@@ -154,3 +154,10 @@ def test_a_file_system_error_no_check_foresaw_is_one_line(tmp_path, capsys, tmpf
                                   f"no earlier curves.png existed. Make {read_only} writable (or choose another folder) "
                                   "and try again")
     assert list(read_only.iterdir()) == []
+
+
+def test_a_split_the_dataset_does_not_have_names_its_flag(tmp_path, capsys):
+    assert main(["train", "--dataset", "glyphs", "--val-split", "Klingon", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    line = error_line(capsys)
+    assert line.startswith("metasam train: error: --val-split Klingon: Glyphs: unknown script(s) ['Klingon']; choose among")
+    assert line.endswith("(or choose another split with --val-split)") and not (tmp_path / "run").exists()

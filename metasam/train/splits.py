@@ -65,8 +65,8 @@ def load_split(dataset: str, root: str | None, spec: str, image_size: int) -> Fe
 def _load_role(role: str, dataset: str, root: str | None, spec: str, image_size: int) -> FewShotDataset:
     try:
         return load_split(dataset, root, spec, image_size)
-    except DatasetError as exc:
-        raise DatasetError(f"--{role}-split {spec}: {exc} (or choose another split with --{role}-split)") from exc
+    except (DatasetError, ConfigError) as exc:  # a missing file, or a split name the dataset does not have
+        raise type(exc)(f"--{role}-split {spec}: {exc} (or choose another split with --{role}-split)") from exc
 
 
 def hold_out(train: FewShotDataset, fraction: float = 0.1, seed: int = SPLIT_SEED) -> tuple[FewShotDataset, FewShotDataset]:
