@@ -84,7 +84,7 @@ def check_episode_shape(dataset: FewShotDataset, ways: int, shots: int, queries:
     if len(dataset.classes) < ways:
         raise DatasetError(
             f"{dataset.name} has {len(dataset.classes)} classes, fewer than ways={ways}; "
-            f"lower ways or use a split with more classes"
+            f"lower ways (--ways) or use a split with more classes"
         )
     need = shots + queries
     small = [(n, c) for c, n in zip(dataset.classes, dataset.class_sizes()) if n < need]
@@ -92,7 +92,8 @@ def check_episode_shape(dataset: FewShotDataset, ways: int, shots: int, queries:
         n, c = min(small)
         raise DatasetError(
             f"class {c!r} of {dataset.name} has {n} images, fewer than shots + queries = {need} "
-            f"({len(small)} class(es) are too small); lower shots/queries or remove such classes with dataset.subset()"
+            f"({len(small)} class(es) are too small); lower shots/queries (--shots/--queries), use a split whose classes "
+            "have more images, or drop the small classes with dataset.subset() in Python"
         )
 
 
