@@ -75,8 +75,8 @@ def load_cifar_splits(
         test_set = cls(str(root), train=False, download=download)
     except RuntimeError as exc:
         raise DatasetError(
-            f"CIFAR-{num_classes} not found in {root}: put the extracted '{folder}' folder there, or pass "
-            f"--download on a machine with a network ({exc})"
+            f"CIFAR-{num_classes} not found in {root}: put the extracted '{folder}' folder there, or download it on a "
+            f"machine with a network (metasam supervised --download, download=True in Python) ({exc})"
         ) from exc
 
     def to_tensors(ds) -> tuple[Tensor, Tensor]:
