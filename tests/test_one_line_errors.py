@@ -92,6 +92,9 @@ def test_a_setting_of_the_wrong_type_in_config_json_is_named(tmp_path, capsys):
     for args in (["train", "--resume", str(run)], ["evaluate", str(run), "--episodes", "3"]):
         assert main([*args, "--no-progress"]) == 2
         assert error_line(capsys).endswith(f"{run / 'config.json'}: ways must be int, got '5' (str); correct it there")
+    (run / "config.json").write_text(json.dumps({**config, "meta_batch": 0}))  # named by its key, not its flag
+    assert main(["evaluate", str(run), "--episodes", "3", "--no-progress"]) == 2
+    assert error_line(capsys).endswith(f"{run / 'config.json'}: meta_batch must be an int >= 1, got 0; correct it there")
 
 
 @pytest.fixture

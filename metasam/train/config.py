@@ -206,8 +206,9 @@ class MetaTrainConfig:
             raise CheckpointError(f"{path} has settings this metasam does not know: {unknown}; was it written by a newer version?")
         try:
             return cls.from_dict(data)
-        except ConfigError as exc:
-            raise CheckpointError(f"{path}: {exc}; correct it there") from exc
+        except ConfigError as exc:  # the file's keys (meta_batch), not the flags that set them (--meta-batch)
+            keys = re.sub(r"--([a-z0-9-]+)", lambda m: m[1].replace("-", "_"), str(exc))
+            raise CheckpointError(f"{path}: {keys}; correct it there") from exc
 
 
 def as_flags(text: str) -> str:
