@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from torch import Tensor
 from torch.func import grad
@@ -17,7 +18,9 @@ def meta_loss_fn(learner: MetaLearner, tasks: Iterable, loss: str = "query") -> 
     """loss_fn(θ) for a meta-learned initialisation, averaged over ``tasks`` (Task or TaskBatch items).
 
     loss="query": the post-adaptation query loss (1/n) Σ_τ L_q^τ(φ_K^τ(θ)), adapted with the learner's
-    meta-training inner rule and steps, differentiated through the adaptation (the meta-objective);
+    meta-training inner rule and steps, differentiated through the adaptation (the meta-objective). The
+    adaptation is second order for every learner: a first-order learner (fomaml) trains on an approximation of
+    this function's gradient, but the function is the same, and its Hessian needs dφ_K/dθ in full;
     loss="support": the plain support loss (1/n) Σ_τ L_s^τ(θ) at θ itself.
     """
     if loss not in ("query", "support"):
@@ -31,6 +34,7 @@ def meta_loss_fn(learner: MetaLearner, tasks: Iterable, loss: str = "query") -> 
             episodes.extend(zip(sx, sy, qx, qy))
     if not episodes:
         raise ConfigError("meta_loss_fn got no tasks")
+    inner = replace(learner.inner, first_order=False)
 
     def loss_fn(params: dict[str, Tensor]) -> Tensor:
         theta = {n: params[n] for n in learner.names}
@@ -39,7 +43,7 @@ def meta_loss_fn(learner: MetaLearner, tasks: Iterable, loss: str = "query") -> 
             if loss == "support":
                 total = total + learner.loss_fn(forward(learner.model, theta, sx), sy)
             else:  # torch.func.grad inside, so that the Hessian's jvp composes with the adaptation
-                total = total + task_loss(learner.model, theta, (sx, sy, qx, qy), learner.inner, grad)[0]
+                total = total + task_loss(learner.model, theta, (sx, sy, qx, qy), inner, grad)[0]
         return total / len(episodes)
 
     return loss_fn

@@ -79,6 +79,26 @@ def test_meta_query_loss_eigenvalues_match_the_full_hessian_through_adaptation()
     assert torch.allclose(support, by_hand)
 
 
+def test_the_meta_objective_of_a_first_order_learner_is_the_second_order_function():
+    """fomaml trains on an approximate gradient of L_q(φ_K(θ)); its Hessian is still that function's: the same
+    full Hessian as maml's with the same weights and tasks, and not the Hessian of L_q at a fixed φ_K."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    gen = torch.Generator().manual_seed(1)
+    tasks = [(torch.randn(4, 2, generator=gen, dtype=D), torch.tensor([0, 0, 1, 1]),
+              torch.randn(6, 2, generator=gen, dtype=D), torch.tensor([0, 0, 0, 1, 1, 1]))]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names, shapes, sizes = list(params), [p.shape for p in params.values()], [p.numel() for p in params.values()]
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+
+    def hessian(algo):
+        loss_fn = meta_loss_fn(MetaLearner(model, algo, inner_lr=0.3, inner_steps=2), tasks)
+        return torch.autograd.functional.hessian(
+            lambda f: loss_fn({n: p.view(s) for n, p, s in zip(names, torch.split(f, sizes), shapes)}), flat)
+
+    torch.testing.assert_close(hessian("fomaml"), hessian("maml"), rtol=1e-12, atol=1e-14)
+
+
 def test_filter_normalisation_matches_each_filter_norm_and_zeroes_1d_parameters():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3)
