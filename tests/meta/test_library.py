@@ -125,6 +125,22 @@ def test_outer_optimizer_arguments_and_scheduler_survive_a_checkpoint():
         MetaLearner(Net(), outer_optimizer="Adamm")
 
 
+def test_a_learner_saved_by_hand_loads_back_with_its_rules_optimizer_and_state(tmp_path):
+    """docs/meta.md's recipe for a learner of your own: torch.save its hparams and state, MetaLearner.load(path,
+    model=...) gives the same rules, outer optimizer and weights, and the next steps of both agree bit for bit."""
+    learner = MetaLearner(Net(), "agnostic-sam", inner_lr=0.3, inner_rho1=0.05, inner_rho2=0.02,
+                          outer_optimizer="AdamW", outer_kwargs={"weight_decay": 1e-4})
+    learner.meta_step(tasks(1))
+    torch.save({"hparams": learner.hparams, "learner": learner.state_dict()}, tmp_path / "mine.pt")
+    loaded = MetaLearner.load(tmp_path / "mine.pt", model=Net())
+    assert loaded.inner_rule == learner.inner_rule and type(loaded.outer_optimizer) is torch.optim.AdamW
+    assert loaded.outer_optimizer.param_groups[0]["weight_decay"] == 1e-4 and loaded.iteration == 1
+    learner.meta_step(tasks(2))
+    loaded.meta_step(tasks(2))
+    for a, b in zip(learner.model.parameters(), loaded.model.parameters()):
+        assert torch.equal(a, b)
+
+
 def smoothed_cross_entropy(output, target):
     return nn.functional.cross_entropy(output, target, label_smoothing=0.1)
 
