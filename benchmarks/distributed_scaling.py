@@ -56,7 +56,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, iterations: int) -> Non
     """The ``metasam train`` settings that :func:`run` passes on."""
     parser.add_argument("--dataset", default="glyphs")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--train-split", default=None, help="e.g. images_background_small1 for the shared Omniglot subsets")
+    parser.add_argument("--train-split", default=None, help="e.g. images_background_small1, one of Omniglot's small background subsets")
     parser.add_argument("--test-split", default=None)
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)

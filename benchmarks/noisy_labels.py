@@ -12,8 +12,8 @@ Two parts, each saved into a JSON file from which the page is rendered:
 - timing: the time per step of each optimizer as a ratio to SGD, short runs interleaved in one process
   (run it on an idle machine: a busy second process makes any ratio noise).
 
-    python benchmarks/noisy_labels.py --threads 1                  # both parts, writes docs/results/noisy_labels.md
-    python benchmarks/noisy_labels.py --threads 1 --only timing    # re-measure the times, keep the accuracies
+    python benchmarks/noisy_labels.py --threads 1 --overwrite                # both parts, rewrites docs/results/noisy_labels.md
+    python benchmarks/noisy_labels.py --threads 1 --only timing --overwrite  # re-measure the times, keep the accuracies
     python benchmarks/noisy_labels.py --quick --out /tmp/x.md --results /tmp/x.json   # a 1-minute smoke run
 """
 

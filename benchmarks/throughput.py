@@ -2,7 +2,7 @@
 
 Every implementation trains the same Conv4 function (same initial weights) on the same pre-loaded
 episodes of Omniglot's small subset ``images_background_small1`` (in ``--data-root``/omniglot, default
-``$METASAM_DATA``; ``--dataset glyphs`` runs offline anywhere):
+``$METASAM_DATA``, else ``./data``; ``--dataset glyphs`` runs offline anywhere):
 
 * metasam: maml, fomaml, sharp-maml-low, agnostic-sam, sharp-maml-up, agnostic-sam-both at the first
   setting (the overhead of each rule; agnostic-sam-both also with a validation meta-batch of a quarter
@@ -637,7 +637,7 @@ def main() -> None:
     parser.add_argument("--settings", default="5:16,5:32,20:16",
                         help="ways:meta-batch[:inner steps] (default 1 step), comma separated; e.g. 5:16,20:16:5")
     parser.add_argument("--task-threads", default="", help="comma list of N: add metasam maml with "
-                        "MetaLearner(task_threads=N) on metasam's Conv4 and (with --textbook) on the textbook Conv4, "
+                        "MetaLearner(task_threads=N) on metasam's Conv4 and on the textbook Conv4, "
                         "checked and timed like the rest")
     parser.add_argument("--one-thread", action="store_true",
                         help="also time the hand-written loop on the textbook Conv4 with one intra-op thread (threads × its "
@@ -650,8 +650,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--path", choices=("loop", "vmap", "auto"), default="auto", help="metasam's path over tasks")
     parser.add_argument("--compare-paths", action="store_true",
-                        help="also time metasam maml on the path over tasks that --path auto did not take (vmap on CPU, "
-                             "the loop on CUDA)")
+                        help="also time metasam maml on the path over tasks that --path did not take (with auto: vmap on "
+                             "CPU, the loop on CUDA)")
     parser.add_argument("--tf32", action="store_true",
                         help="let CUDA convolutions and matrix products use TF32, for every implementation in the process "
                              "(default: full float32, as metasam's commands run)")
@@ -659,9 +659,9 @@ def main() -> None:
     parser.add_argument("--textbook", action="store_true",
                         help="add metasam maml on the baselines' textbook Conv4 (MetaLearner's defaults, a user's own model)")
     parser.add_argument("--retain-freed-memory", action="store_true",
-                        help="keep freed memory in the process (glibc), as `metasam train` does on a CPU; it applies to "
+                        help="keep freed memory in the process (glibc), as every `metasam` command does; it applies to "
                              "every implementation in the process")
-    parser.add_argument("--quick", action="store_true", help="5:4 only, 1 repeat, presets maml and sharp-maml-low")
+    parser.add_argument("--quick", action="store_true", help="5:4 only, 1 repeat, 1 batch, presets maml and sharp-maml-low")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results" / "throughput.md"))
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
     args = parser.parse_args()

@@ -36,10 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="values of a setting for one algorithm, chosen on validation (repeat for more settings: their product), "
         "e.g. sharp-maml-low:inner_rho=0.005,0.01; a tied setting takes KEY=OTHER*NUMBER or KEY=OTHER/NUMBER of "
         "another setting of the grid, e.g. agnostic-sam:inner_rho2=rho1/2. KEY: any run or rule setting but the "
-        "data, the device and the bench's axes")
+        "data (dataset, data root, splits, val_tasks), the machine (device, task_threads) and the bench's axes")
     add(p, "--controls", action="store_true",
         help="add the controls of the selected points: sharp-maml-low at ρ = ρ1 − ρ2 of agnostic-sam's, agnostic-sam "
-        "with β = 0, and each method adapted at test by the other --test-rule (the same weights)")
+        "with β = 0, and each method whose inner rule is not gd adapted at test by the other --test-rule (the same "
+        "weights)")
     add(p, "--reference", default="maml", help="the method the paired differences are taken to (one of --algos)")
     add(p, "--episodes", type=int, default=600, help="test tasks (the same for every method and seed)")
     add(p, "--test-seed", type=int, default=1234, help="seed of the fixed test TaskSet")

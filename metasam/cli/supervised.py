@@ -37,8 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--asam-scope", choices=ASAM_SCOPES, default=None,
                    help="the tensors ASAM's T scales: all (default, the ASAM paper) or weights (the ASAM authors' code)")
     add(p, "--alignment-every", type=int, default=0, metavar="N",
-                   help="every N steps log cos(g_S, g_V) before and after the update (two to four more passes "
-                   "per logged step); 0 logs none (default). `metasam plot --alignment` draws them")
+                   help="every N steps log cos(g_S, g_V) before and after the update (four more "
+                   "forward-backward passes per logged step); 0 logs none (default). `metasam plot --alignment` draws them")
     add(p, "--data-root", default="data", help="folder holding CIFAR (digits needs none)")
     add(p, "--download", action="store_true", help="download CIFAR (needs a network)")
     add(p, "--device", default="cpu", help="cpu, cuda or cuda:N")

@@ -21,8 +21,9 @@ DEFAULTS: dict[str, object] = {}
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="meta-train on Omniglot, MiniImageNet or the synthetic glyph set",
-                       description="Meta-train a Conv4. Unset hyperparameters take the standard setting of the "
-                       "dataset and ways (Finn et al. 2017). Checkpoints on a fixed validation task set.")
+                       description="Meta-train a Conv4 (or a ResNet-12, --model resnet12). Unset hyperparameters take the "
+                       "standard setting of the dataset and ways (and shots, for MiniImageNet's meta-batch; Finn et "
+                       "al. 2017). Checkpoints on a fixed validation task set.")
     add_run_flags(p)
     add(p, "--out", help="new run folder (config, metrics.jsonl, last.pt, best.pt); must be empty or new")
     add(p, "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")

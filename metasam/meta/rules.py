@@ -68,6 +68,11 @@ class Rule:
         return None, state, {}
 
 
+ADAPTIVE_HELP = ("ASAM's form: each term ρ·unit(v) of the perturbation becomes ρ T²v/‖Tv‖, T = |φ| + η (|θ| + η at the "
+                 "outer level)")
+ETA_HELP = "η of ASAM's scale T = |φ| + η (|θ| + η at the outer level)"
+
+
 def setting(default: Any, help: str) -> Any:
     """A rule hyperparameter: its default and the help text ``metasam train --help`` shows for its flags."""
     return field(default=default, metadata={"help": help})
@@ -84,8 +89,8 @@ class SAMRule(Rule):
     """
 
     rho: float = setting(0.05, "ρ, the radius of the SAM perturbation")
-    adaptive: bool = setting(False, "ASAM's form ε = ρ T²g/‖Tg‖, T = |φ| + η")
-    eta: float = setting(ASAM_ETA, "η of ASAM's scale |φ| + η")
+    adaptive: bool = setting(False, ADAPTIVE_HELP)
+    eta: float = setting(ASAM_ETA, ETA_HELP)
     detach_perturbation: bool = setting(False, "treat the perturbation as a constant (no gradient through it; cheaper)")
     name = "sam"
     ascent = "rho"
@@ -112,8 +117,8 @@ class AgnosticRule(Rule):
     rho1: float = setting(0.05, "ρ1, the radius of the ascent along the training gradient")
     rho2: float = setting(0.025, "ρ2, the radius of the step against the validation momentum")
     beta: float = setting(0.9, "β, the decay of the validation momentum m ← β m + (1 − β) ∇L_v")
-    adaptive: bool = setting(False, "ASAM's form of both terms, ρ T²g/‖Tg‖, T = |φ| + η")
-    eta: float = setting(ASAM_ETA, "η of ASAM's scale |φ| + η")
+    adaptive: bool = setting(False, ADAPTIVE_HELP)
+    eta: float = setting(ASAM_ETA, ETA_HELP)
     detach_perturbation: bool = setting(False, "treat the perturbation as a constant (no gradient through it; cheaper)")
     name = "agnostic"
     ascent = "rho1"

@@ -74,7 +74,8 @@ class MetaTrainConfig:
     first_order: bool | None = option(
         None, "drop second-order terms of the meta-gradient (default: the algorithm's; fomaml is first order)")
     outer_lr: float = option(1e-3, "Adam's step size for θ")
-    test_rule: str = option("same", "inner rule at meta-test time", choices=("same", "gd"))
+    test_rule: str = option("same", "inner rule at validation and meta-test time, so it also decides which checkpoint "
+                            "becomes best.pt", choices=("same", "gd"))
     train_split: str | None = option(None, "meta-training split (default: background / train; see docs/data.md)")
     val_split: str | None = option(None, "validation split (default: val, or a seeded tenth of the training classes)")
     test_split: str | None = option(None, "split `metasam evaluate` uses (default: evaluation / test)")
@@ -97,12 +98,13 @@ class MetaTrainConfig:
         0, "skip up to N steps whose loss or gradient is NaN/Inf (θ unchanged, counted in metrics.jsonl) before "
         "stopping. Also allowed with train --resume", metavar="N")
     outer_val_tasks: int | None = option(
-        None, "tasks in each validation meta-batch of the agnostic outer rule (default: --meta-batch; the seed "
-        "paper's validation batches are a quarter of the training batch)", metavar="V")
+        None, "tasks in each validation meta-batch of the agnostic outer rule and of --alignment-every (default: "
+        "--meta-batch; the seed paper's validation batches are a quarter of the training batch)", metavar="V")
     alignment_every: int = option(
         0, "every N iterations log cos(g_S, g_V) before and after the update at the outer level (meta-batch vs "
-        "validation meta-batch) and the inner level (support vs query), four more meta-gradients per logged "
-        "iteration; 0 logs none. `metasam plot --alignment` draws them", metavar="N")
+        "validation meta-batch) and the inner level (support vs query), four more meta-gradients plus the inner "
+        "gradients of every task and inner step per logged iteration; 0 logs none. `metasam plot --alignment` "
+        "draws them", metavar="N")
     tf32: bool = option(False, TF32_HELP)
     val_view: str = option(
         "support", "the agnostic inner rule's validation view of a support set: support (the seed paper's: the "
