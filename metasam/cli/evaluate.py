@@ -15,13 +15,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a meta-training run on fixed test tasks",
                        description="Mean accuracy ± 95 % CI of a run's checkpoint on a fixed, seeded set of test tasks; "
                        "also written to RUN_DIR/eval_<checkpoint>_<episodes>_seed<seed>.json (suffixed _<rule>, "
-                       "_steps<K> or _split-<hash> where --test-rule, --steps or --test-split differ from the run's).")
+                       "_steps<K> or _split-<hash> where --test-rule, --test-inner-steps or --test-split differ from the run's).")
     p.add_argument("run_dir", help="the run folder")
     add(p, "--episodes", type=int, default=600, help="test tasks")
     add(p, "--seed", type=int, default=1234, help="seed of the test TaskSet (same seed: same tasks)")
     add(p, "--checkpoint", choices=("best", "last"), default="best", help="best validation accuracy, or the last")
     add(p, "--test-split", default=None, help="default: the run's test split")
-    add(p, "--steps", type=int, default=None, help="inner steps at test time, as train's --test-inner-steps (default: the run's)")
+    add(p, "--test-inner-steps", type=int, default=None, help="inner steps at test time (default: the run's)")
     add(p, "--test-rule", choices=("same", "gd"), default=None,
         help="how the tasks are adapted at test time: same (the run's inner rule) or gd (plain gradient descent, to "
              "tell what a sharpness-aware rule adds at test time from what it adds in training); default: the run's")
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate_run(args.run_dir, args.episodes, args.seed, args.checkpoint, args.test_split, args.steps,
+    result = evaluate_run(args.run_dir, args.episodes, args.seed, args.checkpoint, args.test_split, args.test_inner_steps,
                           progress=not args.no_progress, test_rule=args.test_rule)
     if not main_process():  # under torchrun, rank 0 reports for all processes
         return 0

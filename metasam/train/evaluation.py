@@ -48,7 +48,7 @@ def refusing_nonfinite_outputs(model: nn.Module, source: str | Path) -> Iterator
         if not bool(torch.isfinite(output).all()):
             raise NonFiniteError(
                 f"the logits of {source} become NaN/Inf during adaptation (its weights are finite): the inner steps "
-                "diverge, and every prediction would be class 0. Evaluate with fewer --steps, or train again with a "
+                "diverge, and every prediction would be class 0. Evaluate with fewer --test-inner-steps, or train again with a "
                 "smaller --inner-lr", tensor="logits")
 
     handle = model.register_forward_hook(check)
@@ -59,11 +59,11 @@ def refusing_nonfinite_outputs(model: nn.Module, source: str | Path) -> Iterator
 
 
 def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, which: str = "best",
-                 test_split: str | None = None, steps: int | None = None, progress: bool = True,
+                 test_split: str | None = None, test_inner_steps: int | None = None, progress: bool = True,
                  test_rule: str | None = None) -> dict[str, Any]:
     """Mean accuracy ± 95 % CI of a run's ``which`` checkpoint on a fixed seeded TaskSet of the test split;
     also written to ``RUN_DIR/eval_<which>_<episodes>_seed<seed>.json``, a name that says which of the run's
-    test settings ``test_split``, ``steps`` and ``test_rule`` override (:func:`eval_file_name`). Non-finite
+    test settings ``test_split``, ``test_inner_steps`` and ``test_rule`` override (:func:`eval_file_name`). Non-finite
     weights or logits raise :class:`NonFiniteError`."""
     run_dir = Path(run_dir)
     cfg = MetaTrainConfig.load(run_dir)
@@ -71,8 +71,8 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     if not split:
         raise ConfigError("the run has no test split; pass --test-split")
     check_int("episodes", episodes)
-    if steps is not None:
-        check_int("steps", steps)
+    if test_inner_steps is not None:
+        check_int("test_inner_steps", test_inner_steps)
     path = run_dir / f"{which}.pt"
     if which == "best" and not path.exists() and (run_dir / "last.pt").exists():
         raise CheckpointError(f"{path} does not exist: the run has not validated yet; evaluate its last checkpoint with "
@@ -85,18 +85,19 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
     tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
     with refusing_nonfinite_outputs(learner.model, path):
-        accuracies = learner.task_accuracies(tasks, steps=steps, progress=progress and procs.is_main)
+        accuracies = learner.task_accuracies(tasks, steps=test_inner_steps, progress=progress and procs.is_main)
     mean, ci = mean_ci95(accuracies)
     result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
-              "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": steps or cfg.test_inner_steps,
+              "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": test_inner_steps or cfg.test_inner_steps,
               "test_rule": rule, "accuracy": mean, "ci95": ci, "task_accuracies": accuracies}
     if procs.is_main:
-        write_text_atomic(json.dumps(result, indent=2), run_dir / eval_file_name(which, episodes, seed, cfg, rule, steps, split))
+        name = eval_file_name(which, episodes, seed, cfg, rule, test_inner_steps, split)
+        write_text_atomic(json.dumps(result, indent=2), run_dir / name)
     return result
 
 
 def eval_file_name(which: str, episodes: int, seed: int, cfg: MetaTrainConfig, test_rule: str | None = None,
-                   steps: int | None = None, test_split: str | None = None) -> str:
+                   test_inner_steps: int | None = None, test_split: str | None = None) -> str:
     """Where :func:`evaluate_run` writes its result in the run folder: ``eval_best_600_seed1234.json`` for the
     run's own test setting. Each override of it adds to the name, before ``.json``: ``_<test_rule>`` for
     another test rule, ``_steps<K>`` for another number of test inner steps, ``_split-<8 hex digits>`` (of the
@@ -105,8 +106,8 @@ def eval_file_name(which: str, episodes: int, seed: int, cfg: MetaTrainConfig, t
     name = f"eval_{which}_{episodes}_seed{seed}"
     if test_rule is not None and test_rule != cfg.test_rule:
         name += f"_{test_rule}"
-    if steps is not None and steps != cfg.test_inner_steps:
-        name += f"_steps{steps}"
+    if test_inner_steps is not None and test_inner_steps != cfg.test_inner_steps:
+        name += f"_steps{test_inner_steps}"
     if test_split is not None and test_split != cfg.test_split:
         name += f"_split-{hashlib.sha256(test_split.encode()).hexdigest()[:8]}"
     return name + ".json"

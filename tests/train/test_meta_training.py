@@ -122,7 +122,7 @@ def test_cli_train_then_evaluate_and_refuse_to_overwrite(tmp_path, capsys):
     default = (run / "eval_best_5_seed1234.json").read_text()
     assert main(["evaluate", str(run), "--episodes", "5", "--test-rule", "gd", "--no-progress"]) == 0
     assert "test rule gd)" in capsys.readouterr().out
-    assert main(["evaluate", str(run), "--episodes", "5", "--steps", "7", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--episodes", "5", "--test-inner-steps", "7", "--no-progress"]) == 0
     written = {p.name: json.loads(p.read_text()) for p in run.glob("eval_*.json")}
     assert len(written) == 3 and (run / "eval_best_5_seed1234.json").read_text() == default  # nothing overwritten
     assert written["eval_best_5_seed1234_gd.json"]["test_rule"] == "gd"

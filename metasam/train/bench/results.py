@@ -88,7 +88,7 @@ def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, p
             result = None  # a damaged result is evaluated again
         setting = {"test_rule": test_rule or cfg.test_rule, "test_inner_steps": cfg.test_inner_steps}
         if isinstance(result, dict) and all(result.get(k) == v for k, v in setting.items()):
-            return result  # (an older metasam evaluate --steps K wrote other steps under this name: evaluated again)
+            return result  # (metasam evaluate --steps K before 2026-12-02 wrote other steps under this name: evaluated again)
     return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress)
 
 
