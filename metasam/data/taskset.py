@@ -26,10 +26,11 @@ class TaskSet:
 
     def __init__(self, dataset: FewShotDataset, specs: Sequence[TaskSpec], *, seed: int | None = None) -> None:
         if not specs:
-            raise ConfigError("a TaskSet needs at least one task")
+            raise ConfigError("a TaskSet needs at least one task: sample n >= 1 tasks")
         shapes = {(len(s.classes), len(s.support[0]), len(s.query[0])) for s in specs}
         if len(shapes) != 1:
-            raise DatasetError(f"TaskSet tasks differ in (ways, shots, queries): {sorted(shapes)}")
+            raise DatasetError(f"TaskSet tasks differ in (ways, shots, queries): {sorted(shapes)}; build one TaskSet "
+                               "per shape")
         self.dataset = dataset
         self.specs = list(specs)
         self.ways, self.shots, self.queries = shapes.pop()

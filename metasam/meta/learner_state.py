@@ -94,7 +94,8 @@ def load_state_dict(learner: MetaLearner, state: dict[str, Any], source: str | P
         )
     momentum = state["outer_momentum"]
     if momentum is not None and [tuple(m.shape) for m in momentum] != [tuple(learner.params[n].shape) for n in learner.names]:
-        raise CheckpointError(f"{source}: its outer momentum does not match this model's parameters")
+        raise CheckpointError(f"{source}: its outer momentum does not match this model's parameters; load it into "
+                              "the architecture that wrote it")
     try:
         learner.outer_optimizer.load_state_dict(state["outer_optimizer"])
     except (ValueError, KeyError, TypeError) as exc:
