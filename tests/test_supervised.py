@@ -70,7 +70,7 @@ def test_bad_config_values_raise_config_error():
         SupervisedConfig(label_noise=0.9)
     with pytest.raises(ConfigError, match="optimizer"):
         SupervisedConfig(optimizer="adam")
-    with pytest.raises(ConfigError, match="batch_size"):
+    with pytest.raises(ConfigError, match="--batch-size must be >= 1"):
         SupervisedConfig(batch_size=0)
 
 
