@@ -209,14 +209,19 @@ class MetaTrainConfig:
         try:
             return cls.from_dict(data)
         except ConfigError as exc:  # the file's keys (meta_batch), not the flags that set them (--meta-batch)
-            keys = re.sub(r"--([a-z0-9-]+)", lambda m: m[1].replace("-", "_"), str(exc))
-            raise CheckpointError(f"{path}: {keys}; correct it there") from exc
+            raise CheckpointError(f"{path}: {as_keys(str(exc))}; correct it there") from exc
 
 
 def as_flags(text: str) -> str:
     """``text`` with the settings it names (inner_lr, outer_rho1, ...) spelled as ``metasam train``'s flags
     (--inner-lr, --outer-rho1): the library names a setting as its argument, the command line as its flag."""
     return re.sub(r"\b(test_inner_steps|test_rule|(?:inner|outer)_[a-z0-9_]+)\b", lambda m: "--" + m[1].replace("_", "-"), text)
+
+
+def as_keys(text: str) -> str:
+    """``text`` with the flags it names (--meta-batch, --inner-lr) spelled as the settings' keys in config.json
+    (meta_batch, inner_lr): the inverse of :func:`as_flags`."""
+    return re.sub(r"--([a-z0-9-]+)", lambda m: m[1].replace("-", "_"), text)
 
 
 def check_int(name: str, value: Any, low: int = 1) -> None:
