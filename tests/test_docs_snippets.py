@@ -19,6 +19,7 @@ from metasam.train.config import MetaTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "coming_from.md"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCKS = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
 METASAM = [b for b in BLOCKS if b.startswith("# metasam\n")]
 README = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
@@ -84,7 +85,7 @@ def test_every_metasam_name_the_docs_quote_exists():
     """A function, class, method or module quoted in code (`metasam.meta.rules`, `MetaLearner.load`,
     `learner.meta_step(...)`) exists under that name."""
     quoted = {}
-    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+    for page in PAGES:
         for span in re.findall(r"`([^`\n]+)`", page.read_text()):
             if match := re.fullmatch(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(\(.*\))?", span):
                 if not re.search(r"\.(json|jsonl|md|pt|py|png|csv|txt|sh)$", match[1]):
@@ -137,7 +138,7 @@ def test_every_test_the_docs_name_exists():
             defined.setdefault(name, set()).add(file.relative_to(ROOT / "tests").as_posix())
     reference = re.compile(r"(?:(?<![\w/.])((?:tests/)?[\w/]+\.py)::)?(?<![\w/.])(test_\w+)(?![\w.=(])")
     named, wrong = 0, []
-    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+    for page in PAGES:
         text, where = page.read_text(), page.relative_to(ROOT)
         wrong += [f"{where}: {f}" for f in re.findall(r"\btests/[\w/]+\.py", text) if not (ROOT / f).is_file()]
         for span in re.findall(r"`([^`\n]+)`", text):
