@@ -7,7 +7,9 @@
 #   DATA=/path/to/data OUT=runs/omniglot20w1s bash benchmarks/omniglot20_study.sh
 #
 # DATA holds omniglot/images_background_small1.zip and images_background_small2.zip. The same table comes from
-# the single command printed in OUT/results.md (one process, no shards).
+# the single command printed in OUT/results.md (one process, no shards). --test-on-finish tests each run as it
+# finishes, so that the study's evidence outlives its checkpoints (docs/bench.md): the machines it ran on kept no
+# file between working sessions, and a finished run's *.pt and val_tasks.json were not kept.
 set -euo pipefail
 : "${DATA:?set DATA to the folder holding omniglot/}" "${OUT:?set OUT to the study folder}"
 ARGS=(--dataset omniglot --data-root "$DATA" --settings 20w1s --seeds 0,1,2
@@ -17,7 +19,7 @@ ARGS=(--dataset omniglot --data-root "$DATA" --settings 20w1s --seeds 0,1,2
   --controls --reference maml
   --train-split "Balinese,Early_Aramaic,Greek,Korean,Latin,Sanskrit,Tagalog" --test-split "Japanese_(katakana)"
   --iterations 300 --meta-batch 8 --val-every 50 --val-tasks 100 --episodes 1000 --test-seed 1234
-  --out "$OUT" --no-progress)
+  --test-on-finish --out "$OUT" --no-progress)
 mkdir -p "$OUT"
 for round in 1 2; do
   pids=()

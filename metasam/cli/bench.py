@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "bench", help="train + evaluate algorithms × settings × seeds, with grids chosen on validation",
         description="Every cell is a normal, resumable run folder OUT/<ways>w<shots>s/<algo>[/<grid point>]/seed<s>. Each "
         "algorithm's grid point is chosen on validation accuracy only (best mean over seeds); only the chosen points "
-        "and their controls are tested, all on one fixed test TaskSet. OUT/results.md holds the table (mean over seeds "
+        "and their controls are tested (every run with --test-on-finish), all on one fixed test TaskSet. OUT/results.md holds the table (mean over seeds "
         "± 95 % t-interval, paired differences to --reference), results.json the numbers, results.png the plot. "
         "Run settings apply to every algorithm that takes them; unset ones take each setting's standard values.")
     add(p, "--algos", default="maml,sharp-maml-low,agnostic-sam", help=f"comma list of {', '.join(PRESETS)}")
@@ -44,6 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--reference", default="maml", help="the method the paired differences are taken to (one of --algos)")
     add(p, "--episodes", type=int, default=600, help="test tasks (the same for every method and seed)")
     add(p, "--test-seed", type=int, default=1234, help="seed of the fixed test TaskSet")
+    add(p, "--test-on-finish", action="store_true",
+        help="test each run as soon as it finishes (best.pt on the fixed test TaskSet, by each test rule a control "
+        "could need), so that the bench keeps its evidence when its checkpoints (*.pt) are deleted; the choice still "
+        "reads validation accuracy only, and the table then lists every grid point's test accuracy too")
     add(p, "--out", required=True, help="folder of the bench: its cells, bench.json (the plan) and the results")
     add(p, "--shard", metavar="I/N", help="train only the cells of index I modulo N (run I = 0 … N−1 as N processes, "
         "then --merge); no results are written")
@@ -75,7 +79,8 @@ def plan_of(args: argparse.Namespace) -> BenchPlan:
     return BenchPlan(
         settings=parse_settings(args.settings), algos=[a.strip() for a in args.algos.split(",") if a.strip()],
         seeds=parse_seeds(args.seeds), grids=args.grid or [], overrides=settings_given(args), rules=rule_flags_given(args),
-        controls=args.controls, reference=args.reference, episodes=args.episodes, test_seed=args.test_seed)
+        controls=args.controls, reference=args.reference, episodes=args.episodes, test_seed=args.test_seed,
+        test_on_finish=args.test_on_finish)
 
 
 def _stored_plan(args: argparse.Namespace) -> BenchPlan:

@@ -170,6 +170,45 @@ def test_merge_tests_again_a_cell_whose_result_file_holds_other_test_steps(grid,
     assert json.loads((out / "results.json").read_text())["settings"] == grid[1]["settings"]
 
 
+def test_test_on_finish_keeps_the_evidence_of_a_bench_whose_checkpoints_are_deleted(grid, tmp_path, capsys):
+    """A bench rerun with --test-on-finish trains nothing and tests every finished run: by its own test rule, and by
+    gd too where its inner rule is not plain gradient descent (what a test-time control would need). With every
+    checkpoint and val_tasks.json deleted, the merge gives the same choice and the same rows, and lists every grid
+    point's test accuracy beside the validation accuracy that chose; a run with neither best.pt nor its evaluation
+    is one line."""
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    assert bench(out, "--test-on-finish") == 0
+    assert trained(capsys.readouterr().err) == []
+    runs = sorted(p.parent for p in out.glob("3w1s/**/config.json"))
+    assert len(runs) == 12  # 8 grid runs, and 2 of each trained control (effective radius, β = 0)
+    for run in runs:
+        gd = [] if "/maml/" in str(run) else ["eval_best_12_seed1234_gd.json"]
+        assert sorted(p.name for p in run.glob("eval_*.json")) == ["eval_best_12_seed1234.json", *gd], run
+    for large in [*out.rglob("*.pt"), *out.rglob("val_tasks.json")]:
+        large.unlink()
+    assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"][0]["methods"] == grid[1]["settings"][0]["methods"]
+    assert results["command"].endswith(" --test-on-finish") and results["tested_outside_table"]
+    assert "played no part in the choice" in results["selection_rule"]
+    for algo, report in results["settings"][0]["grids"].items():
+        assert report["selected"] == grid[1]["settings"][0]["grids"][algo]["selected"]
+        for point in report["points"]:
+            assert list(point["test_acc"]) == ["0", "1"]
+            run = out / "3w1s" / algo / point["name"]
+            assert point["test_acc"]["1"] == json.loads((run / "seed1/eval_best_12_seed1234.json").read_text())["accuracy"]
+    table = (out / "results.md").read_text()
+    assert "| algorithm | point | validation per seed | mean | test per seed | mean | |" in table
+    lost = out / "3w1s" / "maml" / "inner_lr=0.4" / "seed1" / "eval_best_12_seed1234.json"
+    lost.unlink()
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"metasam bench: error: {lost.parent} has neither best.pt nor its test evaluation {lost.name}")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+
+
 def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags(grid, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(grid[0], out)

@@ -55,6 +55,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def other_test_rule(cfg: MetaTrainConfig) -> str | None:
+    """The test rule of the test-time control of a run: ``gd`` where it adapts with its training rule (``same``)
+    and the reverse; None where its inner rule is plain gradient descent (both rules adapt alike)."""
+    if PRESETS[cfg.algo].inner == "gd":
+        return None
+    return "gd" if cfg.test_rule == "same" else "same"
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run of the bench; ``point`` holds the grid point's settings as sorted (key, value) pairs."""
@@ -101,6 +109,7 @@ class BenchPlan:
     reference: str = "maml"
     episodes: int = 600
     test_seed: int = 1234
+    test_on_finish: bool = False
 
     TRAINING = ("settings", "algos", "seeds", "grids", "overrides", "rules")
     """The fields that decide what is trained; the others only what is tested and reported."""
@@ -182,8 +191,8 @@ class BenchPlan:
                 if cfg.inner_rule.beta != 0:
                     out.append(Method(f"{algo} with β = 0", algo, tuple(sorted({**point, "inner_beta": 0.0}.items())),
                                       control="validation momentum"))
-            if PRESETS[algo].inner != "gd":
-                other = "gd" if cfg.test_rule == "same" else "same"
+            other = other_test_rule(cfg)
+            if other:
                 out.append(Method(f"{algo}, adapted by {other} at test", algo, method.point, test_rule=other,
                                   control="test-time rule"))
         return out
@@ -225,4 +234,5 @@ class BenchPlan:
             words += [flag] if value is True else [flag, format_value(value)]
         words += (["--controls"] if self.controls else []) + ["--reference", self.reference,
                                                                "--episodes", str(self.episodes), "--test-seed", str(self.test_seed)]
+        words += ["--test-on-finish"] if self.test_on_finish else []
         return shlex.join(words)

@@ -58,14 +58,31 @@ def render_markdown(results: dict[str, Any]) -> str:
         edge_notes = [f"{algo}: {note}" for algo, grid in setting["grids"].items() for note in grid["edges"]]
         if edge_notes:
             lines += ["", "**Selected at the edge of its grid** (the best value may lie outside it): " + "; ".join(edge_notes) + "."]
-        lines += ["", f"Validation accuracy of every grid point ({setting['ways']}-way {setting['shots']}-shot; never tested):",
-                  "", "| algorithm | point | validation per seed | mean | |", "| --- | --- | --- | --- | --- |"]
-        for algo, grid in setting["grids"].items():
-            for i, p in enumerate(grid["points"]):
-                lines.append(f"| {algo} | {p['name'] or '–'} | {', '.join(_pct(v) for v in p['val_acc'].values())} "
-                             f"| {_pct(p['mean_val_acc'])} | {'selected' if i == grid['selected'] else ''} |")
-        lines.append("")
+        lines += ["", *_grid_table(setting, results["tested_outside_table"]), ""]
     return "\n".join(lines)
+
+
+def _grid_table(setting: dict[str, Any], tested: bool) -> list[str]:
+    """Every grid point's validation accuracy, which chose; where runs outside the table were ``tested``
+    (--test-on-finish), every point's test accuracy beside it, which did not."""
+    grids = setting["grids"].items()
+    where = f"{setting['ways']}-way {setting['shots']}-shot"
+    if not tested:
+        lines = [f"Validation accuracy of every grid point ({where}; only the chosen points, and a point a control "
+                 "reuses, were tested):",
+                 "", "| algorithm | point | validation per seed | mean | |", "| --- | --- | --- | --- | --- |"]
+    else:
+        lines = [f"Every grid point ({where}): validation accuracy, which made the choice, and test accuracy (mean over "
+                 "seeds, each run adapted by its own test rule), which played no part in it:", "",
+                 "| algorithm | point | validation per seed | mean | test per seed | mean | |", "| --- " * 7 + "|"]
+    for algo, grid in grids:
+        for i, p in enumerate(grid["points"]):
+            test = list(p["test_acc"].values())
+            cells = [algo, p["name"] or "–", ", ".join(_pct(v) for v in p["val_acc"].values()), _pct(p["mean_val_acc"])]
+            if tested:
+                cells += [", ".join(_pct(v) for v in test) or "–", _pct(sum(test) / len(test)) if len(test) == len(p["val_acc"]) else "–"]
+            lines.append("| " + " | ".join(cells + ["selected" if i == grid["selected"] else ""]) + " |")
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

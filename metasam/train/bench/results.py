@@ -19,9 +19,16 @@ SELECTION_RULE = (
     "For each algorithm and setting, the grid point whose runs have the highest mean, over seeds, of their best "
     "validation accuracy (each run's best mean accuracy on its fixed validation TaskSet: --val-tasks tasks of the "
     "validation split drawn with the run's seed, so every point of a seed is scored on the same tasks; the "
-    "checkpoint of that accuracy, best.pt, is the one tested). Ties go to the first point in grid order. No test "
-    "task is read before the choice, and only the chosen points and the controls built from them are tested."
+    "checkpoint of that accuracy, best.pt, is the one tested). Ties go to the first point in grid order. The choice "
+    "reads validation accuracies only."
 )
+TESTED = {
+    False: "Only the chosen points and the controls built from them are tested: no test task is read before the choice.",
+    True: "Runs of points not chosen were tested too, some before the choice (--test-on-finish tests each run as it "
+          "finishes, so that the bench keeps its evidence when its checkpoints are deleted); their test accuracies, "
+          "listed with the grid below, played no part in the choice.",
+}
+"""What was tested, by whether runs outside the table hold test evaluations."""
 SAME_TASKS = ("test_split", "episodes", "seed", "ways", "shots")
 """What fixes a test TaskSet: two evaluations that agree on these (and the dataset) scored the same tasks."""
 
@@ -76,20 +83,36 @@ def methods_of(plan: BenchPlan, selected: dict[str, Method], ways: int, shots: i
 
 
 def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, progress: bool) -> dict[str, Any]:
-    """The run's best checkpoint on the bench's fixed test TaskSet, adapted by ``test_rule`` (None: its own);
-    read back from the run folder when an evaluation newer than best.pt is there."""
+    """The run's best checkpoint on the bench's fixed test TaskSet, adapted by ``test_rule`` (None: its own):
+    its :func:`stored_test` when there is one, else evaluated now (and written to the run folder)."""
+    result = stored_test(plan, out, cell, test_rule)
+    if result is not None:
+        return result
+    run = out / cell.folder
+    if not (run / "best.pt").exists():
+        name = eval_file_name("best", plan.episodes, plan.test_seed, MetaTrainConfig.load(run), test_rule)
+        raise CheckpointError(f"{run} has neither best.pt nor its test evaluation {name}: its checkpoints were deleted "
+                              "before it was tested; delete the run folder and rerun the bench's command to train it again")
+    return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress)
+
+
+def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -> dict[str, Any] | None:
+    """The evaluation of the run's best.pt on the bench's test TaskSet with ``test_rule`` that its folder holds,
+    or None: where best.pt is there, the evaluation must be newer; where it was deleted, the evaluation stands
+    for it. A damaged one, or one of other test settings, is None (it is evaluated again)."""
     run = out / cell.folder
     cfg = MetaTrainConfig.load(run)
-    path = run / eval_file_name("best", plan.episodes, plan.test_seed, cfg, test_rule)
-    if path.exists() and path.stat().st_mtime_ns >= (run / "best.pt").stat().st_mtime_ns:
-        try:
-            result = json.loads(path.read_text())
-        except ValueError:
-            result = None  # a damaged result is evaluated again
-        setting = {"test_rule": test_rule or cfg.test_rule, "test_inner_steps": cfg.test_inner_steps}
-        if isinstance(result, dict) and all(result.get(k) == v for k, v in setting.items()):
-            return result  # (metasam evaluate --steps K before 2026-12-02 wrote other steps under this name: evaluated again)
-    return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress)
+    path, best = run / eval_file_name("best", plan.episodes, plan.test_seed, cfg, test_rule), run / "best.pt"
+    if not path.exists() or (best.exists() and path.stat().st_mtime_ns < best.stat().st_mtime_ns):
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except ValueError:
+        return None
+    setting = {"test_rule": test_rule or cfg.test_rule, "test_inner_steps": cfg.test_inner_steps}
+    if isinstance(result, dict) and all(result.get(k) == v for k, v in setting.items()):
+        return result  # (metasam evaluate --steps K before 2026-12-02 wrote other steps under this name: evaluated again)
+    return None
 
 
 def missing_cells(plan: BenchPlan, out: Path) -> list[Cell]:
@@ -111,7 +134,7 @@ def build_results(plan: BenchPlan, out: Path, progress: bool = True) -> dict[str
         shown = ", ".join(str(c.folder) for c in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise ConfigError(f"{out} lacks {len(missing)} finished cell(s): {shown}; finish them with the bench's command "
                           f"(or its shards): {plan.command(out)}")
-    settings = []
+    settings, tested_outside = [], False
     for ways, shots in plan.settings:
         selected, report, _ = select(plan, out, ways, shots)
         rows = methods_of(plan, selected, ways, shots)
@@ -119,10 +142,17 @@ def build_results(plan: BenchPlan, out: Path, progress: bool = True) -> dict[str
                   for m in rows}
         reference = tested[selected[plan.reference]]
         numbers = [method_numbers(plan, out, m, tested[m], reference, ways, shots) for m in rows]
+        in_table = {c for m in rows for c in m.cells(ways, shots, plan.seeds)}
+        for algo, grid in report.items():
+            for method, point in zip((m for m in plan.methods() if m.algo == algo), grid["points"]):
+                cells = method.cells(ways, shots, plan.seeds)
+                stored = {c.seed: stored_test(plan, out, c, None) for c in cells}
+                point["test_acc"] = {str(s): r["accuracy"] for s, r in stored.items() if r is not None}
+                tested_outside |= any(stored[c.seed] is not None for c in cells if c not in in_table)
         settings.append({"ways": ways, "shots": shots, "grids": report, "methods": numbers})
     return {"format": "metasam.bench.results", "version": 1, "command": plan.command(out),
-            "selection_rule": SELECTION_RULE, "reference": plan.reference, "seeds": plan.seeds,
-            "plan": plan.to_json(), "settings": settings}
+            "selection_rule": f"{SELECTION_RULE} {TESTED[tested_outside]}", "tested_outside_table": tested_outside,
+            "reference": plan.reference, "seeds": plan.seeds, "plan": plan.to_json(), "settings": settings}
 
 
 def method_numbers(plan: BenchPlan, out: Path, method: Method, tested: list[dict[str, Any]],

@@ -3,8 +3,8 @@ selected points, then test and write OUT/results.{json,md,png}; as one process, 
 
 Shard I/N trains the grid cells whose index (in :meth:`BenchPlan.grid_cells` order) is I modulo N, then, once
 every grid cell of a setting is finished (by any shard), the control cells of index I modulo N. It tests
-nothing: ``merge`` tests the selected points and controls and writes the table, and refuses, naming them,
-while cells are unfinished.
+nothing (but with ``test_on_finish``, see :func:`finish_cell`): ``merge`` tests the selected points and controls
+and writes the table, and refuses, naming them, while cells are unfinished.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 from metasam.atomic_write import write_text_atomic
 from metasam.checkpoint import config_differences
 from metasam.errors import ConfigError
-from metasam.train.bench.plan import BenchPlan, Cell
+from metasam.train.bench.plan import BenchPlan, Cell, other_test_rule
 from metasam.train.bench.report import plot, render_markdown
-from metasam.train.bench.results import build_results, select, summary_of
+from metasam.train.bench.results import build_results, select, summary_of, test_result
 from metasam.train.config import MetaTrainConfig, check_device
 from metasam.train.distributed import main_process
 from metasam.train.meta import MetaTrainer
@@ -40,7 +40,7 @@ def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = 
     check_device(configs[cells[0]].device)
     check_layout(out, plan)
     record_plan(out, plan)
-    trained = [c for c in _share(cells, shard) if train_cell(out, c, configs[c], f"{len(cells)} grid cells", progress)]
+    trained = [c for c in _share(cells, shard) if finish_cell(plan, out, c, configs[c], f"{len(cells)} grid cells", progress)]
     waiting: list[Cell] = []
     if plan.controls:
         controls = []
@@ -51,7 +51,8 @@ def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = 
                 controls += [c for m in plan.controls_of(ways, shots, selected) for c in m.cells(ways, shots, plan.seeds)
                              if c not in configs]
         controls = list(dict.fromkeys(controls))
-        trained += [c for c in _share(controls, shard) if train_cell(out, c, plan.config(c), f"{len(controls)} control cells", progress)]
+        trained += [c for c in _share(controls, shard)
+                    if finish_cell(plan, out, c, plan.config(c), f"{len(controls)} control cells", progress)]
     if shard is not None:
         return {"trained": trained, "waiting": waiting}
     return merge(plan, out, progress)
@@ -95,6 +96,20 @@ def train_cell(out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: b
         except KeyboardInterrupt as exc:
             raise KeyboardInterrupt(f"{exc}, or rerun the same metasam bench command: it resumes every unfinished cell") from exc
     return True
+
+
+def finish_cell(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: bool) -> bool:
+    """Train ``cell`` (:func:`train_cell`); then, with ``plan.test_on_finish``, test it at once unless its
+    evaluations are there: best.pt on the bench's fixed test TaskSet, adapted by the run's own test rule and, where
+    its inner rule is not plain gradient descent, by the other one too (what a test-time control would need). The
+    run folder then holds all a merge needs, even once its checkpoints are deleted; the selection still reads
+    validation accuracy only. Returns whether it trained."""
+    trained = train_cell(out, cell, cfg, of, progress)
+    if plan.test_on_finish:
+        other = other_test_rule(cfg)
+        for rule in [None] if other is None else [None, other]:
+            test_result(plan, out, cell, rule, progress)
+    return trained
 
 
 def check_layout(out: Path, plan: BenchPlan) -> None:
