@@ -201,12 +201,15 @@ def test_test_on_finish_keeps_the_evidence_of_a_bench_whose_checkpoints_are_dele
     table = (out / "results.md").read_text()
     assert "| algorithm | point | validation per seed | mean | test per seed | mean | |" in table
     lost = out / "3w1s" / "maml" / "inner_lr=0.4" / "seed1" / "eval_best_12_seed1234.json"
-    lost.unlink()
-    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"metasam bench: error: {lost.parent} has neither best.pt nor its test evaluation {lost.name}")
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    lost.write_text('{"accuracy": 0.5, "task_acc')  # torn
+    for problem in (f"has no best.pt, and its test evaluation {lost.name} is damaged",
+                    f"has neither best.pt nor its test evaluation {lost.name}"):
+        kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"metasam bench: error: {lost.parent} {problem}")
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+        lost.unlink(missing_ok=True)
 
 
 def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags(grid, tmp_path, capsys):

@@ -91,6 +91,10 @@ def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, p
     run = out / cell.folder
     if not (run / "best.pt").exists():
         name = eval_file_name("best", plan.episodes, plan.test_seed, MetaTrainConfig.load(run), test_rule)
+        if (run / name).exists():
+            raise CheckpointError(f"{run} has no best.pt, and its test evaluation {name} is damaged or holds other test "
+                                  "settings; restore the file from a copy, or delete the run folder and rerun the bench's "
+                                  "command to train it again")
         raise CheckpointError(f"{run} has neither best.pt nor its test evaluation {name}: its checkpoints were deleted "
                               "before it was tested; delete the run folder and rerun the bench's command to train it again")
     return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress)
