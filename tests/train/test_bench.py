@@ -80,6 +80,7 @@ def test_the_table_has_the_selected_methods_and_the_controls_and_nothing_else_wa
     assert gd["runs"] == agnostic["runs"] and gd["test_rule"] == "gd" and agnostic["test_rule"] == "same"
     tested = {str(p.parent.relative_to(out)) for p in out.glob("3w1s/**/eval_*.json")}
     assert tested == {run for m in rows(results).values() for run in m["runs"]}  # the grid's other points: never tested
+    assert not results["tested_outside_table"] and "no test task is read before the choice" in results["selection_rule"]
     table = (out / "results.md").read_text()
     assert results["command"] in table and results["selection_rule"] in table and (out / "results.png").stat().st_size > 0
     assert "is the smallest of" in table or "is the largest of" in table  # two-value grids: always at an edge

@@ -147,16 +147,25 @@ def build_results(plan: BenchPlan, out: Path, progress: bool = True) -> dict[str
         reference = tested[selected[plan.reference]]
         numbers = [method_numbers(plan, out, m, tested[m], reference, ways, shots) for m in rows]
         in_table = {c for m in rows for c in m.cells(ways, shots, plan.seeds)}
-        for algo, grid in report.items():
-            for method, point in zip((m for m in plan.methods() if m.algo == algo), grid["points"]):
-                cells = method.cells(ways, shots, plan.seeds)
-                stored = {c.seed: stored_test(plan, out, c, None) for c in cells}
-                point["test_acc"] = {str(s): r["accuracy"] for s, r in stored.items() if r is not None}
-                tested_outside |= any(stored[c.seed] is not None for c in cells if c not in in_table)
+        tested_outside |= add_grid_tests(plan, out, report, in_table, ways, shots)
         settings.append({"ways": ways, "shots": shots, "grids": report, "methods": numbers})
     return {"format": "metasam.bench.results", "version": 1, "command": plan.command(out),
             "selection_rule": f"{SELECTION_RULE} {TESTED[tested_outside]}", "tested_outside_table": tested_outside,
             "reference": plan.reference, "seeds": plan.seeds, "plan": plan.to_json(), "settings": settings}
+
+
+def add_grid_tests(plan: BenchPlan, out: Path, report: dict[str, Any], in_table: set[Cell], ways: int, shots: int) -> bool:
+    """Give each point of the grid ``report`` (of :func:`select`) the test accuracies, by seed, that its run folders
+    hold (with the runs' own test rule; nothing is evaluated here). Returns whether a run outside ``in_table``, the
+    cells of the table's rows, holds one."""
+    outside = False
+    for algo, grid in report.items():
+        for method, point in zip((m for m in plan.methods() if m.algo == algo), grid["points"]):
+            cells = method.cells(ways, shots, plan.seeds)
+            stored = {c: stored_test(plan, out, c, None) for c in cells}
+            point["test_acc"] = {str(c.seed): r["accuracy"] for c, r in stored.items() if r is not None}
+            outside |= any(r is not None and c not in in_table for c, r in stored.items())
+    return outside
 
 
 def method_numbers(plan: BenchPlan, out: Path, method: Method, tested: list[dict[str, Any]],
