@@ -4,6 +4,7 @@ controls, shards + merge giving one process's table, and a killed grid resuming 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -174,11 +175,12 @@ def test_merge_tests_again_a_cell_whose_result_file_holds_other_test_steps(grid,
 def test_test_on_finish_keeps_the_evidence_of_a_bench_whose_checkpoints_are_deleted(grid, tmp_path, capsys):
     """A bench rerun with --test-on-finish trains nothing and tests every finished run: by its own test rule, and by
     gd too where its inner rule is not plain gradient descent (what a test-time control would need). With every
-    checkpoint and val_tasks.json deleted, the merge gives the same choice and the same rows, and lists every grid
-    point's test accuracy beside the validation accuracy that chose; a run with neither best.pt nor its evaluation
-    is one line."""
+    checkpoint and val_tasks.json deleted, the merge gives the same choice and the same rows from those evaluations,
+    and lists every grid point's test accuracy beside the validation accuracy that chose."""
     out = tmp_path / "out"
     shutil.copytree(grid[0], out)
+    for evaluation in out.rglob("eval_*.json"):
+        evaluation.unlink()
     assert bench(out, "--test-on-finish") == 0
     assert trained(capsys.readouterr().err) == []
     runs = sorted(p.parent for p in out.glob("3w1s/**/config.json"))
@@ -186,6 +188,8 @@ def test_test_on_finish_keeps_the_evidence_of_a_bench_whose_checkpoints_are_dele
     for run in runs:
         gd = [] if "/maml/" in str(run) else ["eval_best_12_seed1234_gd.json"]
         assert sorted(p.name for p in run.glob("eval_*.json")) == ["eval_best_12_seed1234.json", *gd], run
+    assert main(["bench", "--out", str(out), "--merge", "--no-progress", "--episodes", "13"]) == 0
+    assert json.loads((out / "results.json").read_text())["tested_outside_table"]  # every run was tested, on other tasks
     for large in [*out.rglob("*.pt"), *out.rglob("val_tasks.json")]:
         large.unlink()
     assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 0
@@ -196,21 +200,59 @@ def test_test_on_finish_keeps_the_evidence_of_a_bench_whose_checkpoints_are_dele
     for algo, report in results["settings"][0]["grids"].items():
         assert report["selected"] == grid[1]["settings"][0]["grids"][algo]["selected"]
         for point in report["points"]:
-            assert list(point["test_acc"]) == ["0", "1"]
             run = out / "3w1s" / algo / point["name"]
-            assert point["test_acc"]["1"] == json.loads((run / "seed1/eval_best_12_seed1234.json").read_text())["accuracy"]
+            tests = [json.loads((run / f"seed{s}/eval_best_12_seed1234.json").read_text())["accuracy"] for s in (0, 1)]
+            assert point["test_acc"] == {"0": tests[0], "1": tests[1]} and point["mean_test_acc"] == pytest.approx(mean(tests))
     table = (out / "results.md").read_text()
     assert "| algorithm | point | validation per seed | mean | test per seed | mean | |" in table
-    lost = out / "3w1s" / "maml" / "inner_lr=0.4" / "seed1" / "eval_best_12_seed1234.json"
-    lost.write_text('{"accuracy": 0.5, "task_acc')  # torn
-    for problem in (f"has no best.pt, and its test evaluation {lost.name} is damaged",
-                    f"has neither best.pt nor its test evaluation {lost.name}"):
+
+
+def test_without_checkpoints_a_run_that_was_not_tested_is_one_line_and_nothing_is_lost(grid, tmp_path, capsys):
+    """Once *.pt are deleted: the merge names a chosen run whose evaluation is damaged or missing, or made on
+    other test tasks; a rerun refuses before training when a finished run lost best.pt before it was tested, and
+    refuses to drop --test-on-finish. Nothing is written by any of them."""
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    assert bench(out, "--test-on-finish") == 0
+    for checkpoint in out.rglob("*.pt"):
+        checkpoint.unlink()
+    capsys.readouterr()
+    chosen = out / rows(grid[1])["maml"]["runs"][1] / "eval_best_12_seed1234.json"
+    chosen.write_text('{"accuracy": 0.5, "task_acc')  # torn
+    merge = ["bench", "--out", str(out), "--merge", "--no-progress"]
+    for argv, problem in (
+        (merge, f"{chosen.parent} has no best.pt, and its test evaluation {chosen.name} is damaged"),
+        ([*merge, "--episodes", "13"], f"{out / rows(grid[1])['maml']['runs'][0]} has neither best.pt nor a test "
+                                       "evaluation on this TaskSet (eval_best_13_seed1234.json)"),
+        ([*ARGS, "--out", str(out), "--test-on-finish"], f"1 finished run(s) lack best.pt and a test evaluation of this bench ({chosen.parent})"),
+        ([*ARGS, "--out", str(out)], f"{out} holds a bench whose runs are tested as they finish; add --test-on-finish"),
+    ):
         kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-        assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 2
+        assert main(argv) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
-        assert line.startswith(f"metasam bench: error: {lost.parent} {problem}")
+        assert line.startswith("metasam bench: error: ") and problem in line, line
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
-        lost.unlink(missing_ok=True)
+    chosen.unlink()
+    assert main(merge) == 2
+    assert f"{chosen.parent} has neither best.pt nor a test evaluation on this TaskSet" in capsys.readouterr().err
+
+
+def test_a_run_whose_test_diverges_does_not_stop_a_bench_that_tests_on_finish(grid, tmp_path, capsys, monkeypatch):
+    """A diverged point that may never be chosen must not stop the training of the others: it is named, and the
+    bench goes on (a merge that needs it evaluates it again, and refuses)."""
+    from metasam.errors import NonFiniteError
+    from metasam.train.bench import runner
+
+    def diverges(plan, out, cell, test_rule, progress):
+        raise NonFiniteError("the logits become NaN/Inf", tensor="logits")
+
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    monkeypatch.setattr(runner, "test_result", diverges)
+    plan = dataclasses.replace(runner.load_plan(out), test_on_finish=True)
+    assert runner.run_bench(plan, out, (0, 1), progress=False) == {"trained": [], "waiting": []}
+    err = capsys.readouterr().err
+    assert err.count(" not tested: the logits become NaN/Inf") == 4 + 2 * 8  # 4 maml runs, 8 others with two test rules
 
 
 def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags(grid, tmp_path, capsys):

@@ -63,6 +63,12 @@ def other_test_rule(cfg: MetaTrainConfig) -> str | None:
     return "gd" if cfg.test_rule == "same" else "same"
 
 
+def test_rules(cfg: MetaTrainConfig) -> list[str | None]:
+    """Every test rule a table may test the run with: its own (None), then :func:`other_test_rule` if any."""
+    other = other_test_rule(cfg)
+    return [None] if other is None else [None, other]
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run of the bench; ``point`` holds the grid point's settings as sorted (key, value) pairs."""

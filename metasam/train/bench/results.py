@@ -1,5 +1,6 @@
 """From finished cells to the numbers of a bench: the selection of each grid on validation accuracy, the test
-evaluation of the selected points and their controls, and the intervals over seeds."""
+evaluation of the selected points and their controls (read back where the run folders hold it), the intervals
+over seeds, and the test accuracies the grid's run folders hold."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ SELECTION_RULE = (
 )
 TESTED = {
     False: "Only the chosen points and the controls built from them are tested: no test task is read before the choice.",
-    True: "Runs of points not chosen were tested too, some before the choice (--test-on-finish tests each run as it "
-          "finishes, so that the bench keeps its evidence when its checkpoints are deleted); their test accuracies, "
-          "listed with the grid below, played no part in the choice.",
+    True: "Runs of points not chosen were tested too, some before the choice (with --test-on-finish every run is "
+          "tested as it finishes, so that the bench keeps its evidence when its checkpoints are deleted); their test "
+          "accuracies, listed with the grid below, played no part in the choice.",
 }
-"""What was tested, by whether runs outside the table hold test evaluations."""
+"""What was tested: by whether the bench tests on finish or runs outside the table hold test evaluations."""
 SAME_TASKS = ("test_split", "episodes", "seed", "ways", "shots")
 """What fixes a test TaskSet: two evaluations that agree on these (and the dataset) scored the same tasks."""
 
@@ -90,14 +91,21 @@ def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, p
         return result
     run = out / cell.folder
     if not (run / "best.pt").exists():
-        name = eval_file_name("best", plan.episodes, plan.test_seed, MetaTrainConfig.load(run), test_rule)
-        if (run / name).exists():
-            raise CheckpointError(f"{run} has no best.pt, and its test evaluation {name} is damaged or holds other test "
-                                  "settings; restore the file from a copy, or delete the run folder and rerun the bench's "
-                                  "command to train it again")
-        raise CheckpointError(f"{run} has neither best.pt nor its test evaluation {name}: its checkpoints were deleted "
-                              "before it was tested; delete the run folder and rerun the bench's command to train it again")
+        path = eval_path(plan, run, test_rule)
+        if path.exists():
+            raise CheckpointError(f"{run} has no best.pt, and its test evaluation {path.name} is damaged or holds other "
+                                  "test settings; restore the file from a copy, or delete the run folder and rerun the "
+                                  "bench's command to train it again")
+        raise CheckpointError(f"{run} has neither best.pt nor a test evaluation on this TaskSet ({path.name}): its "
+                              "checkpoints were deleted before it was tested on it; merge with the --episodes and "
+                              "--test-seed it was tested with, or delete the run folder and rerun the bench's command "
+                              "to train it again")
     return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress)
+
+
+def eval_path(plan: BenchPlan, run: Path, test_rule: str | None) -> Path:
+    """Where the evaluation of the run's best.pt on the bench's test TaskSet with ``test_rule`` is written."""
+    return run / eval_file_name("best", plan.episodes, plan.test_seed, MetaTrainConfig.load(run), test_rule)
 
 
 def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -> dict[str, Any] | None:
@@ -105,14 +113,14 @@ def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -
     or None: where best.pt is there, the evaluation must be newer; where it was deleted, the evaluation stands
     for it. A damaged one, or one of other test settings, is None (it is evaluated again)."""
     run = out / cell.folder
-    cfg = MetaTrainConfig.load(run)
-    path, best = run / eval_file_name("best", plan.episodes, plan.test_seed, cfg, test_rule), run / "best.pt"
+    path, best = eval_path(plan, run, test_rule), run / "best.pt"
     if not path.exists() or (best.exists() and path.stat().st_mtime_ns < best.stat().st_mtime_ns):
         return None
     try:
         result = json.loads(path.read_text())
     except ValueError:
         return None
+    cfg = MetaTrainConfig.load(run)
     setting = {"test_rule": test_rule or cfg.test_rule, "test_inner_steps": cfg.test_inner_steps}
     if isinstance(result, dict) and all(result.get(k) == v for k, v in setting.items()):
         return result  # (metasam evaluate --steps K before 2026-12-02 wrote other steps under this name: evaluated again)
@@ -147,23 +155,25 @@ def build_results(plan: BenchPlan, out: Path, progress: bool = True) -> dict[str
         reference = tested[selected[plan.reference]]
         numbers = [method_numbers(plan, out, m, tested[m], reference, ways, shots) for m in rows]
         in_table = {c for m in rows for c in m.cells(ways, shots, plan.seeds)}
-        tested_outside |= add_grid_tests(plan, out, report, in_table, ways, shots)
+        outside = grid_tests(plan, out, report, in_table, ways, shots)
+        tested_outside |= plan.test_on_finish or outside
         settings.append({"ways": ways, "shots": shots, "grids": report, "methods": numbers})
     return {"format": "metasam.bench.results", "version": 1, "command": plan.command(out),
             "selection_rule": f"{SELECTION_RULE} {TESTED[tested_outside]}", "tested_outside_table": tested_outside,
             "reference": plan.reference, "seeds": plan.seeds, "plan": plan.to_json(), "settings": settings}
 
 
-def add_grid_tests(plan: BenchPlan, out: Path, report: dict[str, Any], in_table: set[Cell], ways: int, shots: int) -> bool:
-    """Give each point of the grid ``report`` (of :func:`select`) the test accuracies, by seed, that its run folders
-    hold (with the runs' own test rule; nothing is evaluated here). Returns whether a run outside ``in_table``, the
-    cells of the table's rows, holds one."""
+def grid_tests(plan: BenchPlan, out: Path, report: dict[str, Any], in_table: set[Cell], ways: int, shots: int) -> bool:
+    """Add to each point of the grid ``report`` (of :func:`select`) the test accuracies, by seed, that its run
+    folders hold (with the runs' own test rule; nothing is evaluated here), and their mean where every seed has
+    one. Returns whether a run outside ``in_table``, the cells of the table's rows, holds one."""
     outside = False
     for algo, grid in report.items():
         for method, point in zip((m for m in plan.methods() if m.algo == algo), grid["points"]):
-            cells = method.cells(ways, shots, plan.seeds)
-            stored = {c: stored_test(plan, out, c, None) for c in cells}
+            stored = {c: stored_test(plan, out, c, None) for c in method.cells(ways, shots, plan.seeds)}
             point["test_acc"] = {str(c.seed): r["accuracy"] for c, r in stored.items() if r is not None}
+            complete = len(point["test_acc"]) == len(stored)
+            point["mean_test_acc"] = sum(point["test_acc"].values()) / len(stored) if complete else None
             outside |= any(r is not None and c not in in_table for c, r in stored.items())
     return outside
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from metasam.atomic_write import write_text_atomic
 from metasam.checkpoint import config_differences
-from metasam.errors import ConfigError
-from metasam.train.bench.plan import BenchPlan, Cell, other_test_rule
+from metasam.errors import CheckpointError, ConfigError, NonFiniteError
+from metasam.train.bench.plan import BenchPlan, Cell, test_rules
 from metasam.train.bench.report import plot, render_markdown
-from metasam.train.bench.results import build_results, select, summary_of, test_result
+from metasam.train.bench.results import build_results, select, stored_test, summary_of, test_result
 from metasam.train.config import MetaTrainConfig, check_device
 from metasam.train.distributed import main_process
 from metasam.train.meta import MetaTrainer
@@ -40,6 +40,7 @@ def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = 
     check_device(configs[cells[0]].device)
     check_layout(out, plan)
     record_plan(out, plan)
+    check_testable(plan, out, _share(cells, shard))
     trained = [c for c in _share(cells, shard) if finish_cell(plan, out, c, configs[c], f"{len(cells)} grid cells", progress)]
     waiting: list[Cell] = []
     if plan.controls:
@@ -51,6 +52,7 @@ def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = 
                 controls += [c for m in plan.controls_of(ways, shots, selected) for c in m.cells(ways, shots, plan.seeds)
                              if c not in configs]
         controls = list(dict.fromkeys(controls))
+        check_testable(plan, out, _share(controls, shard))
         trained += [c for c in _share(controls, shard)
                     if finish_cell(plan, out, c, plan.config(c), f"{len(controls)} control cells", progress)]
     if shard is not None:
@@ -106,10 +108,27 @@ def finish_cell(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConfig, of
     validation accuracy only. Returns whether it trained."""
     trained = train_cell(out, cell, cfg, of, progress)
     if plan.test_on_finish:
-        other = other_test_rule(cfg)
-        for rule in [None] if other is None else [None, other]:
-            test_result(plan, out, cell, rule, progress)
+        for rule in test_rules(cfg):
+            try:
+                test_result(plan, out, cell, rule, progress)
+            except NonFiniteError as exc:  # a diverged point not chosen must not stop the bench; a merge that needs it refuses
+                if main_process():
+                    print(f"metasam bench: {out / cell.folder} not tested: {exc}", file=sys.stderr)
     return trained
+
+
+def check_testable(plan: BenchPlan, out: Path, cells: list[Cell]) -> None:
+    """With ``plan.test_on_finish``, refuse before training anything when a finished cell of ``cells`` lost its
+    best.pt before all its evaluations were written: it can be neither tested nor merged without training it again."""
+    if not plan.test_on_finish:
+        return
+    lost = [c for c in cells if summary_of(out / c.folder) is not None and not (out / c.folder / "best.pt").exists()
+            and any(stored_test(plan, out, c, r) is None for r in test_rules(MetaTrainConfig.load(out / c.folder)))]
+    if lost:
+        shown = ", ".join(str(out / c.folder) for c in lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+        raise CheckpointError(f"{len(lost)} finished run(s) lack best.pt and a test evaluation of this bench ({shown}): "
+                              "their checkpoints were deleted before they were tested; delete those run folders and "
+                              "rerun, which trains them again")
 
 
 def check_layout(out: Path, plan: BenchPlan) -> None:
@@ -130,6 +149,10 @@ def record_plan(out: Path, plan: BenchPlan) -> None:
         if differ:
             raise ConfigError(f"{out} holds a bench with other {', '.join(TRAINING_FLAGS[k] for k in differ)} "
                               f"({out / PLAN_FILE}: {stored.command(out)}); rerun that command, or choose another --out")
+        if stored.test_on_finish and not plan.test_on_finish:
+            raise ConfigError(f"{out} holds a bench whose runs are tested as they finish; add --test-on-finish, so "
+                              "that the runs trained now are tested too (a run without its evaluation cannot be merged "
+                              "once its checkpoints are deleted)")
     if main_process():
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps({"format": "metasam.bench", "version": 1, "plan": plan.to_json()}, indent=1),
