@@ -79,8 +79,8 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
                               "--checkpoint last (which='last' in Python), or train it further")
     procs = join("cpu")  # under torchrun the processes share the tasks
     rule = test_rule or cfg.test_rule
-    learner = MetaLearner.from_checkpoint(load_run_checkpoint(path, cfg), path, reducer=procs.reducer,
-                                          val_view=cfg.validation_view(), test_rule=rule)
+    ckpt = load_run_checkpoint(path, cfg)
+    learner = MetaLearner.from_checkpoint(ckpt, path, reducer=procs.reducer, val_view=cfg.validation_view(), test_rule=rule)
     check_finite_weights(learner.model.state_dict(), path)
     _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
     tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
@@ -89,7 +89,8 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     mean, ci = mean_ci95(accuracies)
     result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
               "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": test_inner_steps or cfg.test_inner_steps,
-              "test_rule": rule, "accuracy": mean, "ci95": ci, "task_accuracies": accuracies}
+              "test_rule": rule, "best_iteration": ckpt["best_iteration"], "accuracy": mean, "ci95": ci,
+              "task_accuracies": accuracies}
     if procs.is_main:
         name = eval_file_name(which, episodes, seed, cfg, rule, test_inner_steps, split)
         write_text_atomic(json.dumps(result, indent=2), run_dir / name)

@@ -218,10 +218,15 @@ def test_without_checkpoints_a_run_that_was_not_tested_is_one_line_and_nothing_i
         checkpoint.unlink()
     capsys.readouterr()
     chosen = out / rows(grid[1])["maml"]["runs"][1] / "eval_best_12_seed1234.json"
-    chosen.write_text('{"accuracy": 0.5, "task_acc')  # torn
+    evaluation = json.loads(chosen.read_text())
+    assert evaluation["best_iteration"] == json.loads((chosen.parent / "train_summary.json").read_text())["best_iteration"] == 2
     merge = ["bench", "--out", str(out), "--merge", "--no-progress"]
+    damaged = f"{chosen.parent} has no best.pt, and its test evaluation {chosen.name} is damaged, or of other test settings or an earlier best.pt"
+    chosen.write_text(json.dumps({**evaluation, "best_iteration": 1}))  # written by metasam evaluate during training
+    assert main(merge) == 2 and damaged in capsys.readouterr().err
+    chosen.write_text('{"accuracy": 0.5, "task_acc')  # torn
     for argv, problem in (
-        (merge, f"{chosen.parent} has no best.pt, and its test evaluation {chosen.name} is damaged"),
+        (merge, damaged),
         ([*merge, "--episodes", "13"], f"{out / rows(grid[1])['maml']['runs'][0]} has neither best.pt nor a test "
                                        "evaluation on this TaskSet (eval_best_13_seed1234.json)"),
         ([*ARGS, "--out", str(out), "--test-on-finish"], f"1 finished run(s) lack best.pt and a test evaluation of this bench ({chosen.parent})"),

@@ -93,9 +93,9 @@ def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, p
     if not (run / "best.pt").exists():
         path = eval_path(plan, run, test_rule)
         if path.exists():
-            raise CheckpointError(f"{run} has no best.pt, and its test evaluation {path.name} is damaged or holds other "
-                                  "test settings; restore the file from a copy, or delete the run folder and rerun the "
-                                  "bench's command to train it again")
+            raise CheckpointError(f"{run} has no best.pt, and its test evaluation {path.name} is damaged, or of other "
+                                  "test settings or an earlier best.pt; restore the file from a copy, or delete the run "
+                                  "folder and rerun the bench's command to train it again")
         raise CheckpointError(f"{run} has neither best.pt nor a test evaluation on this TaskSet ({path.name}): its "
                               "checkpoints were deleted before it was tested on it; merge with the --episodes and "
                               "--test-seed it was tested with, or delete the run folder and rerun the bench's command "
@@ -111,7 +111,8 @@ def eval_path(plan: BenchPlan, run: Path, test_rule: str | None) -> Path:
 def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -> dict[str, Any] | None:
     """The evaluation of the run's best.pt on the bench's test TaskSet with ``test_rule`` that its folder holds,
     or None: where best.pt is there, the evaluation must be newer; where it was deleted, the evaluation stands
-    for it. A damaged one, or one of other test settings, is None (it is evaluated again)."""
+    for it if it is of the run's final best.pt (its ``best_iteration`` is train_summary.json's; evaluations
+    written before 2026-12-02 do not record it). A damaged one, or one of other test settings, is None."""
     run = out / cell.folder
     path, best = eval_path(plan, run, test_rule), run / "best.pt"
     if not path.exists() or (best.exists() and path.stat().st_mtime_ns < best.stat().st_mtime_ns):
@@ -122,6 +123,9 @@ def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -
         return None
     cfg = MetaTrainConfig.load(run)
     setting = {"test_rule": test_rule or cfg.test_rule, "test_inner_steps": cfg.test_inner_steps}
+    summary = summary_of(run)
+    if not best.exists() and isinstance(result, dict) and "best_iteration" in result and summary is not None:
+        setting["best_iteration"] = summary["best_iteration"]
     if isinstance(result, dict) and all(result.get(k) == v for k, v in setting.items()):
         return result  # (metasam evaluate --steps K before 2026-12-02 wrote other steps under this name: evaluated again)
     return None
