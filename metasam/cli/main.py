@@ -13,7 +13,7 @@ import metasam
 from metasam.cli import analyze, bench, evaluate, plot, supervised, train
 from metasam.atomic_write import write_failure
 from metasam.errors import ConfigError, MetaSAMError
-from metasam.train.distributed import launched_as
+from metasam.train.distributed import launched_as, leave
 from metasam.train.memory import retain_freed_memory
 
 COMMANDS = {"train": train, "evaluate": evaluate, "bench": bench, "supervised": supervised,
@@ -56,7 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.command not in DISTRIBUTED:
                     raise ConfigError(f"metasam {args.command} runs in one process: start it without torchrun "
                                       f"(only {', '.join(sorted(DISTRIBUTED))} share their work between processes)")
-            return COMMANDS[args.command].run(args)
+            code = COMMANDS[args.command].run(args)
+            if code == 0:
+                leave()
+            return code
         except MetaSAMError as exc:
             print(f"{who}: error: {exc}", file=sys.stderr)
             return 2

@@ -11,7 +11,8 @@ no process group is created. Otherwise the process joins the default group, NCCL
   :class:`~metasam.meta.distributed.ProcessGroupReducer` sums meta-gradients and metrics over processes;
 - copies rank 0's weights to every process before training, after a start or a resume;
 - makes every process stop after the same iteration when any of them gets SIGINT or SIGTERM;
-- writes files (config, metrics, checkpoints, summaries) and shows progress bars from rank 0 only.
+- writes files (config, metrics, checkpoints, summaries) and shows progress bars from rank 0 only;
+- leaves the group together at the end of a command that succeeded (:func:`leave`).
 """
 
 from __future__ import annotations
@@ -106,13 +107,30 @@ def join(device: str = "cpu", meta_batch: int | None = None) -> Processes:
         )
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_destroy)  # on an error; a command that succeeds calls leave()
     if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
         raise ConfigError(
             f"the process group already initialised in this process is rank {dist.get_rank()} of "
             f"{dist.get_world_size()}, but the environment says RANK={rank}, WORLD_SIZE={world_size}"
         )
     return Processes(rank, world_size, "cuda" if backend == "nccl" else "cpu")
+
+
+def leave() -> None:
+    """End this process's part of a torchrun job whose command succeeded: wait until every process is done with
+    the process group (a barrier: rank 0 may still be writing checkpoints when the others finish), then destroy
+    it in every process together, as PyTorch asks (torch.distributed's "Shutdown" docs). A process that tore
+    its connections down while another still held them aborted a gloo child at exit, rarely. Nothing happens
+    outside torchrun."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _destroy() -> None:
+    """At exit after an error (no barrier: the other processes may never reach one; torchrun stops them)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main_process() -> bool:

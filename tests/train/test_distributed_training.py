@@ -40,6 +40,12 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+    if done.returncode != 0 and out is not None and out.is_dir():  # how far it got, for a failure seen once in a while
+        metrics = out / "metrics.jsonl"
+        lines = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        pytest.fail(f"torchrun exited {done.returncode}; {out} holds {sorted(p.name for p in out.iterdir())}, "
+                    f"{lines} metrics lines\n{done.stderr[-4000:]}")
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
