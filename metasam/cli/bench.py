@@ -26,8 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "bench", help="train + evaluate algorithms × settings × seeds, with grids chosen on validation",
         description="Every cell is a normal, resumable run folder OUT/<ways>w<shots>s/<algo>[/<grid point>]/seed<s>. Each "
         "algorithm's grid point is chosen on validation accuracy only (best mean over seeds); only the chosen points "
-        "and their controls are tested (every run with --test-on-finish), all on one fixed test TaskSet. OUT/results.md holds the table (mean over seeds "
-        "± 95 % t-interval, paired differences to --reference), results.json the numbers, results.png the plot. "
+        "and their controls are tested (every run with --test-on-finish), all on one fixed test TaskSet. "
+        "OUT/results.md holds the table (mean over seeds ± 95 % t-interval, paired differences to --reference), "
+        "results.json the numbers, results.png the plot. "
         "Run settings apply to every algorithm that takes them; unset ones take each setting's standard values.")
     add(p, "--algos", default="maml,sharp-maml-low,agnostic-sam", help=f"comma list of {', '.join(PRESETS)}")
     add(p, "--settings", default="5w1s,5w5s", help="comma list of <ways>w<shots>s, like 5w1s,5w5s,20w1s,20w5s")

@@ -221,7 +221,8 @@ def test_without_checkpoints_a_run_that_was_not_tested_is_one_line_and_nothing_i
     evaluation = json.loads(chosen.read_text())
     assert evaluation["best_iteration"] == json.loads((chosen.parent / "train_summary.json").read_text())["best_iteration"] == 2
     merge = ["bench", "--out", str(out), "--merge", "--no-progress"]
-    damaged = f"{chosen.parent} has no best.pt, and its test evaluation {chosen.name} is damaged, or of other test settings or an earlier best.pt"
+    damaged = (f"{chosen.parent} has no best.pt, and its test evaluation {chosen.name} is damaged, or of other test "
+               "settings or an earlier best.pt")
     chosen.write_text(json.dumps({**evaluation, "best_iteration": 1}))  # written by metasam evaluate during training
     assert main(merge) == 2 and damaged in capsys.readouterr().err
     chosen.write_text('{"accuracy": 0.5, "task_acc')  # torn
@@ -229,7 +230,8 @@ def test_without_checkpoints_a_run_that_was_not_tested_is_one_line_and_nothing_i
         (merge, damaged),
         ([*merge, "--episodes", "13"], f"{out / rows(grid[1])['maml']['runs'][0]} has neither best.pt nor a test "
                                        "evaluation on this TaskSet (eval_best_13_seed1234.json)"),
-        ([*ARGS, "--out", str(out), "--test-on-finish"], f"1 finished run(s) lack best.pt and a test evaluation of this bench ({chosen.parent})"),
+        ([*ARGS, "--out", str(out), "--test-on-finish"],
+         f"1 finished run(s) lack best.pt and a test evaluation of this bench ({chosen.parent})"),
         ([*ARGS, "--out", str(out)], f"{out} holds a bench whose runs are tested as they finish; add --test-on-finish"),
     ):
         kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
