@@ -106,3 +106,23 @@ def test_cli_refuses_hyperparameters_its_optimizer_does_not_use(optimizer, flags
     err = capsys.readouterr().err
     assert f"does not use {named}" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+
+def test_cifar_augmentation_crops_and_flips_each_image_on_its_own():
+    """Each output image is one 32×32 window of its own reflect-padded image, unflipped or flipped, found by a
+    search over every offset (an independent check); offsets and flips vary within one batch (a crop offset
+    shared by the whole batch, as before 2026-12-02, fails)."""
+    from metasam.train.supervised import _augment
+
+    x = torch.randn(64, 3, 32, 32, dtype=torch.float64)
+    out = _augment(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    drawn = []
+    for i in range(len(x)):
+        windows = {(dy, dx): padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
+        matches = [(dy, dx, flip) for (dy, dx), window in windows.items() for flip in (False, True)
+                   if torch.equal(out[i], window.flip(2) if flip else window)]
+        assert len(matches) == 1, (i, matches)
+        drawn += matches
+    assert len({(dy, dx) for dy, dx, _ in drawn}) > 20 and {flip for _, _, flip in drawn} == {False, True}

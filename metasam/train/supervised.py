@@ -139,11 +139,14 @@ def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[Tensor]:
 
 
 def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
-    """CIFAR's standard augmentation: reflect-pad 4, random 32×32 crop, random horizontal flip."""
-    n, _, h, w = x.shape
+    """CIFAR's standard augmentation, drawn per image: reflect-pad 4, a random h×w crop (offsets dy, dx in
+    0 … 8), a horizontal flip with probability 1/2."""
+    n, c, h, w = x.shape
     padded = nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
-    dy, dx = torch.randint(0, 9, (2,), generator=gen).tolist()
-    out = padded[:, :, dy : dy + h, dx : dx + w]
+    dy, dx = torch.randint(0, 9, (2, n), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (n, 1, h, 1): image i's rows dy_i … dy_i + h − 1
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
     flip = torch.rand(n, generator=gen) < 0.5
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
