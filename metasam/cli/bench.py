@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from metasam.cli.flags import add, add_run_flags, rule_flags_given, settings_given
 from metasam.errors import ConfigError
 from metasam.meta import PRESETS
 from metasam.train.bench import BenchPlan, load_plan, merge, parse_seeds, parse_settings, parse_shard, run_bench
 from metasam.train.bench.report import render_markdown
+from metasam.train.bench.results import cell_states
 from metasam.train.distributed import main_process
 
 GRID_AXES = ("algo", "ways", "shots", "seed")
@@ -55,6 +57,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--merge", action="store_true",
         help="train nothing: test and write the results of the bench in --out from its finished cells (its plan "
         "from OUT/bench.json); refuses, naming them, while cells are unfinished")
+    add(p, "--status", action="store_true",
+        help="train and test nothing: print where each cell of the bench in --out stands, one tab-separated line "
+        "per cell (cell; state: not started, unfinished, finished or tested; last iteration; best validation "
+        "accuracy), the controls once their grid is finished; a count on stderr")
     add(p, "--no-progress", action="store_true", help="no progress bars")
     add_run_flags(p, leave_out=GRID_AXES)
     DEFAULTS.update(vars(p.parse_args(["--out", "x"])))
@@ -62,6 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
+    if args.status:
+        _print_status(args)
+        return 0
     if args.merge:
         results = merge(_stored_plan(args), args.out, progress)
     else:
@@ -84,12 +93,23 @@ def plan_of(args: argparse.Namespace) -> BenchPlan:
         test_on_finish=args.test_on_finish)
 
 
+def _print_status(args: argparse.Namespace) -> None:
+    states = cell_states(_stored_plan(args), Path(args.out))
+    print("cell\tstate\titeration\tbest_val_acc")
+    for s in states:
+        print("\t".join(str(v) if v is not None else "-" for v in (s["cell"], s["state"], s["iteration"], s["best_val_acc"])))
+    done = sum(s["state"] in ("finished", "tested") for s in states)
+    tested = sum(s["state"] == "tested" for s in states)
+    print(f"metasam bench: {done} of {len(states)} cells finished, {tested} of them tested; controls are listed once "
+          "their grid is finished", file=sys.stderr)
+
+
 def _stored_plan(args: argparse.Namespace) -> BenchPlan:
     """The plan of OUT/bench.json, with the report flags given; other flags are refused."""
-    fixed = ("out", "merge", "no_progress", "command", *REPORT)
+    fixed = ("out", "merge", "status", "no_progress", "command", *REPORT)
     given = [k for k, v in vars(args).items() if k in DEFAULTS and k not in fixed and v != DEFAULTS[k]]
     if given:
-        raise ConfigError(f"--merge builds the table of the bench whose plan is in {args.out}/bench.json; drop "
+        raise ConfigError(f"--merge and --status read the bench whose plan is in {args.out}/bench.json; drop "
                           f"{', '.join('--' + k.replace('_', '-') for k in given)} (only --controls, --reference, --episodes "
                           "and --test-seed may change what is tested)")
     report = {k: getattr(args, k) for k in REPORT if getattr(args, k) != DEFAULTS[k]}

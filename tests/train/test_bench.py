@@ -262,6 +262,41 @@ def test_a_run_whose_test_diverges_does_not_stop_a_bench_that_tests_on_finish(gr
     assert err.count(" not tested: the logits become NaN/Inf") == 4 + 2 * 8  # 4 maml runs, 8 others with two test rules
 
 
+def test_status_says_where_each_cell_stands_from_its_folder_alone(grid, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+
+    def status() -> tuple[dict[str, tuple[str, str, str]], str]:
+        kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert main(["bench", "--out", str(out), "--status"]) == 0
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept  # it only reads
+        captured = capsys.readouterr()
+        header, *lines = captured.out.splitlines()
+        assert header == "cell\tstate\titeration\tbest_val_acc"
+        return {cell: (state, it, val) for cell, state, it, val in (line.split("\t") for line in lines)}, captured.err
+
+    states, err = status()
+    assert len(states) == 12 and "metasam bench: 12 of 12 cells finished, 8 of them tested" in err  # 8 grid cells, 4 control runs
+    table = {run for m in rows(grid[1]).values() for run in m["runs"]}
+    for cell, (state, iteration, val) in states.items():
+        summary = json.loads((out / cell / "train_summary.json").read_text())
+        assert state == ("tested" if cell in table else "finished") and iteration == "2", cell
+        assert float(val) == summary["best_val_acc"]
+
+    unfinished = out / "3w1s/maml/inner_lr=0.4/seed1"
+    (unfinished / "train_summary.json").unlink()
+    with open(unfinished / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"iteration": 3, "query_lo')  # torn by a kill
+    shutil.rmtree(out / "3w1s/maml/inner_lr=0.001/seed0")
+    states, err = status()
+    assert list(states)[:4] == [f"{p}/seed{s}" for p in MAML for s in (0, 1)] and len(states) == 8  # no controls yet
+    assert states["3w1s/maml/inner_lr=0.001/seed0"] == ("not started", "-", "-")
+    assert states["3w1s/maml/inner_lr=0.4/seed1"] == ("unfinished", "2", "-")  # the torn line is not an iteration
+    assert "metasam bench: 6 of 8 cells finished" in err
+    assert main(["bench", "--out", str(out), "--status", "--seeds", "0,1"]) == 2
+    assert "drop --seeds" in capsys.readouterr().err
+
+
 def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags(grid, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(grid[0], out)

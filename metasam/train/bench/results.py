@@ -143,6 +143,44 @@ def missing_cells(plan: BenchPlan, out: Path) -> list[Cell]:
     return list(dict.fromkeys(missing))
 
 
+def cell_states(plan: BenchPlan, out: Path) -> list[dict[str, Any]]:
+    """Where each cell of the bench stands, reading its run folder only (nothing is trained or tested): the grid
+    cells, then the controls of every setting whose grid is finished. Each: ``{"cell": its folder, "state":
+    "not started" | "unfinished" | "finished" | "tested", "iteration": the last logged (None before the first),
+    "best_val_acc": when finished}``; "tested": finished, and its folder holds the evaluation of its best.pt on
+    the bench's test TaskSet by its own test rule. "unfinished" says nothing of whether a process trains it now."""
+    cells = plan.grid_cells()
+    for ways, shots in plan.settings:
+        selected, _, missing = select(plan, out, ways, shots)
+        if not missing and plan.controls:
+            cells += [c for m in plan.controls_of(ways, shots, selected) for c in m.cells(ways, shots, plan.seeds)]
+    states = []
+    for cell in dict.fromkeys(cells):
+        run, summary = out / cell.folder, summary_of(out / cell.folder)
+        state = {"cell": str(cell.folder), "state": "not started", "iteration": _last_iteration(run), "best_val_acc": None}
+        if summary is not None:
+            tested = stored_test(plan, out, cell, None) is not None
+            state.update(state="tested" if tested else "finished", best_val_acc=summary["best_val_acc"])
+        elif (run / "config.json").exists():
+            state["state"] = "unfinished"
+        states.append(state)
+    return states
+
+
+def _last_iteration(run: Path) -> int | None:
+    """The iteration of the last complete line of the run's metrics.jsonl (None before the first)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["iteration"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill, or not an iteration's
+    return None
+
+
 def build_results(plan: BenchPlan, out: Path, progress: bool = True) -> dict[str, Any]:
     """The numbers of the table (see :func:`method_numbers`), per setting; refuses while a cell is unfinished."""
     missing = missing_cells(plan, out)
