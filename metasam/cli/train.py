@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from metasam.cli.flags import add, add_run_flags, rules_from_flags, settings_given
-from metasam.errors import CheckpointError, ConfigError, RunFolderInUse
+from metasam.errors import ConfigError, RunFolderInUse
 from metasam.train.config import RESUME_OVERRIDES, MetaTrainConfig, as_flags, check_device
 from metasam.train.meta import MetaTrainer, datasets_summary
 from metasam.train.run_checkpoint import load_run_checkpoint
-from metasam.train.run_folder import check_new_run_dir, check_writable
+from metasam.train.run_folder import check_new_run_dir, check_restartable, check_writable
 
 DEFAULTS: dict[str, object] = {}
 """The parser's defaults: with --resume, any other value is a setting the saved run would ignore."""
@@ -93,10 +93,7 @@ def _resume(args: argparse.Namespace) -> MetaTrainer:
             raise ConfigError(f"--iterations {cfg.iterations} is below the {done} iterations {run_dir} has done; "
                               f"pass --iterations {done} or more")
     else:
-        trained = [n for n in ("best.pt", "metrics.jsonl", "train_summary.json") if (run_dir / n).exists()]
-        if trained:
-            raise CheckpointError(f"{run_dir} has no last.pt but has {', '.join(trained)}: its last.pt was moved or "
-                                  "deleted; put it back to continue the run")
+        check_restartable(run_dir)
     check_device(cfg.device)
     check_writable(run_dir)
     try:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from metasam.atomic_write import write_failure
-from metasam.errors import ConfigError, RunFolderInUse
+from metasam.errors import CheckpointError, ConfigError, RunFolderInUse
 
 LOCK_NAME = ".metasam.lock"
 RUN_FILES = ("config.json", "val_tasks.json", "last.pt", "best.pt", "metrics.jsonl", "train_summary.json")
@@ -40,6 +40,16 @@ def check_new_run_dir(out: str | os.PathLike) -> None:
             f"--out {out} holds files that are not a metasam run ({shown}); a new run needs an empty or new "
             "folder, so that none of your files is overwritten: choose another --out")
     check_writable(out)
+
+
+def check_restartable(run_dir: str | os.PathLike) -> None:
+    """Refuse to start again from iteration 0 a run folder without last.pt that has trained (best.pt, metrics
+    or a summary): its last.pt was moved or deleted, and starting again would overwrite what it holds."""
+    run_dir = Path(run_dir)
+    trained = [n for n in ("best.pt", "metrics.jsonl", "train_summary.json") if (run_dir / n).exists()]
+    if trained:
+        raise CheckpointError(f"{run_dir} has no last.pt but has {', '.join(trained)}: its last.pt was moved or "
+                              "deleted; put it back to continue the run, or delete the folder to train it again")
 
 
 def is_run_dir(folder: str | os.PathLike) -> bool:

@@ -297,6 +297,23 @@ def test_status_says_where_each_cell_stands_from_its_folder_alone(grid, tmp_path
     assert "drop --seeds" in capsys.readouterr().err
 
 
+def test_a_bench_refuses_to_train_again_a_cell_whose_last_checkpoint_is_gone(grid, tmp_path, capsys):
+    """A cell with metrics and best.pt but no last.pt (moved or deleted) is not started again from iteration 0 over
+    what it holds, as metasam train --resume would not."""
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    cell = out / "3w1s/maml/inner_lr=0.4/seed1"
+    (cell / "train_summary.json").unlink()
+    (cell / "last.pt").unlink()
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert bench(out) == 2
+    announced, line = capsys.readouterr().err.strip().splitlines()  # the cell it reached, then why it stops
+    assert announced.startswith("metasam bench: 3w1s/maml/inner_lr=0.4/seed1 (one of 8 grid cells)")
+    assert line == (f"metasam bench: error: {cell} has no last.pt but has best.pt, metrics.jsonl: its last.pt was moved "
+                    "or deleted; put it back to continue the run, or delete the folder to train it again")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+
+
 def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags(grid, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(grid[0], out)

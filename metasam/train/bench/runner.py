@@ -23,7 +23,7 @@ from metasam.train.bench.results import build_results, select, stored_test, summ
 from metasam.train.config import MetaTrainConfig, check_device
 from metasam.train.distributed import main_process
 from metasam.train.meta import MetaTrainer
-from metasam.train.run_folder import is_run_dir
+from metasam.train.run_folder import check_restartable, is_run_dir
 
 PLAN_FILE = "bench.json"
 TRAINING_FLAGS = {"settings": "--settings", "algos": "--algos", "seeds": "--seeds", "grids": "--grid",
@@ -92,6 +92,7 @@ def train_cell(out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: b
         if (run / "last.pt").exists():
             trainer.resume()
         else:  # new, or killed before its first checkpoint (nothing trained)
+            check_restartable(run)
             trainer.start(restart=is_run_dir(run))
         try:
             trainer.train(progress=progress)
