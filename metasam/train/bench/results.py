@@ -131,16 +131,22 @@ def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -
     return None
 
 
+def control_cells(plan: BenchPlan, out: Path) -> tuple[list[Cell], list[Cell]]:
+    """(the cells of the controls of every setting whose grid is finished, in order and once each, a grid cell
+    that a control reuses included; the grid cells still unfinished). Without ``plan.controls``, no controls."""
+    controls, unfinished = [], []
+    for ways, shots in plan.settings:
+        selected, _, missing = select(plan, out, ways, shots)
+        unfinished += missing
+        if not missing and plan.controls:
+            controls += [c for m in plan.controls_of(ways, shots, selected) for c in m.cells(ways, shots, plan.seeds)]
+    return list(dict.fromkeys(controls)), unfinished
+
+
 def missing_cells(plan: BenchPlan, out: Path) -> list[Cell]:
     """The cells the table needs that are not finished: grid cells, and the controls of finished grids."""
-    missing = []
-    for ways, shots in plan.settings:
-        selected, _, unfinished = select(plan, out, ways, shots)
-        missing += unfinished
-        if len(selected) == len(plan.algos) and plan.controls:
-            missing += [c for m in plan.controls_of(ways, shots, selected) for c in m.cells(ways, shots, plan.seeds)
-                        if summary_of(out / c.folder) is None]
-    return list(dict.fromkeys(missing))
+    controls, unfinished = control_cells(plan, out)
+    return list(dict.fromkeys(unfinished + [c for c in controls if summary_of(out / c.folder) is None]))
 
 
 def cell_states(plan: BenchPlan, out: Path) -> list[dict[str, Any]]:
@@ -149,13 +155,8 @@ def cell_states(plan: BenchPlan, out: Path) -> list[dict[str, Any]]:
     "not started" | "unfinished" | "finished" | "tested", "iteration": the last logged (None before the first),
     "best_val_acc": when finished}``; "tested": finished, and its folder holds the evaluation of its best.pt on
     the bench's test TaskSet by its own test rule. "unfinished" says nothing of whether a process trains it now."""
-    cells = plan.grid_cells()
-    for ways, shots in plan.settings:
-        selected, _, missing = select(plan, out, ways, shots)
-        if not missing and plan.controls:
-            cells += [c for m in plan.controls_of(ways, shots, selected) for c in m.cells(ways, shots, plan.seeds)]
     states = []
-    for cell in dict.fromkeys(cells):
+    for cell in dict.fromkeys(plan.grid_cells() + control_cells(plan, out)[0]):
         run, summary = out / cell.folder, summary_of(out / cell.folder)
         state = {"cell": str(cell.folder), "state": "not started", "iteration": _last_iteration(run), "best_val_acc": None}
         if summary is not None:

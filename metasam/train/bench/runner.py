@@ -19,7 +19,7 @@ from metasam.checkpoint import config_differences
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError
 from metasam.train.bench.plan import BenchPlan, Cell, test_rules
 from metasam.train.bench.report import plot, render_markdown
-from metasam.train.bench.results import build_results, select, stored_test, summary_of, test_result
+from metasam.train.bench.results import build_results, control_cells, stored_test, summary_of, test_result
 from metasam.train.config import MetaTrainConfig, check_device
 from metasam.train.distributed import main_process
 from metasam.train.meta import MetaTrainer
@@ -44,14 +44,8 @@ def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = 
     trained = [c for c in _share(cells, shard) if finish_cell(plan, out, c, configs[c], f"{len(cells)} grid cells", progress)]
     waiting: list[Cell] = []
     if plan.controls:
-        controls = []
-        for ways, shots in plan.settings:
-            selected, _, missing = select(plan, out, ways, shots)
-            waiting += missing
-            if not missing:
-                controls += [c for m in plan.controls_of(ways, shots, selected) for c in m.cells(ways, shots, plan.seeds)
-                             if c not in configs]
-        controls = list(dict.fromkeys(controls))
+        controls, waiting = control_cells(plan, out)
+        controls = [c for c in controls if c not in configs]  # a grid cell a control reuses is trained above
         check_testable(plan, out, _share(controls, shard))
         trained += [c for c in _share(controls, shard)
                     if finish_cell(plan, out, c, plan.config(c), f"{len(controls)} control cells", progress)]
