@@ -119,9 +119,9 @@ def join(device: str = "cpu", meta_batch: int | None = None) -> Processes:
 def leave() -> None:
     """End this process's part of a torchrun job whose command succeeded: wait until every process is done with
     the process group (a barrier: rank 0 may still be writing checkpoints when the others finish), then destroy
-    it in every process together, as PyTorch asks (torch.distributed's "Shutdown" docs). A process that tore
-    its connections down while another still held them aborted a gloo child at exit, rarely. Nothing happens
-    outside torchrun."""
+    it in every process together, as PyTorch asks (torch.distributed's "Shutdown" docs). Each process destroying
+    the group alone at exit, while rank 0 could still be writing, is the likely cause (not proven) of a rare
+    abort of a gloo child at exit. Nothing happens outside torchrun."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
