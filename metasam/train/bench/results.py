@@ -91,7 +91,7 @@ def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, p
         return result
     run = out / cell.folder
     if not (run / "best.pt").exists():
-        path = eval_path(plan, run, test_rule)
+        path = eval_path(plan, run, MetaTrainConfig.load(run), test_rule)
         if path.exists():
             raise CheckpointError(f"{run} has no best.pt, and its test evaluation {path.name} is damaged, or of other "
                                   "test settings or an earlier best.pt; restore the file from a copy, or delete the run "
@@ -103,9 +103,9 @@ def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, p
     return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress)
 
 
-def eval_path(plan: BenchPlan, run: Path, test_rule: str | None) -> Path:
-    """Where the evaluation of the run's best.pt on the bench's test TaskSet with ``test_rule`` is written."""
-    return run / eval_file_name("best", plan.episodes, plan.test_seed, MetaTrainConfig.load(run), test_rule)
+def eval_path(plan: BenchPlan, run: Path, cfg: MetaTrainConfig, test_rule: str | None) -> Path:
+    """Where the evaluation of the run's (``cfg``'s) best.pt on the bench's test TaskSet with ``test_rule`` is written."""
+    return run / eval_file_name("best", plan.episodes, plan.test_seed, cfg, test_rule)
 
 
 def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -> dict[str, Any] | None:
@@ -114,14 +114,14 @@ def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -
     for it if it is of the run's final best.pt (its ``best_iteration`` is train_summary.json's; evaluations
     written before 2026-12-02 do not record it). A damaged one, or one of other test settings, is None."""
     run = out / cell.folder
-    path, best = eval_path(plan, run, test_rule), run / "best.pt"
+    cfg = MetaTrainConfig.load(run)
+    path, best = eval_path(plan, run, cfg, test_rule), run / "best.pt"
     if not path.exists() or (best.exists() and path.stat().st_mtime_ns < best.stat().st_mtime_ns):
         return None
     try:
         result = json.loads(path.read_text())
     except ValueError:
         return None
-    cfg = MetaTrainConfig.load(run)
     setting = {"test_rule": test_rule or cfg.test_rule, "test_inner_steps": cfg.test_inner_steps}
     summary = summary_of(run)
     if not best.exists() and isinstance(result, dict) and "best_iteration" in result and summary is not None:
