@@ -47,6 +47,11 @@ def bench(out: Path, *extra: str) -> int:
     return main([*ARGS, "--out", str(out), *extra])
 
 
+def contents(out: Path) -> dict[Path, bytes]:
+    """Every file under ``out`` with its bytes: what a refusal must leave as it was."""
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
 def trained(err: str) -> list[str]:
     """The cells a bench announced it trains (stderr lines 'metasam bench: <cell> (one of …)')."""
     return [line.split(": ", 1)[1].split(" (one of")[0] for line in err.splitlines() if "(one of" in line]
@@ -234,11 +239,11 @@ def test_without_checkpoints_a_run_that_was_not_tested_is_one_line_and_nothing_i
          f"1 finished run(s) lack best.pt and a test evaluation of this bench ({chosen.parent})"),
         ([*ARGS, "--out", str(out)], f"{out} holds a bench whose runs are tested as they finish; add --test-on-finish"),
     ):
-        kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        kept = contents(out)
         assert main(argv) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("metasam bench: error: ") and problem in line, line
-        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+        assert contents(out) == kept
     chosen.unlink()
     assert main(merge) == 2
     assert f"{chosen.parent} has neither best.pt nor a test evaluation on this TaskSet" in capsys.readouterr().err
@@ -267,9 +272,9 @@ def test_status_says_where_each_cell_stands_from_its_folder_alone(grid, tmp_path
     shutil.copytree(grid[0], out)
 
     def status() -> tuple[dict[str, tuple[str, str, str]], str]:
-        kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        kept = contents(out)
         assert main(["bench", "--out", str(out), "--status"]) == 0
-        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept  # it only reads
+        assert contents(out) == kept  # it only reads
         captured = capsys.readouterr()
         header, *lines = captured.out.splitlines()
         assert header == "cell\tstate\titeration\tbest_val_acc"
@@ -305,19 +310,19 @@ def test_a_bench_refuses_to_train_again_a_cell_whose_last_checkpoint_is_gone(gri
     cell = out / "3w1s/maml/inner_lr=0.4/seed1"
     (cell / "train_summary.json").unlink()
     (cell / "last.pt").unlink()
-    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    kept = contents(out)
     assert bench(out) == 2
     announced, line = capsys.readouterr().err.strip().splitlines()  # the cell it reached, then why it stops
     assert announced.startswith("metasam bench: 3w1s/maml/inner_lr=0.4/seed1 (one of 8 grid cells)")
     assert line == (f"metasam bench: error: {cell} has no last.pt but has best.pt, metrics.jsonl: its last.pt was moved "
                     "or deleted; put it back to continue the run, or delete the folder to train it again")
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    assert contents(out) == kept
 
 
 def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags(grid, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(grid[0], out)
-    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    kept = contents(out)
     assert main([*ARGS, "--seeds", "0,1,2", "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith(f"metasam bench: error: {out} holds a bench with other --seeds")
     other_grid = [a.replace("maml:inner_lr=0.001,0.4", "maml:inner_lr=0.001,0.2") for a in ARGS]
@@ -327,7 +332,7 @@ def test_a_bench_refuses_an_out_of_another_plan_and_merge_refuses_training_flags
     assert capsys.readouterr().err.startswith(f"metasam bench: error: {out} holds a bench with other ")
     assert main(["bench", "--out", str(out), "--merge", "--iterations", "5"]) == 2
     assert "drop --iterations" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept  # every cell and result kept
+    assert contents(out) == kept  # every cell and result kept
 
 
 def test_a_damaged_train_summary_is_one_line_naming_the_command_that_writes_it_again(grid, tmp_path, capsys):
