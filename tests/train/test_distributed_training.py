@@ -25,7 +25,7 @@ from torch import nn
 from metasam import ConfigError
 from metasam.cli.main import main
 from metasam.models import BatchNorm, Conv4
-from metasam.train.distributed import join
+from metasam.train.distributed import join, leave
 from metasam.train.config import MetaTrainConfig
 from metasam.train.meta import MetaTrainer
 
@@ -189,6 +189,7 @@ def test_launch_settings_that_cannot_work_are_refused_before_any_process_group(m
 
 if __name__ == "__main__":
     stop_resume_evaluate(Path(sys.argv[1]))
+    leave()  # as metasam's commands end under torchrun: together, after a barrier
 
 
 @pytest.mark.parametrize("command", [["analyze", "RUN"], ["plot", "RUN"], ["supervised", "--epochs", "1"]])
