@@ -11,7 +11,7 @@ from pathlib import Path
 from metasam.cli.flags import add, add_run_flags, rule_flags_given, settings_given
 from metasam.errors import ConfigError
 from metasam.meta import PRESETS
-from metasam.train.bench import BenchPlan, load_plan, merge, parse_seeds, parse_settings, parse_shard, run_bench
+from metasam.train.bench import BenchPlan, load_plan, merge, parse_seeds, parse_settings, parse_shard, run_bench, run_worker
 from metasam.train.bench.report import render_markdown
 from metasam.train.bench.results import cell_states
 from metasam.train.distributed import main_process
@@ -54,6 +54,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--out", required=True, help="folder of the bench: its cells, bench.json (the plan) and the results")
     add(p, "--shard", metavar="I/N", help="train only the cells of index I modulo N (run I = 0 … N−1 as N processes, "
         "then --merge); no results are written")
+    add(p, "--worker", action="store_true",
+        help="train, as one of any number of processes started with the same command, the next cell no other "
+        "process is training, the controls once their grid is finished, and wait while the only cells left are "
+        "trained by others (unlike --shard, the cells are shared as they go, however long each takes); then --merge; "
+        "no results are written")
     add(p, "--merge", action="store_true",
         help="train nothing: test and write the results of the bench in --out from its finished cells (its plan "
         "from OUT/bench.json); refuses, naming them, while cells are unfinished")
@@ -73,6 +78,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.merge:
         results = merge(_stored_plan(args), args.out, progress)
+    elif args.worker:
+        if args.shard:
+            raise ConfigError("--worker and --shard are two ways to share the cells between processes; give one")
+        trained = run_worker(plan_of(args), args.out, progress)
+        print(f"metasam bench: this worker trained {len(trained)} cell(s) and every cell is done; then: "
+              f"metasam bench --out {args.out} --merge", file=sys.stderr)
+        return 0
     else:
         shard = parse_shard(args.shard) if args.shard else None
         results = run_bench(plan_of(args), args.out, shard, progress)

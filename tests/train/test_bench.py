@@ -1,6 +1,6 @@
 """metasam bench as an experiment runner, on a 2-seed × 2-value grid of two algorithms (glyphs, a tiny budget):
 selection on validation accuracy only, intervals over seeds, paired differences on the same test tasks, the
-controls, shards + merge giving one process's table, and a killed grid resuming without retraining what finished."""
+controls, shards or workers + merge giving one process's table, and a killed grid resuming without retraining what finished."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from metasam.cli.main import main
+from metasam.train.bench import runner
 from metasam.train.evaluation import evaluate_run
 
 pytestmark = pytest.mark.slow
@@ -162,6 +164,63 @@ def test_shards_and_merge_give_the_table_of_one_process(grid, tmp_path, capsys):
     one, merged = grid[1], json.loads((out / "results.json").read_text())
     assert merged["settings"] == one["settings"]
     assert (out / "results.md").read_text().replace(str(out), "OUT") == (grid[0] / "results.md").read_text().replace(str(grid[0]), "OUT")
+
+
+def _worker(out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "metasam", *ARGS, "--out", str(out), "--worker"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_workers_share_the_cells_as_they_go_and_merge_gives_the_table_of_one_process(grid, tmp_path, capsys):
+    out = tmp_path / "workers"
+    workers = [_worker(out) for _ in range(2)]
+    errs = [w.communicate(timeout=600)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], errs
+    each = [trained(err) for err in errs]
+    assert sorted(each[0] + each[1]) == sorted(str(p.parent.relative_to(grid[0])) for p in grid[0].rglob("train_summary.json"))
+    assert all(err.rstrip().endswith(f"every cell is done; then: metasam bench --out {out} --merge") for err in errs)
+    assert not (out / "results.json").exists()  # workers write no results: the merge does
+    assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 0
+    assert json.loads((out / "results.json").read_text())["settings"] == grid[1]["settings"]
+
+
+def test_a_worker_passes_over_a_cell_another_process_trains_and_waits_for_it(grid, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    busy = out / MAML[0] / "seed0"
+    busy.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+                               str(busy / ".metasam.lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"  # another process trains this cell (as far as a worker can tell)
+    waits = []
+
+    def sleep(seconds):  # the other process finishes its work while the worker waits: it lets go of the cell
+        waits.append(seconds)
+        holder.kill()
+        holder.wait()
+
+    monkeypatch.setattr(runner, "time", SimpleNamespace(sleep=sleep))
+    assert bench(out, "--worker") == 0
+    err = capsys.readouterr().err
+    order, cells = trained(err), {str(p.parent.relative_to(grid[0])) for p in grid[0].rglob("train_summary.json")}
+    grid_cells = [str(c.folder) for c in runner.load_plan(out).grid_cells()]  # setting, algorithm, point, seed
+    assert order[:7] == [c for c in grid_cells if c != str(busy.relative_to(out))]  # in order, passing over the busy one
+    assert order[7] == str(busy.relative_to(out))  # trained once its holder let go
+    assert sorted(order[8:]) == sorted(cells - set(grid_cells))  # the controls, once the grid was finished
+    assert waits == [60]
+    assert f"waiting for 1 cell(s) that other processes are training (e.g. {busy.relative_to(out)}); checking every 60 s" in err
+
+
+def test_a_worker_is_one_process_on_its_own(tmp_path, capsys, monkeypatch):
+    assert bench(tmp_path / "a", "--worker", "--shard", "0/2") == 2
+    assert capsys.readouterr().err == ("metasam bench: error: --worker and --shard are two ways to share the cells "
+                                       "between processes; give one\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert bench(tmp_path / "b", "--worker") == 2
+    assert capsys.readouterr().err.startswith("metasam bench [rank 1/2]: error: --worker shares the cells between "
+                                              "independent processes; under torchrun")
+    assert list(tmp_path.iterdir()) == []  # nothing was written
 
 
 def test_merge_tests_again_a_cell_whose_result_file_holds_other_test_steps(grid, tmp_path, capsys):

@@ -1,29 +1,32 @@
 """Running a bench: train its cells (resuming the unfinished, skipping the finished), then the controls of the
-selected points, then test and write OUT/results.{json,md,png}; as one process, or as shards and a merge.
+selected points, then test and write OUT/results.{json,md,png}; as one process, or as shards or workers and a merge.
 
 Shard I/N trains the grid cells whose index (in :meth:`BenchPlan.grid_cells` order) is I modulo N, then, once
-every grid cell of a setting is finished (by any shard), the control cells of index I modulo N. It tests
-nothing (but with ``test_on_finish``, see :func:`finish_cell`): ``merge`` tests the selected points and controls
-and writes the table, and refuses, naming them, while cells are unfinished.
+every grid cell of a setting is finished (by any shard), the control cells of index I modulo N: the cells are
+split in advance. Workers split them as they go (:func:`run_worker`): each trains the next cell no other process
+is training, whatever each cell costs. Neither tests (but with ``test_on_finish``, see :func:`finish_cell`):
+``merge`` tests the selected points and controls and writes the table, and refuses, naming them, while cells are
+unfinished.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from metasam.atomic_write import write_text_atomic
 from metasam.checkpoint import config_differences
-from metasam.errors import CheckpointError, ConfigError, NonFiniteError
+from metasam.errors import CheckpointError, ConfigError, NonFiniteError, RunFolderInUse
 from metasam.train.bench.plan import BenchPlan, Cell, test_rules
 from metasam.train.bench.report import plot, render_markdown
 from metasam.train.bench.results import build_results, control_cells, stored_test, summary_of, test_result
 from metasam.train.config import MetaTrainConfig, check_device
-from metasam.train.distributed import main_process
+from metasam.train.distributed import launched_as, main_process
 from metasam.train.meta import MetaTrainer
-from metasam.train.run_folder import check_restartable, is_run_dir
+from metasam.train.run_folder import RunLock, check_restartable, is_run_dir
 
 PLAN_FILE = "bench.json"
 TRAINING_FLAGS = {"settings": "--settings", "algos": "--algos", "seeds": "--seeds", "grids": "--grid",
@@ -36,10 +39,7 @@ def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = 
     them; with one, return ``{"trained": cells trained now, "waiting": grid cells the controls wait for}``."""
     out = Path(out)
     cells = plan.grid_cells()
-    configs = {cell: plan.config(cell) for cell in cells}  # every grid cell's settings are checked first
-    check_device(configs[cells[0]].device)
-    check_layout(out, plan)
-    record_plan(out, plan)
+    configs = _prepare(plan, out)
     check_testable(plan, out, _share(cells, shard))
     trained = [c for c in _share(cells, shard) if finish_cell(plan, out, c, configs[c], f"{len(cells)} grid cells", progress)]
     waiting: list[Cell] = []
@@ -52,6 +52,67 @@ def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = 
     if shard is not None:
         return {"trained": trained, "waiting": waiting}
     return merge(plan, out, progress)
+
+
+def run_worker(plan: BenchPlan, out: str | Path, progress: bool = True, poll_s: float = 60.0) -> list[Cell]:
+    """Train, as one of any number of processes started alike on ``out``, each cell that is unfinished (or, with
+    ``plan.test_on_finish``, untested) and that no other process is training, then the controls of each setting
+    once its grid is finished; return the cells this process trained once every cell is done. A cell is claimed
+    by taking its run folder's lock (:class:`~metasam.train.run_folder.RunLock`), a busy one is passed over, and
+    when the only cells left are busy the worker checks again every ``poll_s`` seconds: N workers keep N cores
+    busy to the end however long each cell takes, where ``--shard I/N`` fixes each process's share in advance.
+    Writes no results (:func:`merge` does). One process each: not under torchrun."""
+    if launched_as()[1] > 1:
+        raise ConfigError("--worker shares the cells between independent processes; under torchrun, run the bench "
+                          "without it (or with --shard), or start N workers without torchrun")
+    out = Path(out)
+    configs = _prepare(plan, out)
+    check_testable(plan, out, plan.grid_cells())
+    trained: list[Cell] = []
+    done: set[Cell] = set()  # cells this worker saw through (a run whose test diverged stays untested)
+    waiting_for = None
+    while True:
+        controls = [c for c in control_cells(plan, out)[0] if c not in configs]  # a grid cell a control reuses is one
+        check_testable(plan, out, controls)
+        left = [c for c in [*configs, *controls] if c not in done and not _is_done(plan, out, c)]
+        if not left:
+            return trained
+        claimed = False
+        for cell in left:
+            try:
+                with RunLock(out / cell.folder, create=True):
+                    of = f"{len(configs)} grid cells" if cell in configs else f"{len(controls)} control cells"
+                    if not _is_done(plan, out, cell) and finish_cell(  # done by another process since `left`
+                            plan, out, cell, configs.get(cell) or plan.config(cell), of, progress):
+                        trained.append(cell)
+            except RunFolderInUse:
+                continue  # another process trains (or tests) it
+            done.add(cell)
+            claimed = True
+        if not claimed:
+            if waiting_for != left:
+                print(f"metasam bench: waiting for {len(left)} cell(s) that other processes are training (e.g. "
+                      f"{left[0].folder}); checking every {poll_s:g} s", file=sys.stderr)
+                waiting_for = left
+            time.sleep(poll_s)
+
+
+def _prepare(plan: BenchPlan, out: Path) -> dict[Cell, MetaTrainConfig]:
+    """Check the plan against the machine and OUT and record it; return every grid cell's configuration."""
+    configs = {cell: plan.config(cell) for cell in plan.grid_cells()}  # every grid cell's settings are checked first
+    check_device(next(iter(configs.values())).device)
+    check_layout(out, plan)
+    record_plan(out, plan)
+    return configs
+
+
+def _is_done(plan: BenchPlan, out: Path, cell: Cell) -> bool:
+    """Whether ``cell`` is finished and, with ``plan.test_on_finish``, tested by every test rule it needs."""
+    run = out / cell.folder
+    if summary_of(run) is None:
+        return False
+    return not plan.test_on_finish or all(stored_test(plan, out, cell, r) is not None
+                                          for r in test_rules(MetaTrainConfig.load(run)))
 
 
 def merge(plan: BenchPlan, out: str | Path, progress: bool = True) -> dict[str, Any]:
