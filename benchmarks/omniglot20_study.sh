@@ -1,8 +1,8 @@
 #!/bin/bash
 # The 20-way 1-shot Omniglot study (docs/bench.md): maml, sharp-maml-low and agnostic-sam, 3 seeds, radii chosen on
-# validation, the controls, one fixed test TaskSet of 1,000 tasks. Two shards of one thread each on a 2-core machine,
-# run twice (the second round trains the controls, which need the whole grid), then the merge writes
-# OUT/results.md, results.json and results.png. Resumable: run it again with the same DATA and OUT.
+# validation, the controls, one fixed test TaskSet of 1,000 tasks. Two workers of one thread each on a 2-core machine
+# share the cells as they go (the controls once the grid is finished), then the merge writes OUT/results.md,
+# results.json and results.png. Resumable: run it again with the same DATA and OUT.
 #
 #   DATA=/path/to/data OUT=runs/omniglot20w1s bash benchmarks/omniglot20_study.sh
 #
@@ -21,13 +21,11 @@ ARGS=(--dataset omniglot --data-root "$DATA" --settings 20w1s --seeds 0,1,2
   --iterations 300 --meta-batch 8 --val-every 50 --val-tasks 100 --episodes 1000 --test-seed 1234
   --test-on-finish --out "$OUT" --no-progress)
 mkdir -p "$OUT"
-for round in 1 2; do
-  pids=()
-  for i in 0 1; do
-    OMP_NUM_THREADS=1 metasam bench "${ARGS[@]}" --shard "$i/2" >> "$OUT/shard$i.log" 2>&1 &
-    pids+=($!)
-  done
-  for pid in "${pids[@]}"; do wait "$pid"; done
-  echo "round $round done $(date -Is)" >> "$OUT/driver.log"
+pids=()
+for i in 0 1; do
+  OMP_NUM_THREADS=1 metasam bench "${ARGS[@]}" --worker >> "$OUT/worker$i.log" 2>&1 &
+  pids+=($!)
 done
+for pid in "${pids[@]}"; do wait "$pid"; done
+echo "workers done $(date -Is)" >> "$OUT/driver.log"
 metasam bench --out "$OUT" --merge --no-progress 2>&1 | tee -a "$OUT/merge.log"
