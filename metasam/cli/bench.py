@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from metasam.cli.flags import add, add_run_flags, rule_flags_given, settings_given
-from metasam.errors import ConfigError
+from metasam.errors import ConfigError, NonFiniteError
 from metasam.meta import PRESETS
 from metasam.train.bench import BenchPlan, load_plan, merge, parse_seeds, parse_settings, parse_shard, run_bench, run_worker
 from metasam.train.bench.report import render_markdown
@@ -81,9 +81,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.worker:
         if args.shard:
             raise ConfigError("--worker and --shard are two ways to share the cells between processes; give one")
-        trained = run_worker(plan_of(args), args.out, progress)
-        print(f"metasam bench: this worker trained {len(trained)} cell(s) and every cell is done; then: "
-              f"metasam bench --out {args.out} --merge", file=sys.stderr)
+        cells = run_worker(plan_of(args), args.out, progress)
+        if cells["diverged"]:
+            shown = ", ".join(str(c.folder) for c in cells["diverged"][:3]) + (" …" if len(cells["diverged"]) > 3 else "")
+            raise NonFiniteError(f"this worker trained {len(cells['trained'])} cell(s); {len(cells['diverged'])} diverged "
+                                 f"({shown}, named above), and a merge refuses while its table needs them")
+        print(f"metasam bench: this worker trained {len(cells['trained'])} cell(s) and no cell is left to train; "
+              f"then: metasam bench --out {args.out} --merge", file=sys.stderr)
         return 0
     else:
         shard = parse_shard(args.shard) if args.shard else None

@@ -137,8 +137,13 @@ class RunLock:
             return
         try:
             if [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:  # the run never started: leave no trace
-                for p in self._created:
-                    p.unlink() if p == self.path else p.rmdir()
+                for p in self._created:  # the lock file, the folder, then the parents it created, deepest first
+                    try:
+                        p.unlink() if p == self.path else p.rmdir()
+                    except OSError as exc:
+                        if exc.errno != errno.ENOTEMPTY:
+                            raise
+                        break  # another process made a folder of its own in it meanwhile (a bench's next cell)
         finally:
             os.close(fd)
 

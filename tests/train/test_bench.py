@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from metasam.cli.main import main
+from metasam.errors import NonFiniteError
 from metasam.train.bench import runner
 from metasam.train.evaluation import evaluate_run
 
@@ -167,8 +168,9 @@ def test_shards_and_merge_give_the_table_of_one_process(grid, tmp_path, capsys):
 
 
 def _worker(out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "metasam", *ARGS, "--out", str(out), "--worker"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen([sys.executable, "-m", "metasam", *ARGS, "--test-on-finish", "--out", str(out), "--worker"],
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_workers_share_the_cells_as_they_go_and_merge_gives_the_table_of_one_process(grid, tmp_path, capsys):
@@ -177,11 +179,34 @@ def test_workers_share_the_cells_as_they_go_and_merge_gives_the_table_of_one_pro
     errs = [w.communicate(timeout=600)[1] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], errs
     each = [trained(err) for err in errs]
-    assert sorted(each[0] + each[1]) == sorted(str(p.parent.relative_to(grid[0])) for p in grid[0].rglob("train_summary.json"))
-    assert all(err.rstrip().endswith(f"every cell is done; then: metasam bench --out {out} --merge") for err in errs)
+    cells = sorted(str(p.parent.relative_to(grid[0])) for p in grid[0].rglob("train_summary.json"))
+    assert sorted(each[0] + each[1]) == cells  # every cell trained once, by one of the two
+    for cell in cells:  # and tested once it finished
+        gd = [] if "/maml/" in cell else ["eval_best_12_seed1234_gd.json"]
+        assert sorted(p.name for p in (out / cell).glob("eval_*.json")) == ["eval_best_12_seed1234.json", *gd], cell
+    assert all(err.rstrip().endswith(f"no cell is left to train; then: metasam bench --out {out} --merge") for err in errs)
     assert not (out / "results.json").exists()  # workers write no results: the merge does
     assert main(["bench", "--out", str(out), "--merge", "--no-progress"]) == 0
-    assert json.loads((out / "results.json").read_text())["settings"] == grid[1]["settings"]
+    assert trained(capsys.readouterr().err) == []
+    assert json.loads((out / "results.json").read_text())["settings"][0]["methods"] == grid[1]["settings"][0]["methods"]
+
+
+def test_a_worker_leaves_a_cell_whose_training_diverges_and_trains_the_others(tmp_path, capsys, monkeypatch):
+    diverging = f"{MAML[1]}/seed1"
+    finish_cell = runner.finish_cell
+
+    def diverge(plan, out, cell, *args):
+        if str(cell.folder) == diverging:
+            raise NonFiniteError("the query loss is nan at iteration 2")
+        return finish_cell(plan, out, cell, *args)
+
+    monkeypatch.setattr(runner, "finish_cell", diverge)
+    assert bench(tmp_path / "out", "--worker") == 2
+    err = capsys.readouterr().err
+    assert len(trained(err)) == 7  # the other grid cells; the controls wait for a grid that cannot finish
+    assert f"metasam bench: {tmp_path / 'out' / diverging} diverged: the query loss is nan at iteration 2\n" in err
+    assert err.splitlines()[-1] == (f"metasam bench: error: this worker trained 7 cell(s); 1 diverged ({diverging}, "
+                                    "named above), and a merge refuses while its table needs them")
 
 
 def test_a_worker_passes_over_a_cell_another_process_trains_and_waits_for_it(grid, tmp_path, capsys, monkeypatch):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from metasam.cli.main import main
+from metasam.train.run_folder import RunLock
 from metasam.train import meta
 
 BASE = ["train", "--dataset", "glyphs", "--ways", "3", "--queries", "2", "--meta-batch", "2", "--val-every", "2",
@@ -138,3 +139,14 @@ def test_run_files_take_the_mode_the_umask_gives(tmp_path, umask, mode):
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir() if p.name != ".metasam.lock"}
     assert modes == dict.fromkeys(["config.json", "val_tasks.json", "last.pt", "best.pt", "metrics.jsonl",
                                    "train_summary.json"], mode)
+
+
+def test_a_lock_leaves_no_trace_of_a_run_that_never_started_but_keeps_what_another_process_made(tmp_path):
+    lock = RunLock(tmp_path / "bench/3w1s/maml/seed0", create=True).acquire()
+    lock.release()
+    assert list(tmp_path.iterdir()) == []  # the folder and the parents it made are gone
+    lock = RunLock(tmp_path / "bench/3w1s/maml/seed0", create=True).acquire()
+    (tmp_path / "bench/3w1s/maml/seed1").mkdir()  # another process's cell, made while the lock was held
+    lock.release()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "bench", "bench/3w1s", "bench/3w1s/maml", "bench/3w1s/maml/seed1"]

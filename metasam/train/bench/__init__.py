@@ -1,6 +1,6 @@
 """``metasam bench``: an experiment runner. Seeds, hyperparameter grids chosen on validation only, the
 controls that tell a training effect from an effective-radius or an adaptation effect, intervals over seeds
-and paired differences, resumable cell by cell and shared between processes (shards or workers) (docs/bench.md).
+and paired differences, resumable cell by cell and shared between processes as shards or workers (docs/bench.md).
 
 - :mod:`~metasam.train.bench.grid`: ``--grid`` specs, grid points, their folders and edges;
 - :mod:`~metasam.train.bench.plan`: the cells of a bench, their run configurations, the controls;

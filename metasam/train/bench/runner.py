@@ -38,8 +38,8 @@ def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = 
     """Train what ``shard`` (None: all) owns of the plan, then, without a shard, write the results and return
     them; with one, return ``{"trained": cells trained now, "waiting": grid cells the controls wait for}``."""
     out = Path(out)
-    cells = plan.grid_cells()
     configs = _prepare(plan, out)
+    cells = list(configs)
     check_testable(plan, out, _share(cells, shard))
     trained = [c for c in _share(cells, shard) if finish_cell(plan, out, c, configs[c], f"{len(cells)} grid cells", progress)]
     waiting: list[Cell] = []
@@ -54,40 +54,51 @@ def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = 
     return merge(plan, out, progress)
 
 
-def run_worker(plan: BenchPlan, out: str | Path, progress: bool = True, poll_s: float = 60.0) -> list[Cell]:
+def run_worker(plan: BenchPlan, out: str | Path, progress: bool = True, poll_s: float = 60.0) -> dict[str, list[Cell]]:
     """Train, as one of any number of processes started alike on ``out``, each cell that is unfinished (or, with
     ``plan.test_on_finish``, untested) and that no other process is training, then the controls of each setting
-    once its grid is finished; return the cells this process trained once every cell is done. A cell is claimed
-    by taking its run folder's lock (:class:`~metasam.train.run_folder.RunLock`), a busy one is passed over, and
-    when the only cells left are busy the worker checks again every ``poll_s`` seconds: N workers keep N cores
-    busy to the end however long each cell takes, where ``--shard I/N`` fixes each process's share in advance.
-    Writes no results (:func:`merge` does). One process each: not under torchrun."""
+    once its grid is finished, until every cell is done. A cell is claimed by taking its run folder's lock
+    (:class:`~metasam.train.run_folder.RunLock`) for its training and test; a busy one is passed over, and when
+    the only cells left are busy the worker checks again every ``poll_s`` seconds: N workers keep N cores busy to
+    the end however long each cell takes, where ``--shard I/N`` fixes each process's share in advance. A cell whose
+    training diverges (:class:`NonFiniteError`, named on stderr) is left and the worker goes on, as it does past a
+    test that diverges (:func:`finish_cell`). Returns ``{"trained": the cells this process trained, "diverged": the
+    cells it left}``; writes no results (:func:`merge` does). One process each: not under torchrun."""
     if launched_as()[1] > 1:
         raise ConfigError("--worker shares the cells between independent processes; under torchrun, run the bench "
                           "without it (or with --shard), or start N workers without torchrun")
     out = Path(out)
     configs = _prepare(plan, out)
-    check_testable(plan, out, plan.grid_cells())
+    check_testable(plan, out, list(configs))
     trained: list[Cell] = []
-    done: set[Cell] = set()  # cells this worker saw through (a run whose test diverged stays untested)
+    seen: set[Cell] = set()  # the cells this worker saw through (done, or diverged)
+    diverged: list[Cell] = []
     waiting_for = None
     while True:
-        controls = [c for c in control_cells(plan, out)[0] if c not in configs]  # a grid cell a control reuses is one
-        check_testable(plan, out, controls)
-        left = [c for c in [*configs, *controls] if c not in done and not _is_done(plan, out, c)]
+        controls = {c: plan.config(c) for c in control_cells(plan, out)[0] if c not in configs}  # a reused grid cell is one
+        check_testable(plan, out, list(controls))
+        todo = {**configs, **controls}
+        left = [c for c, cfg in todo.items() if c not in seen and not _is_done(plan, out, c, cfg)]
         if not left:
-            return trained
+            return {"trained": trained, "diverged": diverged}
         claimed = False
         for cell in left:
+            lock = RunLock(out / cell.folder, create=True)
             try:
-                with RunLock(out / cell.folder, create=True):
-                    of = f"{len(configs)} grid cells" if cell in configs else f"{len(controls)} control cells"
-                    if not _is_done(plan, out, cell) and finish_cell(  # done by another process since `left`
-                            plan, out, cell, configs.get(cell) or plan.config(cell), of, progress):
-                        trained.append(cell)
+                lock.acquire()
             except RunFolderInUse:
                 continue  # another process trains (or tests) it
-            done.add(cell)
+            try:
+                of = f"{len(configs)} grid cells" if cell in configs else f"{len(controls)} control cells"
+                if not _is_done(plan, out, cell, todo[cell]) and finish_cell(  # not done by another since `left`
+                        plan, out, cell, todo[cell], of, progress):
+                    trained.append(cell)
+            except NonFiniteError as exc:  # the other cells go on
+                print(f"metasam bench: {out / cell.folder} diverged: {exc}", file=sys.stderr)
+                diverged.append(cell)
+            finally:
+                lock.release()
+            seen.add(cell)
             claimed = True
         if not claimed:
             if waiting_for != left:
@@ -106,13 +117,14 @@ def _prepare(plan: BenchPlan, out: Path) -> dict[Cell, MetaTrainConfig]:
     return configs
 
 
-def _is_done(plan: BenchPlan, out: Path, cell: Cell) -> bool:
-    """Whether ``cell`` is finished and, with ``plan.test_on_finish``, tested by every test rule it needs."""
+def _is_done(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConfig) -> bool:
+    """Whether ``cell`` is finished (with ``cfg``: :func:`check_trained_with`) and, with ``plan.test_on_finish``,
+    tested by every test rule it needs."""
     run = out / cell.folder
     if summary_of(run) is None:
         return False
-    return not plan.test_on_finish or all(stored_test(plan, out, cell, r) is not None
-                                          for r in test_rules(MetaTrainConfig.load(run)))
+    check_trained_with(run, cfg)
+    return not plan.test_on_finish or all(stored_test(plan, out, cell, r) is not None for r in test_rules(cfg))
 
 
 def merge(plan: BenchPlan, out: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -136,10 +148,7 @@ def train_cell(out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: b
     config.json is checked to be ``cfg``. Returns whether it trained."""
     run = out / cell.folder
     if summary_of(run) is not None:
-        saved, wanted = MetaTrainConfig.load(run).to_dict(), cfg.to_dict()
-        if saved != wanted:
-            raise ConfigError(f"{run} was trained with other settings than this bench gives it ({config_differences(saved, wanted)}); "
-                              "rerun the bench with the flags it was started with, or use another --out")
+        check_trained_with(run, cfg)
         return False
     if main_process():
         print(f"metasam bench: {cell.folder} (one of {of})", file=sys.stderr)
@@ -154,6 +163,14 @@ def train_cell(out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: b
         except KeyboardInterrupt as exc:
             raise KeyboardInterrupt(f"{exc}, or rerun the same metasam bench command: it resumes every unfinished cell") from exc
     return True
+
+
+def check_trained_with(run: Path, cfg: MetaTrainConfig) -> None:
+    """Refuse a finished cell whose config.json is not ``cfg``, what the bench gives it."""
+    saved, wanted = MetaTrainConfig.load(run).to_dict(), cfg.to_dict()
+    if saved != wanted:
+        raise ConfigError(f"{run} was trained with other settings than this bench gives it ({config_differences(saved, wanted)}); "
+                          "rerun the bench with the flags it was started with, or use another --out")
 
 
 def finish_cell(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: bool) -> bool:
