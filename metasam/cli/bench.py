@@ -12,6 +12,7 @@ from metasam.cli.flags import add, add_run_flags, rule_flags_given, settings_giv
 from metasam.errors import ConfigError, NonFiniteError
 from metasam.meta import PRESETS
 from metasam.train.bench import BenchPlan, load_plan, merge, parse_seeds, parse_settings, parse_shard, run_bench, run_worker
+from metasam.train.bench.export import export_evidence
 from metasam.train.bench.report import render_markdown
 from metasam.train.bench.results import cell_states
 from metasam.train.distributed import main_process
@@ -66,6 +67,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train and test nothing: print where each cell of the bench in --out stands, one tab-separated line "
         "per cell (cell; state: not started, unfinished, finished or tested; last iteration; best validation "
         "accuracy), the controls once their grid is finished; a count on stderr")
+    add(p, "--export", metavar="DEST",
+        help="train and test nothing: copy the evidence of the bench in --out to DEST, a folder that keeps it: "
+        "bench.json and, of each finished run, its files but last.pt, best.pt and val_tasks.json (a run not tested "
+        "by then, as --test-on-finish tests each, cannot be tested from DEST); a file already in DEST must hold the same bytes (nothing is "
+        "overwritten); then metasam bench --out DEST --merge gives the same table")
     add(p, "--no-progress", action="store_true", help="no progress bars")
     add_run_flags(p, leave_out=GRID_AXES)
     DEFAULTS.update(vars(p.parse_args(["--out", "x"])))
@@ -75,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.status:
         _print_status(args)
+        return 0
+    if args.export:
+        _export(args)
         return 0
     if args.merge:
         results = merge(_stored_plan(args), args.out, progress)
@@ -122,14 +131,29 @@ def _print_status(args: argparse.Namespace) -> None:
 
 def _stored_plan(args: argparse.Namespace) -> BenchPlan:
     """The plan of OUT/bench.json, with the report flags given; other flags are refused."""
-    fixed = ("out", "merge", "status", "no_progress", "command", *REPORT)
+    fixed = ("out", "merge", "status", "export", "no_progress", "command", *REPORT)
+    chosen = [f"--{k}" for k in ("merge", "status", "export") if getattr(args, k)]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} are different commands; give one")
     given = [k for k, v in vars(args).items() if k in DEFAULTS and k not in fixed and v != DEFAULTS[k]]
     if given:
-        raise ConfigError(f"--merge and --status read the bench whose plan is in {args.out}/bench.json; drop "
+        raise ConfigError(f"--merge, --status and --export read the bench whose plan is in {args.out}/bench.json; drop "
                           f"{', '.join('--' + k.replace('_', '-') for k in given)} (only --controls, --reference, --episodes "
                           "and --test-seed may change what is tested)")
     report = {k: getattr(args, k) for k in REPORT if getattr(args, k) != DEFAULTS[k]}
     return dataclasses.replace(load_plan(args.out), **report)
+
+
+def _export(args: argparse.Namespace) -> None:
+    cells = export_evidence(_stored_plan(args), args.out, args.export)
+    tested, untested, unfinished = (len(cells[k]) for k in ("tested", "untested", "unfinished"))
+    print(f"metasam bench: {tested + untested} finished run(s) of {args.out} are in {args.export}, with bench.json "
+          f"(not their checkpoints); {unfinished} not finished, not copied", file=sys.stderr)
+    if untested:
+        print(f"metasam bench: {untested} of them were not tested (e.g. {cells['untested'][0].folder}), and cannot "
+              f"be from {args.export}: to keep their test, rerun the bench's command with --test-on-finish (it tests "
+              "them), then export again", file=sys.stderr)
+    print(f"metasam bench: the table from the copy: metasam bench --out {args.export} --merge", file=sys.stderr)
 
 
 def _shard_done(args: argparse.Namespace, status: dict) -> None:

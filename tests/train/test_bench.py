@@ -296,6 +296,54 @@ def test_test_on_finish_keeps_the_evidence_of_a_bench_whose_checkpoints_are_dele
     assert "| algorithm | point | validation per seed | mean | test per seed | mean | |" in table
 
 
+def test_an_export_keeps_the_evidence_of_the_tested_runs_and_its_merge_gives_the_same_table(grid, tmp_path, capsys):
+    out, dest = tmp_path / "out", tmp_path / "kept"
+    shutil.copytree(grid[0], out)
+    assert main(["bench", "--out", str(out), "--export", str(dest)]) == 0
+    err = capsys.readouterr().err  # without --test-on-finish, only the chosen points and the controls were tested
+    assert f"12 finished run(s) of {out} are in {dest}, with bench.json (not their checkpoints); 0 not finished" in err
+    assert "4 of them were not tested (e.g. 3w1s/maml/inner_lr=0.001/seed0), and cannot be from " in err
+    kept = {p.relative_to(dest) for p in dest.rglob("*") if p.is_file()}
+    assert not [p for p in kept if p.suffix == ".pt" or p.name in ("val_tasks.json", ".metasam.lock")]
+    runs = {p.parent for p in kept if p.name == "train_summary.json"}
+    assert len(runs) == 12 and all((dest / p).read_bytes() == (out / p).read_bytes() for p in kept)
+    assert kept == {Path("bench.json")} | {run / p.name for run in runs for p in (out / run).iterdir()
+                                           if p.is_file() and p.name not in ("best.pt", "last.pt", "val_tasks.json", ".metasam.lock")}
+    assert main(["bench", "--out", str(dest), "--merge", "--no-progress"]) == 0
+    assert trained(capsys.readouterr().err) == []
+    assert json.loads((dest / "results.json").read_text())["settings"] == grid[1]["settings"]
+
+    assert bench(out, "--test-on-finish") == 0  # tests the other four (and the controls by gd); bench.json changes
+    assert main(["bench", "--out", str(out), "--export", str(dest)]) == 0  # adds their evaluations, keeps the rest
+    assert "were not tested" not in capsys.readouterr().err
+    assert len(list(dest.rglob("eval_best_*.json"))) == 12 + 8  # each run by its own rule, the SAM-type ones by gd too
+    assert json.loads((dest / "bench.json").read_text()) == json.loads((out / "bench.json").read_text())
+
+    metrics = next(dest.rglob("metrics.jsonl"))
+    metrics.write_text(metrics.read_text() + "\n")
+    before = contents(dest)
+    assert main(["bench", "--out", str(out), "--export", str(dest)]) == 2
+    line = capsys.readouterr().err
+    assert line.startswith(f"metasam bench: error: {metrics} differs from {out / metrics.relative_to(dest)}: ") and line.count("\n") == 1
+    assert contents(dest) == before  # nothing copied, nothing overwritten
+    assert main(["bench", "--out", str(out), "--export", str(out / "copy")]) == 2
+    assert "is inside the bench's folder" in capsys.readouterr().err and not (out / "copy").exists()
+    assert main(["bench", "--out", str(out), "--merge", "--export", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == "metasam bench: error: --merge and --export are different commands; give one\n"
+
+
+def test_an_export_to_a_full_disk_is_one_line_and_leaves_only_complete_files(grid, tmp_path, capsys, tmpfs):
+    dest = tmpfs("100k") / "kept"  # tmpfs gives each file a 4 kB page at least: room for about half the files
+    before = contents(grid[0])
+    assert main(["bench", "--out", str(grid[0]), "--export", str(dest)]) == 2
+    line = capsys.readouterr().err
+    assert line.startswith(f"metasam bench: error: cannot write {dest}/") and line.count("\n") == 1, line
+    assert "MiB free): free space there (or choose another folder) and try again" in line
+    copied = [p for p in dest.rglob("*") if p.is_file()]
+    assert copied and all(p.read_bytes() == (grid[0] / p.relative_to(dest)).read_bytes() for p in copied)
+    assert contents(grid[0]) == before  # the bench's own folder is untouched
+
+
 def test_without_checkpoints_a_run_that_was_not_tested_is_one_line_and_nothing_is_lost(grid, tmp_path, capsys):
     """Once *.pt are deleted: the merge names a chosen run whose evaluation is damaged or missing, or made on
     other test tasks; a rerun refuses before training when a finished run lost best.pt before it was tested, and

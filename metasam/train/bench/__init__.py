@@ -6,7 +6,8 @@ and paired differences, resumable cell by cell and shared between processes as s
 - :mod:`~metasam.train.bench.plan`: the cells of a bench, their run configurations, the controls;
 - :mod:`~metasam.train.bench.results`: selection on validation, test evaluation, the numbers of the table;
 - :mod:`~metasam.train.bench.report`: results.md and results.png;
-- :mod:`~metasam.train.bench.runner`: training, shards, workers, merge, OUT/bench.json.
+- :mod:`~metasam.train.bench.runner`: training, shards, workers, merge, OUT/bench.json;
+- :mod:`~metasam.train.bench.export`: a bench's evidence copied without its checkpoints.
 """
 
 from metasam.train.bench.plan import BenchPlan, parse_seeds, parse_settings, parse_shard
