@@ -69,8 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "accuracy), the controls once their grid is finished; a count on stderr")
     add(p, "--export", metavar="DEST",
         help="train and test nothing: copy the evidence of the bench in --out to DEST, a folder that keeps it: "
-        "bench.json and, of each finished run, its files but last.pt, best.pt and val_tasks.json (a run not tested "
-        "by then, as --test-on-finish tests each, cannot be tested from DEST); a file already in DEST must hold the same bytes (nothing is "
+        "bench.json and, of each finished run (and tested, with --test-on-finish), its files but last.pt, best.pt and "
+        "val_tasks.json; a file already in DEST must hold the same bytes (nothing is "
         "overwritten); then metasam bench --out DEST --merge gives the same table")
     add(p, "--no-progress", action="store_true", help="no progress bars")
     add_run_flags(p, leave_out=GRID_AXES)
@@ -146,12 +146,17 @@ def _stored_plan(args: argparse.Namespace) -> BenchPlan:
 
 def _export(args: argparse.Namespace) -> None:
     cells = export_evidence(_stored_plan(args), args.out, args.export)
-    tested, untested, unfinished = (len(cells[k]) for k in ("tested", "untested", "unfinished"))
-    print(f"metasam bench: {tested + untested} finished run(s) of {args.out} are in {args.export}, with bench.json "
-          f"(not their checkpoints); {unfinished} not finished, not copied", file=sys.stderr)
-    if untested:
-        print(f"metasam bench: {untested} of them were not tested (e.g. {cells['untested'][0].folder}), and cannot "
-              f"be from {args.export}: to keep their test, rerun the bench's command with --test-on-finish (it tests "
+    waits = load_plan(args.out).test_on_finish  # then an untested run is not copied: its test is to come
+    untested, copied = cells["untested"], len(cells["tested"]) + (0 if waits else len(cells["untested"]))
+    print(f"metasam bench: {copied} finished run(s) of {args.out} are in {args.export}, with bench.json (not their "
+          f"checkpoints); {len(cells['unfinished'])} not finished, not copied", file=sys.stderr)
+    if untested and waits:
+        print(f"metasam bench: {len(untested)} finished run(s) are not tested yet and were not copied (e.g. "
+              f"{untested[0].folder}): the bench tests each as it goes (rerun its command if it stopped); then export "
+              "again", file=sys.stderr)
+    elif untested:
+        print(f"metasam bench: {len(untested)} of them were not tested (e.g. {untested[0].folder}), and cannot be "
+              f"from {args.export}: to keep their test, rerun the bench's command with --test-on-finish (it tests "
               "them), then export again", file=sys.stderr)
     print(f"metasam bench: the table from the copy: metasam bench --out {args.export} --merge", file=sys.stderr)
 

@@ -318,6 +318,12 @@ def test_an_export_keeps_the_evidence_of_the_tested_runs_and_its_merge_gives_the
     assert "were not tested" not in capsys.readouterr().err
     assert len(list(dest.rglob("eval_best_*.json"))) == 12 + 8  # each run by its own rule, the SAM-type ones by gd too
     assert json.loads((dest / "bench.json").read_text()) == json.loads((out / "bench.json").read_text())
+    gd = next(out.glob("3w1s/agnostic-sam/inner_rho1=0.01,*/seed0/eval_best_12_seed1234_gd.json"))
+    gd.unlink()  # as when the bench is stopped between a run's two tests
+    assert main(["bench", "--out", str(out), "--export", str(tmp_path / "other")]) == 0
+    err = capsys.readouterr().err
+    assert "11 finished run(s)" in err and "1 finished run(s) are not tested yet and were not copied" in err
+    assert not (tmp_path / "other" / gd.parent.relative_to(out)).exists()
 
     metrics = next(dest.rglob("metrics.jsonl"))
     metrics.write_text(metrics.read_text() + "\n")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from metasam.atomic_write import replace_atomically
 from metasam.errors import ConfigError
-from metasam.train.bench.plan import BenchPlan, Cell
+from metasam.train.bench.plan import BenchPlan, Cell, test_rules
 from metasam.train.bench.results import control_cells, stored_test, summary_of
 from metasam.train.bench.runner import PLAN_FILE, TRAINING_FLAGS, load_plan
+from metasam.train.config import MetaTrainConfig
 
 LEFT_OUT = ("last.pt", "best.pt", "val_tasks.json")
 """The files of a run folder an export leaves out (with hidden files: the lock, temporary files)."""
@@ -24,15 +25,16 @@ LEFT_OUT = ("last.pt", "best.pt", "val_tasks.json")
 
 def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[str, list[Cell]]:
     """Copy OUT/bench.json and, of each finished cell of the bench (grid cells, and the controls of every finished
-    grid), the files of its run folder but :data:`LEFT_OUT` and hidden ones, to the same places under ``dest``. A
-    cell not tested by its own test rule (not ``tested`` in ``--status``) is copied too, since the selection reads
-    its validation accuracy, but it can no longer be tested from ``dest``: a merge of ``dest`` works while its table
-    does not need that test (as after a merge of OUT with the same report flags, or with ``--test-on-finish``). A run's file already in ``dest`` must hold the same bytes
+    grid), the files of its run folder but :data:`LEFT_OUT` and hidden ones, to the same places under ``dest``. With
+    ``plan.test_on_finish``, a cell is copied once it is tested by every test rule it needs, as the bench does as it
+    goes (a copy without one could never get it). Without, a cell not tested by its own rule is copied too, since the
+    selection reads its validation accuracy, but can no longer be tested from ``dest``: a merge of ``dest`` works
+    while its table does not need that test (as after a merge of OUT with the same report flags). A run's file already in ``dest`` must hold the same bytes
     (it is then left as it is): a difference is refused, naming it, before anything is copied, so an export never
     overwrites a run and can be repeated as more cells finish; ``dest``'s bench.json is replaced where it plans the
     same training (as a rerun of the bench replaces OUT's: the flags that change only what is tested may differ),
-    and refused otherwise. Returns ``{"tested": cells copied, "untested": cells copied that lack an evaluation by
-    their own test rule, "unfinished": the cells not copied}``."""
+    and refused otherwise. Returns ``{"tested": cells copied, "untested": finished cells that lack an evaluation
+    (copied unless ``plan.test_on_finish``), "unfinished": the others (not copied)}``."""
     out, dest = Path(out).absolute(), Path(dest).absolute()
     if dest == out or dest.is_relative_to(out):
         raise ConfigError(f"--export {dest} is inside the bench's folder {out}; export to a folder outside it")
@@ -44,7 +46,8 @@ def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[
     if kept is not None and plan.training_differences(kept):
         raise ConfigError(f"{dest / PLAN_FILE} is the plan of another bench (other "
                           f"{', '.join(TRAINING_FLAGS[k] for k in plan.training_differences(kept))}); export to another folder")
-    files = [f for cell in state["tested"] + state["untested"] for f in sorted((out / cell.folder).iterdir())
+    copied = state["tested"] + ([] if plan.test_on_finish else state["untested"])
+    files = [f for cell in copied for f in sorted((out / cell.folder).iterdir())
              if f.is_file() and f.name not in LEFT_OUT and not f.name.startswith(".")]
     copies = [(f, dest / f.relative_to(out)) for f in files]
     differ = [target for source, target in copies if target.exists() and target.read_bytes() != source.read_bytes()]
@@ -62,6 +65,8 @@ def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[
 
 
 def _state(plan: BenchPlan, out: Path, cell: Cell) -> str:
-    if summary_of(out / cell.folder) is None:
+    run = out / cell.folder
+    if summary_of(run) is None:
         return "unfinished"
-    return "tested" if stored_test(plan, out, cell, None) is not None else "untested"
+    rules = test_rules(MetaTrainConfig.load(run)) if plan.test_on_finish else [None]
+    return "tested" if all(stored_test(plan, out, cell, rule) is not None for rule in rules) else "untested"
