@@ -145,12 +145,12 @@ def _stored_plan(args: argparse.Namespace) -> BenchPlan:
 
 
 def _export(args: argparse.Namespace) -> None:
-    cells = export_evidence(_stored_plan(args), args.out, args.export)
-    waits = load_plan(args.out).test_on_finish  # then an untested run is not copied: its test is to come
-    untested, copied = cells["untested"], len(cells["tested"]) + (0 if waits else len(cells["untested"]))
-    print(f"metasam bench: {copied} finished run(s) of {args.out} are in {args.export}, with bench.json (not their "
-          f"checkpoints); {len(cells['unfinished'])} not finished, not copied", file=sys.stderr)
-    if untested and waits:
+    plan = _stored_plan(args)
+    cells = export_evidence(plan, args.out, args.export)
+    untested = cells["untested"]
+    print(f"metasam bench: {len(cells['copied'])} finished run(s) of {args.out} are in {args.export}, with bench.json "
+          f"(not their checkpoints); {len(cells['unfinished'])} not finished, not copied", file=sys.stderr)
+    if untested and plan.test_on_finish:  # an untested run was not copied: its test is to come
         print(f"metasam bench: {len(untested)} finished run(s) are not tested yet and were not copied (e.g. "
               f"{untested[0].folder}): the bench tests each as it goes (rerun its command if it stopped); then export "
               "again", file=sys.stderr)

@@ -25,16 +25,19 @@ LEFT_OUT = ("last.pt", "best.pt", "val_tasks.json")
 
 def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[str, list[Cell]]:
     """Copy OUT/bench.json and, of each finished cell of the bench (grid cells, and the controls of every finished
-    grid), the files of its run folder but :data:`LEFT_OUT` and hidden ones, to the same places under ``dest``. With
-    ``plan.test_on_finish``, a cell is copied once it is tested by every test rule it needs, as the bench does as it
-    goes (a copy without one could never get it). Without, a cell not tested by its own rule is copied too, since the
-    selection reads its validation accuracy, but can no longer be tested from ``dest``: a merge of ``dest`` works
-    while its table does not need that test (as after a merge of OUT with the same report flags). A run's file already in ``dest`` must hold the same bytes
-    (it is then left as it is): a difference is refused, naming it, before anything is copied, so an export never
-    overwrites a run and can be repeated as more cells finish; ``dest``'s bench.json is replaced where it plans the
-    same training (as a rerun of the bench replaces OUT's: the flags that change only what is tested may differ),
-    and refused otherwise. Returns ``{"tested": cells copied, "untested": finished cells that lack an evaluation
-    (copied unless ``plan.test_on_finish``), "unfinished": the others (not copied)}``."""
+    grid), the files of its run folder but :data:`LEFT_OUT` and hidden ones, to the same places under ``dest``.
+
+    With ``plan.test_on_finish``, a cell is copied once it is tested by every test rule it needs, as the bench
+    does as it goes (a copy without one could never get it). Without, a cell not tested by its own rule is copied
+    too, since the selection reads its validation accuracy, but can no longer be tested from ``dest``: a merge of
+    ``dest`` works while its table does not need that test (as after a merge of OUT with the same report flags).
+    A run's file already in ``dest`` must hold the same bytes (it is then left as it is): a difference is refused,
+    naming it, before anything is copied, so an export never overwrites a run and can be repeated as more cells
+    finish. ``dest``'s bench.json is replaced where it plans the same training (as a rerun of the bench replaces
+    OUT's: the flags that change only what is tested may differ), and refused otherwise.
+
+    Returns ``{"copied": cells, "untested": finished cells without an evaluation (copied unless
+    ``plan.test_on_finish``), "unfinished": cells not copied}``."""
     out, dest = Path(out).absolute(), Path(dest).absolute()
     if dest == out or dest.is_relative_to(out):
         raise ConfigError(f"--export {dest} is inside the bench's folder {out}; export to a folder outside it")
@@ -42,11 +45,11 @@ def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[
     state: dict[str, list[Cell]] = {"tested": [], "untested": [], "unfinished": []}
     for cell in cells:
         state[_state(plan, out, cell)].append(cell)
+    copied = state["tested"] + ([] if plan.test_on_finish else state["untested"])
     kept = load_plan(dest, required=False)
     if kept is not None and plan.training_differences(kept):
         raise ConfigError(f"{dest / PLAN_FILE} is the plan of another bench (other "
                           f"{', '.join(TRAINING_FLAGS[k] for k in plan.training_differences(kept))}); export to another folder")
-    copied = state["tested"] + ([] if plan.test_on_finish else state["untested"])
     files = [f for cell in copied for f in sorted((out / cell.folder).iterdir())
              if f.is_file() and f.name not in LEFT_OUT and not f.name.startswith(".")]
     copies = [(f, dest / f.relative_to(out)) for f in files]
@@ -61,7 +64,7 @@ def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[
             target.parent.mkdir(parents=True, exist_ok=True)
             data = source.read_bytes()
             replace_atomically(target, lambda f, data=data: f.write(data))
-    return state
+    return {"copied": copied, "untested": state["untested"], "unfinished": state["unfinished"]}
 
 
 def _state(plan: BenchPlan, out: Path, cell: Cell) -> str:
