@@ -141,6 +141,9 @@ def _stored_plan(args: argparse.Namespace) -> BenchPlan:
                           f"{', '.join('--' + k.replace('_', '-') for k in given)} (only --controls, --reference, --episodes "
                           "and --test-seed may change what is tested)")
     report = {k: getattr(args, k) for k in REPORT if getattr(args, k) != DEFAULTS[k]}
+    if report and args.export:
+        raise ConfigError(f"--export copies the bench as its plan in {args.out}/bench.json stands; drop "
+                          f"{', '.join('--' + k.replace('_', '-') for k in report)}")
     return dataclasses.replace(load_plan(args.out), **report)
 
 
@@ -150,14 +153,21 @@ def _export(args: argparse.Namespace) -> None:
     untested = cells["untested"]
     print(f"metasam bench: {len(cells['copied'])} finished run(s) of {args.out} are in {args.export}, with bench.json "
           f"(not their checkpoints); {len(cells['unfinished'])} not finished, not copied", file=sys.stderr)
+    if cells["busy"]:
+        print(f"metasam bench: {len(cells['busy'])} finished run(s) in use by another process were not copied (e.g. "
+              f"{cells['busy'][0].folder}): export again once it is done", file=sys.stderr)
+    if cells["stale"]:
+        print(f"metasam bench: {len(cells['stale'])} evaluation(s) older than the checkpoint they evaluate were not "
+              f"copied (e.g. {cells['stale'][0]}): a merge of {args.out} evaluates again what its table needs",
+              file=sys.stderr)
     if untested and plan.test_on_finish:  # an untested run was not copied: its test is to come
         print(f"metasam bench: {len(untested)} finished run(s) are not tested yet and were not copied (e.g. "
               f"{untested[0].folder}): the bench tests each as it goes (rerun its command if it stopped); then export "
               "again", file=sys.stderr)
     elif untested:
         print(f"metasam bench: {len(untested)} of them were not tested (e.g. {untested[0].folder}), and cannot be "
-              f"from {args.export}: to keep their test, rerun the bench's command with --test-on-finish (it tests "
-              "them), then export again", file=sys.stderr)
+              f"from {args.export}: a merge of {args.out} first tests what its table needs, a rerun of the bench's "
+              "command with --test-on-finish tests every run; then export again", file=sys.stderr)
     print(f"metasam bench: the table from the copy: metasam bench --out {args.export} --merge", file=sys.stderr)
 
 

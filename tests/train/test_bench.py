@@ -318,6 +318,8 @@ def test_an_export_keeps_the_evidence_of_the_tested_runs_and_its_merge_gives_the
     assert "were not tested" not in capsys.readouterr().err
     assert len(list(dest.rglob("eval_best_*.json"))) == 12 + 8  # each run by its own rule, the SAM-type ones by gd too
     assert json.loads((dest / "bench.json").read_text()) == json.loads((out / "bench.json").read_text())
+    assert bench(dest, "--test-on-finish") == 0  # the bench continued on DEST: nothing to train or test again
+    assert trained(capsys.readouterr().err) == []
     gd = next(out.glob("3w1s/agnostic-sam/inner_rho1=0.01,*/seed0/eval_best_12_seed1234_gd.json"))
     gd.unlink()  # as when the bench is stopped between a run's two tests
     assert main(["bench", "--out", str(out), "--export", str(tmp_path / "other")]) == 0
@@ -325,6 +327,7 @@ def test_an_export_keeps_the_evidence_of_the_tested_runs_and_its_merge_gives_the
     assert "11 finished run(s)" in err and "1 finished run(s) are not tested yet and were not copied" in err
     assert not (tmp_path / "other" / gd.parent.relative_to(out)).exists()
 
+    shutil.rmtree(dest / MAML[1] / "seed0")  # a run the export would copy, had it not refused
     metrics = next(dest.rglob("metrics.jsonl"))
     metrics.write_text(metrics.read_text() + "\n")
     before = contents(dest)
@@ -336,18 +339,38 @@ def test_an_export_keeps_the_evidence_of_the_tested_runs_and_its_merge_gives_the
     assert "is inside the bench's folder" in capsys.readouterr().err and not (out / "copy").exists()
     assert main(["bench", "--out", str(out), "--merge", "--export", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == "metasam bench: error: --merge and --export are different commands; give one\n"
+    assert main(["bench", "--out", str(out), "--export", str(tmp_path / "x"), "--episodes", "13"]) == 2
+    assert capsys.readouterr().err.startswith("metasam bench: error: --export copies the bench as its plan in ")
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_export_leaves_out_an_evaluation_older_than_its_checkpoint(grid, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    stale = next(out.glob("3w1s/maml/*/seed0/eval_best_*.json"))  # the chosen maml point's test
+    run = stale.parent
+    os.utime(run / "best.pt", ns=(stale.stat().st_mtime_ns + 10**9,) * 2)  # best.pt written again since its test
+    assert main(["bench", "--out", str(out), "--export", str(tmp_path / "kept")]) == 0
+    err = capsys.readouterr().err
+    assert f"1 evaluation(s) older than the checkpoint they evaluate were not copied (e.g. {stale})" in err
+    assert not (tmp_path / "kept" / stale.relative_to(out)).exists()
+    assert (tmp_path / "kept" / run.relative_to(out) / "metrics.jsonl").exists()
 
 
 def test_an_export_to_a_full_disk_is_one_line_and_leaves_only_complete_files(grid, tmp_path, capsys, tmpfs):
     dest = tmpfs("100k") / "kept"  # tmpfs gives each file a 4 kB page at least: room for about half the files
-    before = contents(grid[0])
-    assert main(["bench", "--out", str(grid[0]), "--export", str(dest)]) == 2
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    before = contents(out)
+    assert main(["bench", "--out", str(out), "--export", str(dest)]) == 2
     line = capsys.readouterr().err
     assert line.startswith(f"metasam bench: error: cannot write {dest}/") and line.count("\n") == 1, line
     assert "MiB free): free space there (or choose another folder) and try again" in line
     copied = [p for p in dest.rglob("*") if p.is_file()]
-    assert copied and all(p.read_bytes() == (grid[0] / p.relative_to(dest)).read_bytes() for p in copied)
-    assert contents(grid[0]) == before  # the bench's own folder is untouched
+    assert copied and all(p.read_bytes() == (out / p.relative_to(dest)).read_bytes() for p in copied)
+    assert not (dest / "bench.json").exists()  # copied last: DEST is not yet a bench
+    assert {k: v for k, v in contents(out).items() if k.name != ".metasam.lock"} == {
+        k: v for k, v in before.items() if k.name != ".metasam.lock"}  # OUT untouched (the export locked each run)
 
 
 def test_without_checkpoints_a_run_that_was_not_tested_is_one_line_and_nothing_is_lost(grid, tmp_path, capsys):
