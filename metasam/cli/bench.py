@@ -65,8 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "from OUT/bench.json); refuses, naming them, while cells are unfinished")
     add(p, "--status", action="store_true",
         help="train and test nothing: print where each cell of the bench in --out stands, one tab-separated line "
-        "per cell (cell; state: not started, unfinished, finished or tested; last iteration; best validation "
-        "accuracy), the controls once their grid is finished; a count on stderr")
+        "per cell (cell; state: not started, training (a process holds it now), unfinished, finished or tested; last "
+        "iteration; best validation accuracy), the controls once their grid is finished; a count on stderr")
     add(p, "--export", metavar="DEST",
         help="train and test nothing: copy the evidence of the bench in --out to DEST, a folder that keeps it: "
         "bench.json and, of each finished run (and tested, with --test-on-finish), its files but last.pt, best.pt and "

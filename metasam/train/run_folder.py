@@ -78,6 +78,28 @@ def check_writable(folder: str | os.PathLike) -> None:
     os.unlink(probe)
 
 
+def lock_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds the lock of ``folder`` now, as its lock file names them ("pid N on HOST"), or None when no
+    process does (or there is no lock file). Nothing is written: the probe takes a shared lock and drops it at
+    once, so a process that tries to take the folder in that instant is told it is in use (a bench worker
+    passes it over and comes back)."""
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """An exclusive lock on a run folder for this process (re-entrant: a process that holds it may take it
     again). ``create=True`` makes the folder; a folder or lock file this lock created is removed again on

@@ -209,14 +209,20 @@ def test_a_worker_leaves_a_cell_whose_training_diverges_and_trains_the_others(tm
                                     "named above), and a merge refuses while its table needs them")
 
 
+def _hold_lock(run: Path) -> subprocess.Popen:
+    """A process that holds the lock of ``run`` (as a training one does) until it is killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+                               str(run / ".metasam.lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
 def test_a_worker_passes_over_a_cell_another_process_trains_and_waits_for_it(grid, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     busy = out / MAML[0] / "seed0"
     busy.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
-                               str(busy / ".metasam.lock")], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"  # another process trains this cell (as far as a worker can tell)
+    holder = _hold_lock(busy)  # another process trains this cell (as far as a worker can tell)
     waits = []
 
     def sleep(seconds):  # the other process finishes its work while the worker waits: it lets go of the cell
@@ -459,6 +465,12 @@ def test_status_says_where_each_cell_stands_from_its_folder_alone(grid, tmp_path
     assert states["3w1s/maml/inner_lr=0.001/seed0"] == ("not started", "-", "-")
     assert states["3w1s/maml/inner_lr=0.4/seed1"] == ("unfinished", "2", "-")  # the torn line is not an iteration
     assert "metasam bench: 6 of 8 cells finished" in err
+    holder = _hold_lock(unfinished)  # another process trains it now
+    states, err = status()
+    holder.kill()
+    holder.wait()
+    assert states["3w1s/maml/inner_lr=0.4/seed1"] == ("training", "2", "-")
+    assert status()[0]["3w1s/maml/inner_lr=0.4/seed1"] == ("unfinished", "2", "-")  # its process is gone
     assert main(["bench", "--out", str(out), "--status", "--seeds", "0,1"]) == 2
     assert "drop --seeds" in capsys.readouterr().err
 

@@ -15,6 +15,7 @@ from metasam.train.bench.grid import edges, point_name
 from metasam.train.bench.plan import BenchPlan, Cell, Method
 from metasam.train.config import MetaTrainConfig
 from metasam.train.evaluation import eval_file_name, evaluate_run
+from metasam.train.run_folder import lock_holder
 
 SELECTION_RULE = (
     "For each algorithm and setting, the grid point whose runs have the highest mean, over seeds, of their best "
@@ -152,9 +153,11 @@ def missing_cells(plan: BenchPlan, out: Path) -> list[Cell]:
 def cell_states(plan: BenchPlan, out: Path) -> list[dict[str, Any]]:
     """Where each cell of the bench stands, reading its run folder only (nothing is trained or tested): the grid
     cells, then the controls of every setting whose grid is finished. Each: ``{"cell": its folder, "state":
-    "not started" | "unfinished" | "finished" | "tested", "iteration": the last logged (None before the first),
-    "best_val_acc": when finished}``; "tested": finished, and its folder holds the evaluation of its best.pt on
-    the bench's test TaskSet by its own test rule. "unfinished" says nothing of whether a process trains it now."""
+    "not started" | "training" | "unfinished" | "finished" | "tested", "iteration": the last logged (None before the
+    first), "best_val_acc": when finished}``; "training": not finished, and a process holds its run folder's lock
+    now (:func:`~metasam.train.run_folder.lock_holder`); "unfinished": not finished, and no process does (a stopped
+    run: the bench's command resumes it); "tested": finished, and its folder holds the evaluation of its best.pt
+    on the bench's test TaskSet by its own test rule."""
     states = []
     for cell in dict.fromkeys(plan.grid_cells() + control_cells(plan, out)[0]):
         run, summary = out / cell.folder, summary_of(out / cell.folder)
@@ -163,7 +166,7 @@ def cell_states(plan: BenchPlan, out: Path) -> list[dict[str, Any]]:
             tested = stored_test(plan, out, cell, None) is not None
             state.update(state="tested" if tested else "finished", best_val_acc=summary["best_val_acc"])
         elif (run / "config.json").exists():
-            state["state"] = "unfinished"
+            state["state"] = "training" if lock_holder(run) else "unfinished"
         states.append(state)
     return states
 
