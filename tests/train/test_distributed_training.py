@@ -59,12 +59,23 @@ def cancelled_biases(model: nn.Module) -> set[str]:
 
 
 def assert_same_weights(got: dict, want: dict, cancelled: set[str], lr: float, steps: int) -> None:
+    """The weights of two runs whose gradients agree up to float32 rounding, after ``steps`` Adam steps of ``lr``.
+
+    Adam's first step is ±lr per coordinate, whatever the gradient's size: a bias that the next batch norm
+    cancels has a gradient of rounding noise, so its sign, and the bias, differ between two summation orders (up
+    to 2·lr·steps). Every other weight agrees to rounding but where Adam's m/√v is ill-conditioned (a gradient
+    that changes sign between steps): on a 2-core AMD EPYC, 93 of 111,875 weights differed by up to 1.0e-5 after
+    3 steps of 1e-3. A gradient that misses a process's share moves most weights by about lr instead."""
     assert len(cancelled) == 4 and got.keys() == want.keys()
+    outside, total = 0, 0
     for name, w in want.items():
         if name in cancelled:
             assert (got[name] - w).abs().max() <= 2 * lr * steps, name
         else:
-            assert torch.allclose(got[name], w, rtol=1e-4, atol=1e-6), name
+            assert (got[name] - w).abs().max() <= lr / 10, name
+            outside += int((~torch.isclose(got[name], w, rtol=1e-4, atol=1e-6)).sum())
+            total += w.numel()
+    assert outside <= total / 200, f"{outside} of {total} weights differ beyond rounding"
 
 
 def weights(path: Path) -> dict:
@@ -91,9 +102,10 @@ def test_torchrun_of_the_cli_writes_one_run_with_the_weights_of_one_process(tmp_
     lines, ref = training_lines(shared / "run"), training_lines(single)
     assert [(r["iteration"], "val_acc" in r) for r in lines] == [(1, False), (2, False), (3, False), (3, True)]
     for got, want in zip(lines, ref):  # logged numbers are those of the whole meta-batch
+        rel = 1e-4 if got["iteration"] == 1 else 1e-2  # later: at weights Adam made differ a little (assert_same_weights)
         for key in ("query_loss", "query_acc_before", "outer_grad_norm", "outer_cos_train_val", "val_acc"):
             if key in want:
-                assert got[key] == pytest.approx(want[key], rel=1e-4), key
+                assert got[key] == pytest.approx(want[key], rel=rel), (got["iteration"], key)
     cancelled = cancelled_biases(MetaTrainer(MetaTrainConfig.load(single), tmp_path / "unused").learner.model)
     for name in ("last.pt", "best.pt"):
         assert_same_weights(weights(shared / "run" / name), weights(single / name), cancelled, lr=1e-3, steps=3)
