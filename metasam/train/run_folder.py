@@ -92,12 +92,17 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
     except OSError as exc:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
             raise
-        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        return _holder(fd)
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """The holder a lock file names ("pid N on HOST"), read from its start."""
+    return os.read(fd, 200).decode(errors="replace").strip() or "another process"
 
 
 class RunLock:
@@ -133,7 +138,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from metasam.atomic_write import replace_atomically
 from metasam.errors import ConfigError, RunFolderInUse
-from metasam.train.bench.plan import BenchPlan, Cell, test_rules
-from metasam.train.bench.results import control_cells, stored_test, summary_of
+from metasam.train.bench.plan import BenchPlan, Cell
+from metasam.train.bench.results import control_cells, fully_tested, stored_test, summary_of
 from metasam.train.bench.runner import PLAN_FILE, TRAINING_FLAGS, load_plan
 from metasam.train.config import MetaTrainConfig
 from metasam.train.run_folder import RunLock
@@ -90,8 +90,9 @@ def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[
 
 def _tested(plan: BenchPlan, out: Path, cell: Cell) -> bool:
     """Whether the finished ``cell`` is tested by every test rule it needs (its own only, without --test-on-finish)."""
-    rules = test_rules(MetaTrainConfig.load(out / cell.folder)) if plan.test_on_finish else [None]
-    return all(stored_test(plan, out, cell, rule) is not None for rule in rules)
+    if plan.test_on_finish:
+        return fully_tested(plan, out, cell, MetaTrainConfig.load(out / cell.folder))
+    return stored_test(plan, out, cell, None) is not None
 
 
 def _evidence(run: Path) -> tuple[list[Path], list[Path]]:

@@ -12,7 +12,7 @@ from typing import Any
 from metasam.errors import CheckpointError, ConfigError
 from metasam.stats import mean_ci95, paired_difference, t_interval
 from metasam.train.bench.grid import edges, point_name
-from metasam.train.bench.plan import BenchPlan, Cell, Method
+from metasam.train.bench.plan import BenchPlan, Cell, Method, test_rules
 from metasam.train.config import MetaTrainConfig
 from metasam.train.evaluation import eval_file_name, evaluate_run
 from metasam.train.run_folder import lock_holder
@@ -130,6 +130,13 @@ def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -
     if isinstance(result, dict) and all(result.get(k) == v for k, v in setting.items()):
         return result  # (metasam evaluate --steps K before 2026-12-02 wrote other steps under this name: evaluated again)
     return None
+
+
+def fully_tested(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConfig) -> bool:
+    """Whether the folder of ``cell`` (run with ``cfg``) holds a valid evaluation (:func:`stored_test`) by every
+    test rule a table may test it with (:func:`~metasam.train.bench.plan.test_rules`): what ``--test-on-finish``
+    writes."""
+    return all(stored_test(plan, out, cell, rule) is not None for rule in test_rules(cfg))
 
 
 def control_cells(plan: BenchPlan, out: Path) -> tuple[list[Cell], list[Cell]]:

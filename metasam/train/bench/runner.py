@@ -22,7 +22,7 @@ from metasam.checkpoint import config_differences
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError, RunFolderInUse
 from metasam.train.bench.plan import BenchPlan, Cell, test_rules
 from metasam.train.bench.report import plot, render_markdown
-from metasam.train.bench.results import build_results, control_cells, stored_test, summary_of, test_result
+from metasam.train.bench.results import build_results, control_cells, fully_tested, summary_of, test_result
 from metasam.train.config import MetaTrainConfig, check_device
 from metasam.train.distributed import launched_as, main_process
 from metasam.train.meta import MetaTrainer
@@ -124,7 +124,7 @@ def _is_done(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConfig) -> bo
     if summary_of(run) is None:
         return False
     check_trained_with(run, cfg)
-    return not plan.test_on_finish or all(stored_test(plan, out, cell, r) is not None for r in test_rules(cfg))
+    return not plan.test_on_finish or fully_tested(plan, out, cell, cfg)
 
 
 def merge(plan: BenchPlan, out: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -196,7 +196,7 @@ def check_testable(plan: BenchPlan, out: Path, cells: list[Cell]) -> None:
     if not plan.test_on_finish:
         return
     lost = [c for c in cells if summary_of(out / c.folder) is not None and not (out / c.folder / "best.pt").exists()
-            and any(stored_test(plan, out, c, r) is None for r in test_rules(MetaTrainConfig.load(out / c.folder)))]
+            and not fully_tested(plan, out, c, MetaTrainConfig.load(out / c.folder))]
     if lost:
         shown = ", ".join(str(out / c.folder) for c in lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
         raise CheckpointError(f"{len(lost)} finished run(s) lack best.pt and a test evaluation of this bench ({shown}): "
