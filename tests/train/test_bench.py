@@ -345,6 +345,13 @@ def test_an_export_keeps_the_evidence_of_the_tested_runs_and_its_merge_gives_the
     assert "is inside the bench's folder" in capsys.readouterr().err and not (out / "copy").exists()
     assert main(["bench", "--out", str(out), "--merge", "--export", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == "metasam bench: error: --merge and --export are different commands; give one\n"
+    other = json.loads((out / "bench.json").read_text())
+    other["plan"]["seeds"] = [0, 1, 2]
+    (tmp_path / "another").mkdir()
+    (tmp_path / "another" / "bench.json").write_text(json.dumps(other))
+    assert main(["bench", "--out", str(out), "--export", str(tmp_path / "another")]) == 2
+    assert "is the plan of another bench (other --seeds); export to another folder" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "another").iterdir()] == ["bench.json"]
     assert main(["bench", "--out", str(out), "--export", str(tmp_path / "x"), "--episodes", "13"]) == 2
     assert capsys.readouterr().err.startswith("metasam bench: error: --export copies the bench as its plan in ")
     assert not (tmp_path / "x").exists()

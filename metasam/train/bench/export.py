@@ -50,9 +50,10 @@ def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[
     if dest == out or dest.is_relative_to(out):
         raise ConfigError(f"--export {dest} is inside the bench's folder {out}; export to a folder outside it")
     kept = load_plan(dest, required=False)
-    if kept is not None and plan.training_differences(kept):
+    differ = [] if kept is None else plan.training_differences(kept)
+    if differ:
         raise ConfigError(f"{dest / PLAN_FILE} is the plan of another bench (other "
-                          f"{', '.join(TRAINING_FLAGS[k] for k in plan.training_differences(kept))}); export to another folder")
+                          f"{', '.join(TRAINING_FLAGS[k] for k in differ)}); export to another folder")
     state: dict[str, list] = {"copied": [], "untested": [], "unfinished": [], "busy": [], "stale": []}
     locks = []
     try:
