@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from metasam.cli.flags import add, add_run_flags, rule_flags_given, settings_given
-from metasam.errors import ConfigError, NonFiniteError
+from metasam.errors import ConfigError
 from metasam.meta import PRESETS
 from metasam.train.bench import BenchPlan, load_plan, merge, parse_seeds, parse_settings, parse_shard, run_bench, run_worker
 from metasam.train.bench.export import export_evidence
@@ -65,11 +65,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "from OUT/bench.json); refuses, naming them, while cells are unfinished")
     add(p, "--status", action="store_true",
         help="train and test nothing: print where each cell of the bench in --out stands, one tab-separated line "
-        "per cell (cell; state: not started, training (a process holds it now), unfinished, finished or tested; last "
+        "per cell (cell; state: not started, training (a process holds it now), unfinished, diverged (stopped on a NaN or "
+        "Inf step: not trained again), finished or tested; last "
         "iteration; best validation accuracy), the controls once their grid is finished; a count on stderr")
     add(p, "--export", metavar="DEST",
         help="train and test nothing: copy the evidence of the bench in --out to DEST, a folder that keeps it: "
-        "bench.json and, of each finished run (and tested, with --test-on-finish), its files but last.pt, best.pt and "
+        "bench.json and, of each finished run (and tested, with --test-on-finish) and each diverged run, its files but "
+        "last.pt, best.pt and "
         "val_tasks.json; a file already in DEST must hold the same bytes (nothing is "
         "overwritten); then metasam bench --out DEST --merge gives the same table")
     add(p, "--no-progress", action="store_true", help="no progress bars")
@@ -91,12 +93,9 @@ def run(args: argparse.Namespace) -> int:
         if args.shard:
             raise ConfigError("--worker and --shard are two ways to share the cells between processes; give one")
         cells = run_worker(plan_of(args), args.out, progress)
-        if cells["diverged"]:
-            shown = ", ".join(str(c.folder) for c in cells["diverged"][:3]) + (" …" if len(cells["diverged"]) > 3 else "")
-            raise NonFiniteError(f"this worker trained {len(cells['trained'])} cell(s); {len(cells['diverged'])} diverged "
-                                 f"({shown}, named above), and a merge refuses while its table needs them")
-        print(f"metasam bench: this worker trained {len(cells['trained'])} cell(s) and no cell is left to train; "
-              f"then: metasam bench --out {args.out} --merge", file=sys.stderr)
+        diverged = f" ({len(cells['diverged'])} of them diverged, named above)" if cells["diverged"] else ""
+        print(f"metasam bench: this worker trained {len(cells['trained'])} cell(s){diverged} and no cell is left to "
+              f"train; then: metasam bench --out {args.out} --merge", file=sys.stderr)
         return 0
     else:
         shard = parse_shard(args.shard) if args.shard else None
@@ -125,8 +124,10 @@ def _print_status(args: argparse.Namespace) -> None:
         print("\t".join(str(v) if v is not None else "-" for v in (s["cell"], s["state"], s["iteration"], s["best_val_acc"])))
     done = sum(s["state"] in ("finished", "tested") for s in states)
     tested = sum(s["state"] == "tested" for s in states)
-    print(f"metasam bench: {done} of {len(states)} cells finished, {tested} of them tested; controls are listed once "
-          "their grid is finished", file=sys.stderr)
+    diverged = sum(s["state"] == "diverged" for s in states)
+    print(f"metasam bench: {done} of {len(states)} cells finished, {tested} of them tested"
+          f"{f'; {diverged} diverged' if diverged else ''}; controls are listed once their grid is finished",
+          file=sys.stderr)
 
 
 def _stored_plan(args: argparse.Namespace) -> BenchPlan:
@@ -151,7 +152,9 @@ def _export(args: argparse.Namespace) -> None:
     plan = _stored_plan(args)
     cells = export_evidence(plan, args.out, args.export)
     untested = cells["untested"]
-    print(f"metasam bench: {len(cells['copied'])} finished run(s) of {args.out} are in {args.export}, with bench.json "
+    diverged = f" and {len(cells['diverged'])} diverged run(s)" if cells["diverged"] else ""
+    finished = len(cells["copied"]) - len(cells["diverged"])
+    print(f"metasam bench: {finished} finished run(s){diverged} of {args.out} are in {args.export}, with bench.json "
           f"(not their checkpoints); {len(cells['unfinished'])} not finished, not copied", file=sys.stderr)
     if cells["busy"]:
         print(f"metasam bench: {len(cells['busy'])} finished run(s) in use by another process were not copied (e.g. "

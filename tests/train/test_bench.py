@@ -23,6 +23,7 @@ from metasam.cli.main import main
 from metasam.errors import NonFiniteError
 from metasam.train.bench import runner
 from metasam.train.evaluation import evaluate_run
+from metasam.train.meta import MetaTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -191,22 +192,104 @@ def test_workers_share_the_cells_as_they_go_and_merge_gives_the_table_of_one_pro
     assert json.loads((out / "results.json").read_text())["settings"][0]["methods"] == grid[1]["settings"][0]["methods"]
 
 
-def test_a_worker_leaves_a_cell_whose_training_diverges_and_trains_the_others(tmp_path, capsys, monkeypatch):
+def diverge(monkeypatch, where) -> None:
+    """Make the training of every run whose configuration ``where`` accepts stop on a NaN query loss at iteration 2,
+    through the trainer's own stop (what a real NaN step does: the trainer logs where and raises)."""
+    train = MetaTrainer.train
+
+    def diverging_train(trainer, progress=True):
+        if where(trainer.cfg):
+            step = trainer.learner.meta_step
+
+            def meta_step(*args, **kwargs):
+                if trainer.learner.iteration == 1:
+                    raise NonFiniteError("iteration 2: the query loss is NaN", iteration=2, tensor="query loss")
+                return step(*args, **kwargs)
+
+            trainer.learner.meta_step = meta_step
+        return train(trainer, progress)
+
+    monkeypatch.setattr(MetaTrainer, "train", diverging_train)
+
+
+def test_a_worker_records_a_cell_whose_training_diverges_and_trains_the_others(tmp_path, capsys, monkeypatch):
     diverging = f"{MAML[1]}/seed1"
-    finish_cell = runner.finish_cell
-
-    def diverge(plan, out, cell, *args):
-        if str(cell.folder) == diverging:
-            raise NonFiniteError("the query loss is nan at iteration 2")
-        return finish_cell(plan, out, cell, *args)
-
-    monkeypatch.setattr(runner, "finish_cell", diverge)
-    assert bench(tmp_path / "out", "--worker") == 2
+    diverge(monkeypatch, lambda cfg: cfg.algo == "maml" and cfg.inner_lr == 0.4 and cfg.seed == 1)
+    out = tmp_path / "out"
+    assert bench(out, "--worker") == 0
     err = capsys.readouterr().err
-    assert len(trained(err)) == 7  # the other grid cells; the controls wait for a grid that cannot finish
-    assert f"metasam bench: {tmp_path / 'out' / diverging} diverged: the query loss is nan at iteration 2\n" in err
-    assert err.splitlines()[-1] == (f"metasam bench: error: this worker trained 7 cell(s); 1 diverged ({diverging}, "
-                                    "named above), and a merge refuses while its table needs them")
+    assert len(trained(err)) == 12  # the 8 grid cells, the diverged one among them, and the 4 control runs
+    assert f"metasam bench: {out / diverging} diverged, an outcome the table marks" in err
+    assert err.splitlines()[-1] == (f"metasam bench: this worker trained 12 cell(s) (1 of them diverged, named above) "
+                                    f"and no cell is left to train; then: metasam bench --out {out} --merge")
+    assert bench(out, "--worker") == 0 and trained(capsys.readouterr().err) == []  # not trained again
+    assert main(["bench", "--out", str(out), "--merge"]) == 0
+    maml = json.loads((out / "results.json").read_text())["settings"][0]["grids"]["maml"]
+    assert maml["selected"] == 0 and maml["points"][1]["diverged"] == {"1": {"iteration": 2, "nonfinite": "query loss"}}
+
+
+def test_a_diverged_run_is_an_outcome_the_table_marks_and_no_command_trains_it_again(tmp_path, capsys, monkeypatch):
+    """A real NaN (maml at α = 1e30) and stops through the trainer (agnostic-sam ρ1 = 0.05 on seed 1, its β = 0
+    control on both seeds): the bench goes on, the point with a diverged run is not chosen however its other seed
+    validates, the diverged control's row has no numbers, and status, reruns, workers and the export agree."""
+    diverge(monkeypatch, lambda cfg: cfg.algo == "agnostic-sam" and (cfg.inner_rule.beta == 0 or (
+        cfg.inner_rule.rho1 == 0.05 and cfg.seed == 1)))
+    args = ["bench", *TINY, "--algos", "maml,agnostic-sam", "--grid", "maml:inner_lr=0.4,1e30", "--grid",
+            "agnostic-sam:inner_rho1=0.01,0.05", "--grid", "agnostic-sam:inner_rho2=rho1/2", "--controls"]
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    diverged = ["3w1s/maml/inner_lr=1e+30/seed0", "3w1s/maml/inner_lr=1e+30/seed1",
+                "3w1s/agnostic-sam/inner_rho1=0.05,inner_rho2=0.025/seed1",
+                "3w1s/agnostic-sam/inner_beta=0.0,inner_rho1=0.01,inner_rho2=0.005/seed0",
+                "3w1s/agnostic-sam/inner_beta=0.0,inner_rho1=0.01,inner_rho2=0.005/seed1"]
+    assert [c for c in trained(err) if f"{out / c} diverged, an outcome the table marks" in err] == diverged
+    assert "the query loss is NaN" in err.split(f"{out / diverged[0]} diverged")[1].splitlines()[0]  # the real one
+    results = json.loads((out / "results.json").read_text())
+    (setting,) = results["settings"]
+    maml, agnostic = setting["grids"]["maml"], setting["grids"]["agnostic-sam"]
+    assert maml["selected"] == 0 and maml["points"][1]["mean_val_acc"] is None and maml["points"][1]["val_acc"] == {}
+    assert maml["points"][1]["diverged"] == {"0": {"iteration": 1, "nonfinite": "query loss"},
+                                             "1": {"iteration": 1, "nonfinite": "query loss"}}
+    assert agnostic["selected"] == 0 and agnostic["points"][1]["mean_val_acc"] is None
+    assert list(agnostic["points"][1]["val_acc"]) == ["0"] and list(agnostic["points"][1]["diverged"]) == ["1"]
+    control = rows(results)["agnostic-sam with β = 0"]
+    assert control["diverged"] == {s: {"iteration": 2, "nonfinite": "query loss"} for s in ("0", "1")}
+    assert control["test_acc_mean"] is None and control["paired_diff"] is None
+    assert all(m["test_acc_mean"] is not None and m["diverged"] == {} for name, m in rows(results).items() if m is not control)
+    assert not any(p.name.startswith("eval_") for d in diverged for p in (out / d).iterdir())  # never tested
+    md = (out / "results.md").read_text()
+    assert ("| control: agnostic-sam with β = 0 | inner_beta=0.0,inner_rho1=0.01,inner_rho2=0.005 | – | diverged (seed 0 "
+            "at iteration 2, seed 1 at iteration 2): not tested | – | – | – |") in md
+    assert "| maml | inner_lr=1e+30 | diverged at iteration 1, diverged at iteration 1 | diverged: not chosen |  |" in md
+    assert "diverged at iteration 2 | diverged: not chosen |  |" in md.split("| agnostic-sam | inner_rho1=0.05,")[1].splitlines()[0]
+
+    monkeypatch.undo()  # from here on a diverged cell would train to the end: none may be trained again, nor tested
+    kept = {d: contents(out / d) for d in diverged}
+    assert main([*args, "--out", str(out), "--test-on-finish"]) == 0 and trained(capsys.readouterr().err) == []
+    assert main([*args, "--out", str(out), "--test-on-finish", "--worker"]) == 0
+    assert trained(capsys.readouterr().err) == [] and {d: contents(out / d) for d in diverged} == kept
+    assert main(["bench", "--out", str(out), "--status"]) == 0
+    captured = capsys.readouterr()
+    states = {line.split("\t")[0]: line.split("\t")[1:] for line in captured.out.splitlines()[1:]}
+    assert {c: states[c] for c in diverged} == {c: ["diverged", "1" if "maml" in c else "2", "-"] for c in diverged}
+    assert "metasam bench: 7 of 12 cells finished, 7 of them tested; 5 diverged" in captured.err
+    assert main(["bench", "--out", str(out), "--export", str(tmp_path / "kept")]) == 0
+    assert "7 finished run(s) and 5 diverged run(s) of" in capsys.readouterr().err
+    assert main(["bench", "--out", str(tmp_path / "kept"), "--merge"]) == 0
+    merged = json.loads((tmp_path / "kept" / "results.json").read_text())["settings"]
+    assert merged == json.loads((out / "results.json").read_text())["settings"] and merged[0]["methods"] == setting["methods"]
+
+
+def test_a_table_whose_every_grid_point_diverged_is_refused_naming_them(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", *TINY, "--algos", "maml", "--grid", "maml:inner_lr=1e30,1e31", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "metasam bench: error: every grid point of maml (3w1s) has a run that diverged (inner_lr=1e+30: seed 0 at "
+        "iteration 1; inner_lr=1e+31: seed 0 at iteration 1), so there is no point to choose; run the bench again in "
+        "another --out with smaller values in its grid (or a smaller --inner-lr or --outer-lr)")
+    assert [line.split("\t")[1] for line in (main(["bench", "--out", str(out), "--status"]), capsys.readouterr())[1]
+            .out.splitlines()[1:]] == ["diverged"] * 4
 
 
 def _hold_lock(run: Path) -> subprocess.Popen:

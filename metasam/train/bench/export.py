@@ -15,16 +15,17 @@ from pathlib import Path
 from metasam.atomic_write import replace_atomically
 from metasam.errors import ConfigError, RunFolderInUse
 from metasam.train.bench.plan import BenchPlan, Cell
-from metasam.train.bench.results import control_cells, fully_tested, stored_test, summary_of
+from metasam.train.bench.results import control_cells, divergence_of, fully_tested, stored_test, summary_of
 from metasam.train.bench.runner import PLAN_FILE, TRAINING_FLAGS, load_plan
 from metasam.train.config import MetaTrainConfig
 from metasam.train.run_folder import RunLock
 
 LEFT_OUT = ("last.pt", "best.pt", "val_tasks.json")
 """The files of a run folder an export leaves out (with hidden files: the lock, temporary files)."""
-LAST = "train_summary.json"
-"""Copied last in each run: a run folder an interrupted export leaves without it is a run still to finish, which a
-rerun of the export completes (and which a bench on DEST would train), never a finished run with missing files."""
+LAST = ("metrics.jsonl", "train_summary.json")
+"""Copied last in each run, in this order: a run folder an interrupted export leaves without train_summary.json is
+a run still to finish, which a rerun of the export completes (and which a bench on DEST would train), never a
+finished run with missing files; the same holds for a diverged run, whose record is metrics.jsonl's last line."""
 
 
 def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[str, list]:
@@ -43,9 +44,12 @@ def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[
     finish. ``dest``'s bench.json is replaced where it plans the same training (as a rerun of the bench replaces
     OUT's: the flags that change only what is tested may differ), and refused otherwise; it is copied last.
 
-    Returns ``{"copied": cells, "untested": finished cells not tested by every rule checked (copied unless
-    ``plan.test_on_finish``), "unfinished": cells not finished, "busy": cells passed over, "stale": evaluations
-    left out}``."""
+    A diverged run (:func:`~metasam.train.bench.results.divergence_of`) is copied too, its metrics.jsonl (which
+    records where it stopped) last: it is an outcome the table marks, and a bench on ``dest`` does not train it.
+
+    Returns ``{"copied": cells (diverged ones included), "diverged": the diverged cells among them, "untested":
+    finished cells not tested by every rule checked (copied unless ``plan.test_on_finish``), "unfinished": cells
+    neither finished nor diverged, "busy": cells passed over, "stale": evaluations left out}``."""
     out, dest = Path(out).resolve(), Path(dest).resolve()
     if dest == out or dest.is_relative_to(out):
         raise ConfigError(f"--export {dest} is inside the bench's folder {out}; export to a folder outside it")
@@ -54,18 +58,23 @@ def export_evidence(plan: BenchPlan, out: str | Path, dest: str | Path) -> dict[
     if differ:
         raise ConfigError(f"{dest / PLAN_FILE} is the plan of another bench (other "
                           f"{', '.join(TRAINING_FLAGS[k] for k in differ)}); export to another folder")
-    state: dict[str, list] = {"copied": [], "untested": [], "unfinished": [], "busy": [], "stale": []}
+    state: dict[str, list] = {"copied": [], "diverged": [], "untested": [], "unfinished": [], "busy": [], "stale": []}
     locks = []
     try:
         for cell in dict.fromkeys(plan.grid_cells() + control_cells(plan, out)[0]):
             run = out / cell.folder
-            if summary_of(run) is None:
+            diverged = divergence_of(run) is not None
+            if summary_of(run) is None and not diverged:
                 state["unfinished"].append(cell)
                 continue
             try:
                 locks.append(RunLock(run).acquire())
             except RunFolderInUse:
                 state["busy"].append(cell)
+                continue
+            if diverged:
+                state["diverged"].append(cell)
+                state["copied"].append(cell)
                 continue
             tested = _tested(plan, out, cell)
             if not tested:
@@ -97,10 +106,10 @@ def _tested(plan: BenchPlan, out: Path, cell: Cell) -> bool:
 
 
 def _evidence(run: Path) -> tuple[list[Path], list[Path]]:
-    """(the files of ``run`` an export copies, train_summary.json last; the evaluations it leaves out as stale:
+    """(the files of ``run`` an export copies, :data:`LAST` last; the evaluations it leaves out as stale:
     older than the checkpoint they evaluate, ``eval_<best|last>_….json`` of best.pt or last.pt)."""
     files, stale = [], []
-    for f in sorted(run.iterdir(), key=lambda f: (f.name == LAST, f.name)):
+    for f in sorted(run.iterdir(), key=lambda f: (LAST.index(f.name) if f.name in LAST else -1, f.name)):
         if not f.is_file() or f.name in LEFT_OUT or f.name.startswith("."):
             continue
         checkpoint = run / f"{f.name.split('_')[1]}.pt" if f.name.startswith("eval_") else None

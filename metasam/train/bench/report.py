@@ -26,6 +26,10 @@ def _interval(mean: float, half: float | None) -> str:
     return f"{_pct(mean)} ± {_pct(half)}" + (" (1 seed)" if half is None else "")
 
 
+def _where(diverged: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(f"seed {seed} at iteration {stop['iteration']}" for seed, stop in diverged.items())
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The page: how to reproduce it, the selection rule, what the intervals are, then per setting the table
     of methods (and controls), the grid edges, and every grid point's validation accuracy (and its test
@@ -50,6 +54,10 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"| Δ vs {ref} ± 95 % (paired) | test per seed |", "| --- " * 7 + "|"]
         for m in setting["methods"]:
             name = m["name"] + ("" if m["val_view"] == "support" else f" (val view: {m['val_view']}, not the paper's)")
+            if m["diverged"]:
+                lines.append(f"| {'control: ' if m['control'] else ''}{name} | {point_name(m['point']) or '–'} | – "
+                             f"| diverged ({_where(m['diverged'])}): not tested | – | – | – |")
+                continue
             is_ref = m["name"] == ref and not m["control"]
             delta = "reference" if is_ref else f"{100 * m['paired_diff']:+.2f} ± {_pct(m['paired_t95'])}"
             val = sum(m["val_acc"]) / len(m["val_acc"])
@@ -57,6 +65,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                          f"| {_interval(m['test_acc_mean'], m['test_acc_t95'])} | {_pct(m['pooled_mean'])} ± {_pct(m['pooled_ci95'])} "
                          f"| {delta} | {', '.join(_pct(a) for a in m['test_acc'])} |")
         edge_notes = [f"{algo}: {note}" for algo, grid in setting["grids"].items() for note in grid["edges"]]
+        if any(m["diverged"] for m in setting["methods"]):
+            lines += ["", "**Diverged:** a row marked *diverged* is a control one of whose runs stopped on a NaN or Inf "
+                      "training step; its runs are not tested, and the row has no numbers."]
         if edge_notes:
             lines += ["", "**Selected at the edge of its grid** (the best value may lie outside it): " + "; ".join(edge_notes) + "."]
         lines += ["", *_grid_table(setting, results["tested_outside_table"]), ""]
@@ -78,7 +89,9 @@ def _grid_table(setting: dict[str, Any], tested: bool) -> list[str]:
                  "| algorithm | point | validation per seed | mean | test per seed | mean | |", "| --- " * 7 + "|"]
     for algo, grid in grids:
         for i, p in enumerate(grid["points"]):
-            cells = [algo, p["name"] or "–", ", ".join(_pct(v) for v in p["val_acc"].values()), _pct(p["mean_val_acc"])]
+            val = [_pct(p["val_acc"][seed]) if seed in p["val_acc"] else f"diverged at iteration {p['diverged'][seed]['iteration']}"
+                   for seed in sorted({*p["val_acc"], *p["diverged"]}, key=int)]
+            cells = [algo, p["name"] or "–", ", ".join(val), "diverged: not chosen" if p["diverged"] else _pct(p["mean_val_acc"])]
             if tested:
                 cells += [", ".join(_pct(v) for v in p["test_acc"].values()) or "–",
                           "–" if p["mean_test_acc"] is None else _pct(p["mean_test_acc"])]
@@ -100,13 +113,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for ax, setting in zip(axes[0], settings):
         methods = setting["methods"]
         for x, m in enumerate(methods):
+            if m["diverged"]:  # no numbers: named on the axis
+                continue
             ax.errorbar(x, 100 * m["test_acc_mean"], yerr=None if m["test_acc_t95"] is None else 100 * m["test_acc_t95"],
                         fmt="o", color="tab:gray" if m["control"] else "black", capsize=4, zorder=2,
                         label="mean over seeds ± 95 % t-interval" if x == 0 else None)
             n = len(m["test_acc"])
             ax.scatter([x + 0.15 + 0.1 * i / max(1, n - 1) for i in range(n)], [100 * a for a in m["test_acc"]], s=14,
                        color="tab:blue", zorder=3, label="one seed" if x == 0 else None)
-        ax.set_xticks(range(len(methods)), [("control: " if m["control"] else "") + m["name"] for m in methods],
+        ax.set_xticks(range(len(methods)), [("control: " if m["control"] else "") + m["name"] +
+                                            (" (diverged)" if m["diverged"] else "") for m in methods],
                       rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{setting['ways']}-way {setting['shots']}-shot")
         ax.set_ylabel("test accuracy (%)")

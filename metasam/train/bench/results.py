@@ -22,7 +22,8 @@ SELECTION_RULE = (
     "validation accuracy (each run's best mean accuracy on its fixed validation TaskSet: --val-tasks tasks of the "
     "validation split drawn with the run's seed, so every point of a seed is scored on the same tasks; the "
     "checkpoint of that accuracy, best.pt, is the one tested). Ties go to the first point in grid order. The choice "
-    "reads validation accuracies only."
+    "reads validation accuracies only. A point one of whose runs diverged (its training stopped on a NaN or Inf step) is "
+    "not chosen; the grid table marks it."
 )
 TESTED = {
     False: "Only the chosen points and the controls built from them are tested: no test task is read before the choice.",
@@ -50,32 +51,58 @@ def summary_of(run: Path) -> dict[str, Any] | None:
     return summary
 
 
+def divergence_of(run: Path) -> dict[str, Any] | None:
+    """The record of the NaN/Inf step that stopped the unfinished run, the last complete line of its metrics.jsonl
+    (``{"iteration": k, "nonfinite": what, "stopped": true}``, written by ``metasam train`` as it stops), or None.
+    A bench takes such a run as an outcome of its grid point, not as a run to resume: resumed, it would reach the
+    same step again."""
+    if summary_of(run) is not None:
+        return None
+    record = _last_record(run)
+    return record if record is not None and record.get("stopped") is True else None
+
+
+def has_ended(run: Path) -> bool:
+    """Whether the run is finished (train_summary.json) or diverged (:func:`divergence_of`): nothing is left to train."""
+    return summary_of(run) is not None or divergence_of(run) is not None
+
+
 def select(plan: BenchPlan, out: Path, ways: int, shots: int) -> tuple[dict[str, Method], dict[str, Any], list[Cell]]:
-    """(selected method per algorithm, the grid report, the cells still unfinished) of one setting: an algorithm
-    is selected once all its grid's cells are finished, by :data:`SELECTION_RULE`."""
+    """(selected method per algorithm, the grid report, the cells still to train) of one setting: once all its
+    grid's cells have ended, an algorithm is selected by :data:`SELECTION_RULE` among the points none of whose
+    runs diverged; where every point has a diverged run, the report's ``selected`` is None and nothing is selected."""
     selected, report, missing = {}, {}, []
     for algo in plan.algos:
         scored = []
         for method in (m for m in plan.methods() if m.algo == algo):
-            val = {}
+            val, diverged = {}, {}
             for cell in method.cells(ways, shots, plan.seeds):
-                summary = summary_of(out / cell.folder)
-                if summary is None:
-                    missing.append(cell)
-                else:
+                summary, stop = summary_of(out / cell.folder), divergence_of(out / cell.folder)
+                if summary is not None:
                     val[cell.seed] = summary["best_val_acc"]
-            scored.append((method, val))
-        if any(len(val) < len(plan.seeds) for _, val in scored):
+                elif stop is not None:
+                    diverged[cell.seed] = stop
+                else:
+                    missing.append(cell)
+            scored.append((method, val, diverged))
+        if any(len(val) + len(diverged) < len(plan.seeds) for _, val, diverged in scored):
             continue
-        means = [sum(val.values()) / len(val) for _, val in scored]
-        best = max(range(len(means)), key=lambda i: (means[i], -i))
-        selected[algo] = scored[best][0]
+        means = [None if diverged else sum(val.values()) / len(val) for _, val, diverged in scored]
+        candidates = [i for i, mean in enumerate(means) if mean is not None]
+        best = max(candidates, key=lambda i: (means[i], -i)) if candidates else None
+        if best is not None:
+            selected[algo] = scored[best][0]
         report[algo] = {
             "points": [{"point": dict(m.point), "name": point_name(dict(m.point)), "val_acc": {str(s): v for s, v in val.items()},
-                        "mean_val_acc": mean} for (m, val), mean in zip(scored, means)],
-            "selected": best, "edges": edges(plan.entries[algo], dict(scored[best][0].point)),
+                        "mean_val_acc": mean, "diverged": _stops(diverged)} for (m, val, diverged), mean in zip(scored, means)],
+            "selected": best, "edges": [] if best is None else edges(plan.entries[algo], dict(scored[best][0].point)),
         }
     return selected, report, missing
+
+
+def _stops(diverged: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Seed → where its run diverged: ``{"iteration": k, "nonfinite": the tensor that held NaN/Inf}``."""
+    return {str(seed): {"iteration": stop["iteration"], "nonfinite": stop.get("nonfinite")} for seed, stop in diverged.items()}
 
 
 def methods_of(plan: BenchPlan, selected: dict[str, Method], ways: int, shots: int) -> list[Method]:
@@ -152,19 +179,21 @@ def control_cells(plan: BenchPlan, out: Path) -> tuple[list[Cell], list[Cell]]:
 
 
 def missing_cells(plan: BenchPlan, out: Path) -> list[Cell]:
-    """The cells the table needs that are not finished: grid cells, and the controls of finished grids."""
+    """The cells the table needs that have not ended (:func:`has_ended`): grid cells, and the controls of the
+    settings whose grid has."""
     controls, unfinished = control_cells(plan, out)
-    return list(dict.fromkeys(unfinished + [c for c in controls if summary_of(out / c.folder) is None]))
+    return list(dict.fromkeys(unfinished + [c for c in controls if not has_ended(out / c.folder)]))
 
 
 def cell_states(plan: BenchPlan, out: Path) -> list[dict[str, Any]]:
     """Where each cell of the bench stands, reading its run folder only (nothing is trained or tested): the grid
     cells, then the controls of every setting whose grid is finished. Each: ``{"cell": its folder, "state":
-    "not started" | "training" | "unfinished" | "finished" | "tested", "iteration": the last logged (None before the
-    first), "best_val_acc": when finished}``; "training": not finished, and a process holds its run folder's lock
-    now (:func:`~metasam.train.run_folder.lock_holder`); "unfinished": not finished, and no process does (a stopped
-    run: the bench's command resumes it); "tested": finished, and its folder holds the evaluation of its best.pt
-    on the bench's test TaskSet by its own test rule."""
+    "not started" | "training" | "unfinished" | "diverged" | "finished" | "tested", "iteration": the last logged
+    (None before the first), "best_val_acc": when finished}``; "training": not finished, and a process holds its
+    run folder's lock now (:func:`~metasam.train.run_folder.lock_holder`); "unfinished": not finished, and no
+    process does (a stopped run: the bench's command resumes it); "diverged": stopped on a NaN/Inf step
+    (:func:`divergence_of`; "iteration" is that step's); "tested": finished, and its folder holds the evaluation of
+    its best.pt on the bench's test TaskSet by its own test rule."""
     states = []
     for cell in dict.fromkeys(plan.grid_cells() + control_cells(plan, out)[0]):
         run, summary = out / cell.folder, summary_of(out / cell.folder)
@@ -172,6 +201,8 @@ def cell_states(plan: BenchPlan, out: Path) -> list[dict[str, Any]]:
         if summary is not None:
             tested = stored_test(plan, out, cell, None) is not None
             state.update(state="tested" if tested else "finished", best_val_acc=summary["best_val_acc"])
+        elif divergence_of(run) is not None:
+            state["state"] = "diverged"
         elif (run / "config.json").exists():
             state["state"] = "training" if lock_holder(run) else "unfinished"
         states.append(state)
@@ -180,13 +211,21 @@ def cell_states(plan: BenchPlan, out: Path) -> list[dict[str, Any]]:
 
 def _last_iteration(run: Path) -> int | None:
     """The iteration of the last complete line of the run's metrics.jsonl (None before the first)."""
+    record = _last_record(run)
+    return None if record is None else record["iteration"]
+
+
+def _last_record(run: Path) -> dict[str, Any] | None:
+    """The last complete line of the run's metrics.jsonl that records an iteration (None before the first)."""
     try:
         lines = (run / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return None
     for line in reversed(lines):
         try:
-            return int(json.loads(line)["iteration"])
+            record = json.loads(line)
+            record["iteration"] = int(record["iteration"])
+            return record
         except (ValueError, KeyError, TypeError):
             continue  # a line torn by a kill, or not an iteration's
     return None
@@ -202,11 +241,15 @@ def build_results(plan: BenchPlan, out: Path, progress: bool = True) -> dict[str
     settings, tested_outside = [], False
     for ways, shots in plan.settings:
         selected, report, _ = select(plan, out, ways, shots)
+        check_selected(plan, report, ways, shots)
         rows = methods_of(plan, selected, ways, shots)
+        stops = {m: {c.seed: divergence_of(out / c.folder) for c in m.cells(ways, shots, plan.seeds)} for m in rows}
+        stops = {m: {seed: stop for seed, stop in by_seed.items() if stop is not None} for m, by_seed in stops.items()}
         tested = {m: [test_result(plan, out, c, m.test_rule, progress) for c in m.cells(ways, shots, plan.seeds)]
-                  for m in rows}
+                  for m in rows if not stops[m]}
         reference = tested[selected[plan.reference]]
-        numbers = [method_numbers(plan, out, m, tested[m], reference, ways, shots) for m in rows]
+        numbers = [diverged_row(plan, out, m, stops[m], ways, shots) if stops[m] else
+                   method_numbers(plan, out, m, tested[m], reference, ways, shots) for m in rows]
         in_table = {c for m in rows for c in m.cells(ways, shots, plan.seeds)}
         outside = grid_tests(plan, out, report, in_table, ways, shots)
         tested_outside |= plan.test_on_finish or outside
@@ -214,6 +257,30 @@ def build_results(plan: BenchPlan, out: Path, progress: bool = True) -> dict[str
     return {"format": "metasam.bench.results", "version": 1, "command": plan.command(out),
             "selection_rule": f"{SELECTION_RULE} {TESTED[tested_outside]}", "tested_outside_table": tested_outside,
             "reference": plan.reference, "seeds": plan.seeds, "plan": plan.to_json(), "settings": settings}
+
+
+def check_selected(plan: BenchPlan, report: dict[str, Any], ways: int, shots: int) -> None:
+    """Refuse a table where an algorithm has no point to choose: every point of its grid has a diverged run."""
+    for algo, grid in report.items():
+        if grid["selected"] is None:
+            shown = "; ".join(f"{p['name'] or algo}: seed {seed} at iteration {stop['iteration']}"
+                              for p in grid["points"] for seed, stop in list(p["diverged"].items())[:1])
+            raise ConfigError(f"every grid point of {algo} ({ways}w{shots}s) has a run that diverged ({shown}), so there "
+                              "is no point to choose; run the bench again in another --out with smaller values in its "
+                              "grid (or a smaller --inner-lr or --outer-lr)")
+
+
+def diverged_row(plan: BenchPlan, out: Path, method: Method, stops: dict[int, dict[str, Any]], ways: int,
+                 shots: int) -> dict[str, Any]:
+    """The row of a method (a control: a chosen point has no diverged run) one of whose runs diverged: where,
+    and no test numbers (its runs are not tested; the table says why)."""
+    cells = method.cells(ways, shots, plan.seeds)
+    cfg = MetaTrainConfig.load(out / cells[0].folder)
+    numbers = dict.fromkeys(("val_acc", "test_acc", "test_acc_mean", "test_acc_t95", "pooled_mean", "pooled_ci95",
+                             "paired_diff", "paired_t95", "paired_diff_per_seed", "test_tasks", "task_accuracies"))
+    return {"name": method.name, "control": method.control, "algo": method.algo, "point": dict(method.point),
+            "test_rule": method.test_rule or cfg.test_rule, "val_view": cfg.val_view, "runs": [str(c.folder) for c in cells],
+            "seeds": plan.seeds, "diverged": _stops(stops), **numbers}
 
 
 def grid_tests(plan: BenchPlan, out: Path, report: dict[str, Any], in_table: set[Cell], ways: int, shots: int) -> bool:
@@ -256,7 +323,7 @@ def method_numbers(plan: BenchPlan, out: Path, method: Method, tested: list[dict
         "pooled_mean": pooled, "pooled_ci95": pooled_ci,
         "paired_diff": diff, "paired_t95": diff_t95, "paired_diff_per_seed": diff_per_seed,
         "test_tasks": {k: tested[0][k] for k in SAME_TASKS},
-        "task_accuracies": [r["task_accuracies"] for r in tested],
+        "task_accuracies": [r["task_accuracies"] for r in tested], "diverged": {},
     })
 
 

@@ -22,7 +22,15 @@ from metasam.checkpoint import config_differences
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError, RunFolderInUse
 from metasam.train.bench.plan import BenchPlan, Cell, test_rules
 from metasam.train.bench.report import plot, render_markdown
-from metasam.train.bench.results import build_results, control_cells, fully_tested, summary_of, test_result
+from metasam.train.bench.results import (
+    build_results,
+    control_cells,
+    divergence_of,
+    fully_tested,
+    has_ended,
+    summary_of,
+    test_result,
+)
 from metasam.train.config import MetaTrainConfig, check_device
 from metasam.train.distributed import launched_as, main_process
 from metasam.train.meta import MetaTrainer
@@ -41,14 +49,14 @@ def run_bench(plan: BenchPlan, out: str | Path, shard: tuple[int, int] | None = 
     configs = _prepare(plan, out)
     cells = list(configs)
     check_testable(plan, out, _share(cells, shard))
-    trained = [c for c in _share(cells, shard) if finish_cell(plan, out, c, configs[c], f"{len(cells)} grid cells", progress)]
+    trained = [c for c in _share(cells, shard) if _finish_or_record(plan, out, c, configs[c], f"{len(cells)} grid cells", progress)]
     waiting: list[Cell] = []
     if plan.controls:
         controls, waiting = control_cells(plan, out)
         controls = [c for c in controls if c not in configs]  # a grid cell a control reuses is trained above
         check_testable(plan, out, _share(controls, shard))
         trained += [c for c in _share(controls, shard)
-                    if finish_cell(plan, out, c, plan.config(c), f"{len(controls)} control cells", progress)]
+                    if _finish_or_record(plan, out, c, plan.config(c), f"{len(controls)} control cells", progress)]
     if shard is not None:
         return {"trained": trained, "waiting": waiting}
     return merge(plan, out, progress)
@@ -61,9 +69,10 @@ def run_worker(plan: BenchPlan, out: str | Path, progress: bool = True, poll_s: 
     (:class:`~metasam.train.run_folder.RunLock`) for its training and test; a busy one is passed over, and when
     the only cells left are busy the worker checks again every ``poll_s`` seconds: N workers keep N cores busy to
     the end however long each cell takes, where ``--shard I/N`` fixes each process's share in advance. A cell whose
-    training diverges (:class:`NonFiniteError`, named on stderr) is left and the worker goes on, as it does past a
-    test that diverges (:func:`finish_cell`). Returns ``{"trained": the cells this process trained, "diverged": the
-    cells it left}``; writes no results (:func:`merge` does). One process each: not under torchrun."""
+    training diverges (:class:`NonFiniteError`, named on stderr) is an outcome (:func:`_finish_or_record`), and the
+    worker goes on, as it does past a test that diverges (:func:`finish_cell`). Returns ``{"trained": the cells this
+    process trained, "diverged": those of them that diverged}``; writes no results (:func:`merge` does). One process
+    each: not under torchrun."""
     if launched_as()[1] > 1:
         raise ConfigError("--worker shares the cells between independent processes; under torchrun, run the bench "
                           "without it (or with --shard), or start N workers without torchrun")
@@ -71,7 +80,7 @@ def run_worker(plan: BenchPlan, out: str | Path, progress: bool = True, poll_s: 
     configs = _prepare(plan, out)
     check_testable(plan, out, list(configs))
     trained: list[Cell] = []
-    seen: set[Cell] = set()  # the cells this worker saw through (done, or diverged)
+    seen: set[Cell] = set()  # the cells this worker saw through (done, diverged, or a test that diverged)
     diverged: list[Cell] = []
     waiting_for = None
     while True:
@@ -90,12 +99,11 @@ def run_worker(plan: BenchPlan, out: str | Path, progress: bool = True, poll_s: 
                 continue  # another process trains (or tests) it
             try:
                 of = f"{len(configs)} grid cells" if cell in configs else f"{len(controls)} control cells"
-                if not _is_done(plan, out, cell, todo[cell]) and finish_cell(  # not done by another since `left`
+                if not _is_done(plan, out, cell, todo[cell]) and _finish_or_record(  # not done by another since `left`
                         plan, out, cell, todo[cell], of, progress):
                     trained.append(cell)
-            except NonFiniteError as exc:  # the other cells go on
-                print(f"metasam bench: {out / cell.folder} diverged: {exc}", file=sys.stderr)
-                diverged.append(cell)
+                    if divergence_of(out / cell.folder) is not None:
+                        diverged.append(cell)
             finally:
                 lock.release()
             seen.add(cell)
@@ -118,13 +126,13 @@ def _prepare(plan: BenchPlan, out: Path) -> dict[Cell, MetaTrainConfig]:
 
 
 def _is_done(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConfig) -> bool:
-    """Whether ``cell`` is finished (with ``cfg``: :func:`check_trained_with`) and, with ``plan.test_on_finish``,
-    tested by every test rule it needs."""
+    """Whether ``cell`` diverged or is finished (with ``cfg``: :func:`check_trained_with`) and, with
+    ``plan.test_on_finish``, tested by every test rule it needs."""
     run = out / cell.folder
-    if summary_of(run) is None:
+    if not has_ended(run):
         return False
     check_trained_with(run, cfg)
-    return not plan.test_on_finish or fully_tested(plan, out, cell, cfg)
+    return summary_of(run) is None or not plan.test_on_finish or fully_tested(plan, out, cell, cfg)
 
 
 def merge(plan: BenchPlan, out: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -144,10 +152,11 @@ def _share(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
 
 
 def train_cell(out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: bool) -> bool:
-    """Train ``cell`` to the end (a new run, or resumed from its last.pt); a finished one is left alone once its
-    config.json is checked to be ``cfg``. Returns whether it trained."""
+    """Train ``cell`` to the end (a new run, or resumed from its last.pt); a finished or diverged one
+    (:func:`~metasam.train.bench.results.divergence_of`) is left alone once its config.json is checked to be
+    ``cfg``. Returns whether it trained."""
     run = out / cell.folder
-    if summary_of(run) is not None:
+    if has_ended(run):
         check_trained_with(run, cfg)
         return False
     if main_process():
@@ -178,9 +187,9 @@ def finish_cell(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConfig, of
     evaluations are there: best.pt on the bench's fixed test TaskSet, adapted by the run's own test rule and, where
     its inner rule is not plain gradient descent, by the other one too (what a test-time control would need). The
     run folder then holds all a merge needs, even once its checkpoints are deleted; the selection still reads
-    validation accuracy only. Returns whether it trained."""
+    validation accuracy only. A diverged run (trained before) is not tested. Returns whether it trained."""
     trained = train_cell(out, cell, cfg, of, progress)
-    if plan.test_on_finish:
+    if plan.test_on_finish and divergence_of(out / cell.folder) is None:
         for rule in test_rules(cfg):
             try:
                 test_result(plan, out, cell, rule, progress)
@@ -188,6 +197,22 @@ def finish_cell(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConfig, of
                 if main_process():
                     print(f"metasam bench: {out / cell.folder} not tested: {exc}", file=sys.stderr)
     return trained
+
+
+def _finish_or_record(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: bool) -> bool:
+    """:func:`finish_cell`, where a training that stops on a NaN/Inf step is an outcome of the cell, not an error:
+    its run folder records where (:func:`~metasam.train.bench.results.divergence_of`), the table marks it (a grid
+    point with a diverged run is not chosen; a control's row says it diverged), the bench goes on and never trains
+    it again. Returns whether it trained (diverged included)."""
+    try:
+        return finish_cell(plan, out, cell, cfg, of, progress)
+    except NonFiniteError as exc:
+        if divergence_of(out / cell.folder) is None:  # not the stop of a training step: an error
+            raise
+        if main_process():
+            print(f"metasam bench: {out / cell.folder} diverged, an outcome the table marks (to train it again, delete "
+                  f"its folder and rerun): {exc}", file=sys.stderr)
+        return True
 
 
 def check_testable(plan: BenchPlan, out: Path, cells: list[Cell]) -> None:
