@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-TF32_HELP = ("let CUDA convolutions and matrix products use TF32 tensor cores (faster on Ampere and later, about "
-             "1e-3 relative error per product); default: full float32, as on the CPU")
+TF32_HELP = ("let CUDA convolutions and matrix products use TF32 tensor cores (10-bit mantissa: a rounding of up to "
+             "about 5e-4 relative per operand; meant to be faster on Ampere and later, not measured here); default: "
+             "full float32, as on the CPU")
 """The ``--tf32`` help of every command that trains."""
 
 
