@@ -127,6 +127,13 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait until every process of the torchrun job gets here (nothing outside torchrun): after rank 0 alone
+    wrote a file that the others read next."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _destroy() -> None:
     """At exit after an error (no barrier: the other processes may never reach one; torchrun stops them)."""
     if dist.is_initialized():

@@ -260,7 +260,7 @@ def test_a_diverged_run_is_an_outcome_the_table_marks_and_no_command_trains_it_a
     assert not any(p.name.startswith("eval_") for d in diverged for p in (out / d).iterdir())  # never tested
     md = (out / "results.md").read_text()
     assert ("| control: agnostic-sam with β = 0 | inner_beta=0.0,inner_rho1=0.01,inner_rho2=0.005 | – | diverged (seed 0 "
-            "at iteration 2, seed 1 at iteration 2): not tested | – | – | – |") in md
+            "at iteration 2, seed 1 at iteration 2): no numbers | – | – | – |") in md
     assert "| maml | inner_lr=1e+30 | diverged at iteration 1, diverged at iteration 1 | diverged: not chosen |  |" in md
     assert "diverged at iteration 2 | diverged: not chosen |  |" in md.split("| agnostic-sam | inner_rho1=0.05,")[1].splitlines()[0]
 
@@ -579,6 +579,23 @@ def test_a_bench_refuses_to_train_again_a_cell_whose_last_checkpoint_is_gone(gri
     assert announced.startswith("metasam bench: 3w1s/maml/inner_lr=0.4/seed1 (one of 8 grid cells)")
     assert line == (f"metasam bench: error: {cell} has no last.pt but has best.pt, metrics.jsonl: its last.pt was moved "
                     "or deleted; put it back to continue the run, or delete the folder to train it again")
+    assert contents(out) == kept
+
+
+def test_a_bench_resumes_a_cell_only_with_the_settings_it_gives_it(grid, tmp_path, capsys):
+    """A diverged cell resumed by hand with --skip-nonfinite and stopped before its end holds the config.json that
+    resume wrote and no stop record: the bench must refuse it, not continue it under its own settings (the run
+    would then finish past a skipped NaN step, and its point could be chosen)."""
+    out = tmp_path / "out"
+    shutil.copytree(grid[0], out)
+    cell = out / "3w1s/maml/inner_lr=0.4/seed1"
+    (cell / "train_summary.json").unlink()  # stopped before its end
+    config = json.loads((cell / "config.json").read_text())
+    (cell / "config.json").write_text(json.dumps({**config, "skip_nonfinite": 1}, indent=2))
+    kept = contents(out)
+    assert bench(out) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"metasam bench: error: {cell} was trained with other settings than this bench gives it (skip_nonfinite")
     assert contents(out) == kept
 
 

@@ -56,7 +56,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             name = m["name"] + ("" if m["val_view"] == "support" else f" (val view: {m['val_view']}, not the paper's)")
             if m["diverged"]:
                 lines.append(f"| {'control: ' if m['control'] else ''}{name} | {point_name(m['point']) or '–'} | – "
-                             f"| diverged ({_where(m['diverged'])}): not tested | – | – | – |")
+                             f"| diverged ({_where(m['diverged'])}): no numbers | – | – | – |")
                 continue
             is_ref = m["name"] == ref and not m["control"]
             delta = "reference" if is_ref else f"{100 * m['paired_diff']:+.2f} ± {_pct(m['paired_t95'])}"
@@ -67,7 +67,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         edge_notes = [f"{algo}: {note}" for algo, grid in setting["grids"].items() for note in grid["edges"]]
         if any(m["diverged"] for m in setting["methods"]):
             lines += ["", "**Diverged:** a row marked *diverged* is a control one of whose runs stopped on a NaN or Inf "
-                      "training step; its runs are not tested, and the row has no numbers."]
+                      "training step: a mean over seeds needs every seed, so the row has no numbers, and the merge tests "
+                      "none of its runs."]
         if edge_notes:
             lines += ["", "**Selected at the edge of its grid** (the best value may lie outside it): " + "; ".join(edge_notes) + "."]
         lines += ["", *_grid_table(setting, results["tested_outside_table"]), ""]

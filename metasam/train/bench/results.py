@@ -254,7 +254,7 @@ def build_results(plan: BenchPlan, out: Path, progress: bool = True) -> dict[str
         outside = grid_tests(plan, out, report, in_table, ways, shots)
         tested_outside |= plan.test_on_finish or outside
         settings.append({"ways": ways, "shots": shots, "grids": report, "methods": numbers})
-    return {"format": "metasam.bench.results", "version": 1, "command": plan.command(out),
+    return {"format": "metasam.bench.results", "version": 2, "command": plan.command(out),
             "selection_rule": f"{SELECTION_RULE} {TESTED[tested_outside]}", "tested_outside_table": tested_outside,
             "reference": plan.reference, "seeds": plan.seeds, "plan": plan.to_json(), "settings": settings}
 
@@ -273,7 +273,7 @@ def check_selected(plan: BenchPlan, report: dict[str, Any], ways: int, shots: in
 def diverged_row(plan: BenchPlan, out: Path, method: Method, stops: dict[int, dict[str, Any]], ways: int,
                  shots: int) -> dict[str, Any]:
     """The row of a method (a control: a chosen point has no diverged run) one of whose runs diverged: where,
-    and no test numbers (its runs are not tested; the table says why)."""
+    and no test numbers (a mean over seeds needs every seed; none of its runs is tested here)."""
     cells = method.cells(ways, shots, plan.seeds)
     cfg = MetaTrainConfig.load(out / cells[0].folder)
     numbers = dict.fromkeys(("val_acc", "test_acc", "test_acc_mean", "test_acc_t95", "pooled_mean", "pooled_ci95",

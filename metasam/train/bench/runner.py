@@ -32,7 +32,7 @@ from metasam.train.bench.results import (
     test_result,
 )
 from metasam.train.config import MetaTrainConfig, check_device
-from metasam.train.distributed import launched_as, main_process
+from metasam.train.distributed import barrier, launched_as, main_process
 from metasam.train.meta import MetaTrainer
 from metasam.train.run_folder import RunLock, check_restartable, is_run_dir
 
@@ -153,11 +153,14 @@ def _share(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
 
 def train_cell(out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: bool) -> bool:
     """Train ``cell`` to the end (a new run, or resumed from its last.pt); a finished or diverged one
-    (:func:`~metasam.train.bench.results.divergence_of`) is left alone once its config.json is checked to be
-    ``cfg``. Returns whether it trained."""
+    (:func:`~metasam.train.bench.results.divergence_of`) is left alone. A run's config.json, where there is one,
+    must be ``cfg`` (:func:`check_trained_with`): a run resumed by hand with other settings (say ``--skip-nonfinite``
+    past the step where it diverged) and stopped is refused, not continued under the bench's. Returns whether it
+    trained."""
     run = out / cell.folder
-    if has_ended(run):
+    if (run / "config.json").exists():
         check_trained_with(run, cfg)
+    if has_ended(run):
         return False
     if main_process():
         print(f"metasam bench: {cell.folder} (one of {of})", file=sys.stderr)
@@ -175,7 +178,7 @@ def train_cell(out: Path, cell: Cell, cfg: MetaTrainConfig, of: str, progress: b
 
 
 def check_trained_with(run: Path, cfg: MetaTrainConfig) -> None:
-    """Refuse a finished cell whose config.json is not ``cfg``, what the bench gives it."""
+    """Refuse a cell whose config.json is not ``cfg``, what the bench gives it."""
     saved, wanted = MetaTrainConfig.load(run).to_dict(), cfg.to_dict()
     if saved != wanted:
         raise ConfigError(f"{run} was trained with other settings than this bench gives it ({config_differences(saved, wanted)}); "
@@ -207,6 +210,7 @@ def _finish_or_record(plan: BenchPlan, out: Path, cell: Cell, cfg: MetaTrainConf
     try:
         return finish_cell(plan, out, cell, cfg, of, progress)
     except NonFiniteError as exc:
+        barrier()  # under torchrun every process stops at the same step, and rank 0 alone writes where
         if divergence_of(out / cell.folder) is None:  # not the stop of a training step: an error
             raise
         if main_process():
