@@ -1,6 +1,7 @@
 """``metasam train`` under torchrun: 2 gloo processes on loopback reach the weights of one process, write one run.
 
-This file is also the program the processes of the stop, resume and evaluate tests run (``__main__`` at the end).
+This file is also the program the processes of the stop, resume and evaluate tests, and of the diverging bench
+test, run (``__main__`` at the end).
 
 One caveat shapes the weight comparisons: Conv4's convolutions have biases that feed a batch norm, which
 cancels them, so their meta-gradient is 0 in exact arithmetic and rounding noise in practice; Adam scales
@@ -16,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -199,7 +201,37 @@ def test_launch_settings_that_cannot_work_are_refused_before_any_process_group(m
     assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
 
 
+def diverging_bench(out: Path) -> int:
+    """Each process: a bench whose second maml point (α = 1e30) diverges at its first step, with rank 0 writing
+    the stop record 2 s late: the other process must wait for it, not take the stop for an error."""
+    if os.environ["RANK"] == "0":
+        log = MetaTrainer._log
+
+        def late_log(trainer, record):
+            if record.get("stopped"):
+                time.sleep(2)
+            log(trainer, record)
+
+        MetaTrainer._log = late_log
+    return main(["bench", "--dataset", "glyphs", "--settings", "3w1s", "--queries", "2", "--meta-batch", "2",
+                 "--iterations", "2", "--val-every", "2", "--val-tasks", "3", "--test-inner-steps", "1", "--episodes",
+                 "12", "--seeds", "0", "--algos", "maml", "--grid", "maml:inner_lr=0.4,1e30", "--no-progress",
+                 "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_a_bench_under_torchrun_records_a_diverged_cell_on_every_process(tmp_path):
+    out = tmp_path / "bench"
+    done = torchrun(__file__, "diverging-bench", "--out", str(out))
+    maml = json.loads((out / "results.json").read_text())["settings"][0]["grids"]["maml"]
+    assert maml["selected"] == 0 and maml["points"][1]["diverged"] == {"0": {"iteration": 1, "nonfinite": "query loss"}}
+    assert done.stderr.count("3w1s/maml/inner_lr=1e+30/seed0 diverged, an outcome the table marks") == 1  # rank 0's
+    assert done.stdout.count("Reproduce from nothing") == 1  # rank 0 prints the table
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "diverging-bench":
+        sys.exit(diverging_bench(Path(sys.argv[3])))
     stop_resume_evaluate(Path(sys.argv[1]))
     leave()  # as metasam's commands end under torchrun: together, after a barrier
 
