@@ -54,14 +54,15 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"| Δ vs {ref} ± 95 % (paired) | test per seed |", "| --- " * 7 + "|"]
         for m in setting["methods"]:
             name = m["name"] + ("" if m["val_view"] == "support" else f" (val view: {m['val_view']}, not the paper's)")
+            name = ("control: " if m["control"] else "") + name
             if m["diverged"]:
-                lines.append(f"| {'control: ' if m['control'] else ''}{name} | {point_name(m['point']) or '–'} | – "
+                lines.append(f"| {name} | {point_name(m['point']) or '–'} | – "
                              f"| diverged ({_where(m['diverged'])}): no numbers | – | – | – |")
                 continue
             is_ref = m["name"] == ref and not m["control"]
             delta = "reference" if is_ref else f"{100 * m['paired_diff']:+.2f} ± {_pct(m['paired_t95'])}"
             val = sum(m["val_acc"]) / len(m["val_acc"])
-            lines.append(f"| {'control: ' if m['control'] else ''}{name} | {point_name(m['point']) or '–'} | {_pct(val)} "
+            lines.append(f"| {name} | {point_name(m['point']) or '–'} | {_pct(val)} "
                          f"| {_interval(m['test_acc_mean'], m['test_acc_t95'])} | {_pct(m['pooled_mean'])} ± {_pct(m['pooled_ci95'])} "
                          f"| {delta} | {', '.join(_pct(a) for a in m['test_acc'])} |")
         edge_notes = [f"{algo}: {note}" for algo, grid in setting["grids"].items() for note in grid["edges"]]

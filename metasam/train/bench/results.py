@@ -77,10 +77,10 @@ def select(plan: BenchPlan, out: Path, ways: int, shots: int) -> tuple[dict[str,
         for method in (m for m in plan.methods() if m.algo == algo):
             val, diverged = {}, {}
             for cell in method.cells(ways, shots, plan.seeds):
-                summary, stop = summary_of(out / cell.folder), divergence_of(out / cell.folder)
+                summary = summary_of(out / cell.folder)
                 if summary is not None:
                     val[cell.seed] = summary["best_val_acc"]
-                elif stop is not None:
+                elif (stop := divergence_of(out / cell.folder)) is not None:
                     diverged[cell.seed] = stop
                 else:
                     missing.append(cell)
@@ -243,8 +243,8 @@ def build_results(plan: BenchPlan, out: Path, progress: bool = True) -> dict[str
         selected, report, _ = select(plan, out, ways, shots)
         check_selected(plan, report, ways, shots)
         rows = methods_of(plan, selected, ways, shots)
-        stops = {m: {c.seed: divergence_of(out / c.folder) for c in m.cells(ways, shots, plan.seeds)} for m in rows}
-        stops = {m: {seed: stop for seed, stop in by_seed.items() if stop is not None} for m, by_seed in stops.items()}
+        stops = {m: {c.seed: stop for c in m.cells(ways, shots, plan.seeds) if (stop := divergence_of(out / c.folder))}
+                 for m in rows}
         tested = {m: [test_result(plan, out, c, m.test_rule, progress) for c in m.cells(ways, shots, plan.seeds)]
                   for m in rows if not stops[m]}
         reference = tested[selected[plan.reference]]
