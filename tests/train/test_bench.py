@@ -22,6 +22,7 @@ import torch
 from metasam.cli.main import main
 from metasam.errors import NonFiniteError
 from metasam.train.bench import runner
+from metasam.train.bench.results import ROW_NUMBERS
 from metasam.train.evaluation import evaluate_run
 from metasam.train.meta import MetaTrainer
 
@@ -256,6 +257,8 @@ def test_a_diverged_run_is_an_outcome_the_table_marks_and_no_command_trains_it_a
     control = rows(results)["agnostic-sam with β = 0"]
     assert control["diverged"] == {s: {"iteration": 2, "nonfinite": "query loss"} for s in ("0", "1")}
     assert control["test_acc_mean"] is None and control["paired_diff"] is None
+    assert [k for k, v in control.items() if v is None] == list(ROW_NUMBERS)  # every number null, and the same keys:
+    assert all(list(m) == list(control) for m in rows(results).values())  # a diverged row is shaped like the others
     assert all(m["test_acc_mean"] is not None and m["diverged"] == {} for name, m in rows(results).items() if m is not control)
     assert not any(p.name.startswith("eval_") for d in diverged for p in (out / d).iterdir())  # never tested
     md = (out / "results.md").read_text()

@@ -34,6 +34,9 @@ TESTED = {
 """What was tested: by whether the bench tests on finish or runs outside the table hold test evaluations."""
 SAME_TASKS = ("test_split", "episodes", "seed", "ways", "shots")
 """What fixes a test TaskSet: two evaluations that agree on these (and the dataset) scored the same tasks."""
+ROW_NUMBERS = ("val_acc", "test_acc", "test_acc_mean", "test_acc_t95", "pooled_mean", "pooled_ci95", "paired_diff",
+               "paired_t95", "paired_diff_per_seed", "test_tasks", "task_accuracies")
+"""The numbers of a table's row (:func:`method_numbers`): null in the row of a method with a diverged run."""
 
 
 def summary_of(run: Path) -> dict[str, Any] | None:
@@ -274,13 +277,9 @@ def diverged_row(plan: BenchPlan, out: Path, method: Method, stops: dict[int, di
                  shots: int) -> dict[str, Any]:
     """The row of a method (a control: a chosen point has no diverged run) one of whose runs diverged: where,
     and no test numbers (a mean over seeds needs every seed; none of its runs is tested here)."""
-    cells = method.cells(ways, shots, plan.seeds)
-    cfg = MetaTrainConfig.load(out / cells[0].folder)
-    numbers = dict.fromkeys(("val_acc", "test_acc", "test_acc_mean", "test_acc_t95", "pooled_mean", "pooled_ci95",
-                             "paired_diff", "paired_t95", "paired_diff_per_seed", "test_tasks", "task_accuracies"))
-    return {"name": method.name, "control": method.control, "algo": method.algo, "point": dict(method.point),
-            "test_rule": method.test_rule or cfg.test_rule, "val_view": cfg.val_view, "runs": [str(c.folder) for c in cells],
-            "seeds": plan.seeds, "diverged": _stops(stops), **numbers}
+    cfg = MetaTrainConfig.load(out / method.cells(ways, shots, plan.seeds)[0].folder)
+    return {**_row_head(plan, method, method.test_rule or cfg.test_rule, cfg.val_view, ways, shots),
+            **dict.fromkeys(ROW_NUMBERS), "diverged": _stops(stops)}
 
 
 def grid_tests(plan: BenchPlan, out: Path, report: dict[str, Any], in_table: set[Cell], ways: int, shots: int) -> bool:
@@ -315,16 +314,23 @@ def method_numbers(plan: BenchPlan, out: Path, method: Method, tested: list[dict
                                                       [r["task_accuracies"] for r in reference])
     cells = method.cells(ways, shots, plan.seeds)
     cfg = MetaTrainConfig.load(out / cells[0].folder)
-    return _finite({
-        "name": method.name, "control": method.control, "algo": method.algo, "point": dict(method.point),
-        "test_rule": tested[0]["test_rule"], "val_view": cfg.val_view, "runs": [str(c.folder) for c in cells],
-        "seeds": plan.seeds, "val_acc": [summary_of(out / c.folder)["best_val_acc"] for c in cells],
+    numbers = {
+        "val_acc": [summary_of(out / c.folder)["best_val_acc"] for c in cells],
         "test_acc": per_seed, "test_acc_mean": mean, "test_acc_t95": t95,
         "pooled_mean": pooled, "pooled_ci95": pooled_ci,
         "paired_diff": diff, "paired_t95": diff_t95, "paired_diff_per_seed": diff_per_seed,
         "test_tasks": {k: tested[0][k] for k in SAME_TASKS},
-        "task_accuracies": [r["task_accuracies"] for r in tested], "diverged": {},
-    })
+        "task_accuracies": [r["task_accuracies"] for r in tested],
+    }
+    return _finite({**_row_head(plan, method, tested[0]["test_rule"], cfg.val_view, ways, shots), **numbers,
+                    "diverged": {}})
+
+
+def _row_head(plan: BenchPlan, method: Method, test_rule: str, val_view: str, ways: int, shots: int) -> dict[str, Any]:
+    """What names a row, whether or not its runs have numbers."""
+    return {"name": method.name, "control": method.control, "algo": method.algo, "point": dict(method.point),
+            "test_rule": test_rule, "val_view": val_view, "runs": [str(c.folder) for c in method.cells(ways, shots, plan.seeds)],
+            "seeds": plan.seeds}
 
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:
