@@ -65,8 +65,11 @@ def assert_close(got, expected, what):
 class Reference:
     """The optimizers' steps from the equations, over parameters ``active`` (those with a gradient) only."""
 
-    def __init__(self, theta, kind, rho, adaptive, scaled=None):
+    def __init__(self, theta, kind, rho, adaptive, scaled=None, clip=None):
+        """``clip``: the training gradients g_S and g* are clipped to that global norm (torch's
+        clip_grad_norm_: g · min(1, c / (‖g‖ + 1e-6))), as a closure that clips after its backward does."""
         self.theta, self.kind, self.rho, self.adaptive, self.scaled = theta, kind, rho, adaptive, scaled
+        self.clip = clip
         self.m = [None] * len(theta)
         self.buf = [None] * len(theta)
 
@@ -86,7 +89,7 @@ class Reference:
 
             return f
 
-        g_s = ref.grad(loss_fn(train), at, create_graph=False)
+        g_s = self.clipped(ref.grad(loss_fn(train), at, create_graph=False))
         if self.kind == "sam":
             eps = ref.ascent(at, g_s, self.rho[0], self.adaptive, ETA, scaled)
         else:
@@ -95,10 +98,16 @@ class Reference:
             for i, mi in zip(idx, m):
                 self.m[i] = mi
             eps = ref.agnostic_eps(at, g_s, m, *self.rho, self.adaptive, ETA, scaled)
-        g_star = ref.grad(loss_fn(train), [a + e for a, e in zip(at, eps)], create_graph=False)
+        g_star = self.clipped(ref.grad(loss_fn(train), [a + e for a, e in zip(at, eps)], create_graph=False))
         new, buf = ref.sgd(at, g_star, [self.buf[i] for i in idx], LR, MU, WD)
         for i, t, b in zip(idx, new, buf):
             self.theta[i], self.buf[i] = t.detach(), b.detach()
+
+
+    def clipped(self, g):
+        if self.clip is None:
+            return g
+        return [gi * min(1.0, self.clip / (float(ref.norm(g)) + 1e-6)) for gi in g]
 
 
 def grad_or_zero(loss_fn, at):
