@@ -127,8 +127,8 @@ CASES = {  # name: (kind, radii, adaptive, asam_scope)
 }
 
 
-def make(model, kind, radii, adaptive, scope):
-    base = dict(lr=LR, momentum=MU, weight_decay=WD, adaptive=adaptive, eta=ETA, asam_scope=scope, model=model)
+def make(model, kind, radii, adaptive, scope, **extra):
+    base = dict(lr=LR, momentum=MU, weight_decay=WD, adaptive=adaptive, eta=ETA, asam_scope=scope, model=model, **extra)
     if kind == "sam":
         return SAM(model.parameters(), torch.optim.SGD, rho=radii[0], **base)
     return AgnosticSAM(model.parameters(), torch.optim.SGD, rho1=radii[0], rho2=radii[1], beta=BETA, **base)

@@ -42,6 +42,8 @@ class AgnosticSAM(SharpnessOptimizer):
             loops): each step draws the next batch of the iterable ``val_batches`` (a DataLoader over the
             training set, say; iterated again when it ends) and runs ``val_loss(batch)``, which returns the
             loss of B_V (no backward). A ``val_closure`` given to :meth:`step` takes precedence.
+        grad_scaler: as for :class:`SAM`; both closures backpropagate ``scaler.scale(loss)``, g_V is unscaled
+            before it enters m, and an overflow in g_S, g_V or g* skips the step (m unchanged).
         Other arguments as for :class:`SAM`.
 
     ``step(closure, val_closure)`` returns the training loss at θ. ``last_stats`` holds
@@ -62,6 +64,7 @@ class AgnosticSAM(SharpnessOptimizer):
         model: nn.Module | None = None,
         val_batches: Iterable[Any] | None = None,
         val_loss: Callable[[Any], Tensor] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         **base_kwargs: Any,
     ) -> None:
         if (val_batches is None) != (val_loss is None):
@@ -76,7 +79,7 @@ class AgnosticSAM(SharpnessOptimizer):
                 "(typically rho2 = rho1 / 2)",
                 stacklevel=2,
             )
-        super().__init__(params, base_optimizer, adaptive, eta, asam_scope, model, base_kwargs)
+        super().__init__(params, base_optimizer, adaptive, eta, asam_scope, model, grad_scaler, base_kwargs)
         self.rho1 = rho1
         self.rho2 = rho2
         self.beta = beta
@@ -109,7 +112,6 @@ class AgnosticSAM(SharpnessOptimizer):
 
         return closure
 
-    @torch.no_grad()
     def first_step(self, val_grads: Sequence[Tensor | None], zero_grad: bool = False) -> list[Tensor]:
         """Move to θ + ε from g_S in ``p.grad`` and g_V given; returns ε.
 
@@ -122,6 +124,11 @@ class AgnosticSAM(SharpnessOptimizer):
         m is kept per parameter: the parameters that have a gradient now are updated (a parameter's
         first gradient starts its m at g_V); the others keep theirs.
         """
+        self._check_explicit_form()
+        return self._perturb(val_grads, zero_grad)
+
+    @torch.no_grad()
+    def _perturb(self, val_grads: Sequence[Tensor | None], zero_grad: bool) -> list[Tensor]:
         all_params = self._param_list()
         if len(val_grads) != len(all_params):
             raise ConfigError(
@@ -149,11 +156,13 @@ class AgnosticSAM(SharpnessOptimizer):
         return perturbation
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """As :meth:`SAM.second_step`; once the base optimizer has stepped, the new m counts."""
-        super().second_step(zero_grad)
-        self.momentum.update(self._pending_momentum)
+    def _descend(self, zero_grad: bool) -> bool:
+        """As the base's; once the base optimizer has stepped, the new m counts (a skipped step drops it)."""
+        stepped = super()._descend(zero_grad)
+        if stepped:
+            self.momentum.update(self._pending_momentum)
         self._pending_momentum = {}
+        return stepped
 
     def step(self, closure: Closure | None = None, val_closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """One Agnostic-SAM step: ``closure`` on B_S, ``val_closure`` on B_V; returns L_{B_S}(θ)."""
@@ -167,14 +176,18 @@ class AgnosticSAM(SharpnessOptimizer):
         with preserve_bn_stats(self.model):
             val_loss = val_closure()
         val_grads = [p.grad for p in params]
+        if self._skip_on_overflow(train_grads) or self._skip_on_overflow(val_grads):
+            return loss
+        self._unscale(train_grads)
+        self._unscale(val_grads)
         for p, g in zip(params, train_grads):
             p.grad = g
-        self.first_step(val_grads, zero_grad=True)
+        self._perturb(val_grads, zero_grad=True)
         if val_loss is not None:
             self.last_stats["val_loss"] = torch.as_tensor(val_loss).detach()
         with preserve_bn_stats(self.model):
             closure()
-        self.second_step()
+        self._descend(zero_grad=False)
         return loss
 
     def _sharpness_state(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class SharpnessOptimizer(Optimizer):
         eta: float,
         asam_scope: str,
         model: nn.Module | None,
+        grad_scaler: torch.amp.GradScaler | None,
         base_kwargs: dict[str, Any],
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
@@ -49,6 +50,9 @@ class SharpnessOptimizer(Optimizer):
         check_nonnegative(eta, "eta", "(ASAM's T = |θ| + η)")
         if asam_scope not in ASAM_SCOPES:
             raise ConfigError(f"asam_scope must be one of {', '.join(ASAM_SCOPES)}, got {asam_scope!r}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ConfigError(f"grad_scaler must be a torch.amp.GradScaler (float16 loss scaling), got "
+                              f"{type(grad_scaler).__name__}")
         super().__init__(params, {})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -59,7 +63,9 @@ class SharpnessOptimizer(Optimizer):
         self.asam_scope = asam_scope
         self._scaled_of = self._asam_scaled_of(model) if adaptive and asam_scope == "weights" else None
         self.model = model
+        self.grad_scaler = grad_scaler
         self.step_count = 0
+        self.skipped_steps = 0
         self.last_stats: dict[str, Tensor] = {}
         self._origin: list[tuple[Tensor, Tensor]] | None = None
 
@@ -98,6 +104,37 @@ class SharpnessOptimizer(Optimizer):
                 "the radius (rho / rho1), or check the loss and the data for NaN/Inf"
             )
 
+    # -- float16 loss scaling (grad_scaler) ----------------------------------------------------
+    def _skip_on_overflow(self, grads: Sequence[Tensor | None]) -> bool:
+        """With ``grad_scaler``: whether ``grads`` (one per parameter, of a scaled loss) hold an Inf or NaN, an
+        overflow of the loss scale. If so the step is skipped, as GradScaler skips it: the gradients go to
+        ``scaler.unscale_``, which records the overflow so that ``scaler.update()`` lowers the scale, and are
+        cleared; the parameters, the base optimizer's state and Agnostic-SAM's m do not change."""
+        if self.grad_scaler is None or _all_finite(grads):
+            return False
+        for p, g in zip(self._param_list(), grads):
+            p.grad = g
+        self.grad_scaler.unscale_(self)
+        self.zero_grad()
+        self.skipped_steps += 1
+        self.last_stats = {}
+        return True
+
+    @torch.no_grad()
+    def _unscale(self, grads: Sequence[Tensor | None]) -> None:
+        """g ← g / s in place, s the scale of ``grad_scaler`` (nothing without one): the gradients of one pass
+        before the scaler's own ``unscale_``, which a step may call once, on g*."""
+        if self.grad_scaler is not None:
+            inverse = 1.0 / self.grad_scaler.get_scale()
+            for g in grads:
+                if g is not None:
+                    g.mul_(inverse)
+
+    def _check_explicit_form(self) -> None:
+        if self.grad_scaler is not None:
+            raise ConfigError(f"grad_scaler= works with {type(self).__name__}.step(closure); in the explicit form "
+                              "(first_step/second_step) leave it out and unscale the gradients yourself")
+
     # -- the two halves of a step -------------------------------------------------------------
     def _ascend(self, params: Sequence[Tensor], perturbation: Sequence[Tensor]) -> None:
         """θ ← θ + ε, remembering θ exactly (θ + ε − ε is not θ in floating point)."""
@@ -106,15 +143,28 @@ class SharpnessOptimizer(Optimizer):
             for p, e in zip(params, perturbation):
                 p.add_(e)
 
-    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Return to θ and take the base optimizer's step with the gradient g* found at θ + ε."""
+        self._check_explicit_form()
+        self._descend(zero_grad)
+
+    @torch.no_grad()
+    def _descend(self, zero_grad: bool) -> bool:
+        """:meth:`second_step`; returns whether the base optimizer stepped (with ``grad_scaler``, not when g*
+        overflowed: θ stays)."""
         if self._origin is None:
             raise ConfigError("second_step() called before first_step(): call first_step() after the first backward")
         for p, origin in self._origin:
             p.copy_(origin)
         self._origin = None
         params, grads = self._params_and_grads()
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self)  # g* ← g*/s; the scaler records whether g* overflowed
+            if not _all_finite(grads):
+                self.skipped_steps += 1
+                self.last_stats = {}
+                self.zero_grad()
+                return False
         perturbed_norm = global_norm(grads)
         self.last_stats["perturbed_grad_norm"] = perturbed_norm
         self._check_finite(perturbed_norm, "perturbed (θ + ε)")
@@ -122,6 +172,7 @@ class SharpnessOptimizer(Optimizer):
         self.step_count += 1
         if zero_grad:
             self.zero_grad()
+        return True
 
     def _require_closure(self, closure: Closure | None, name: str) -> Closure:
         if closure is None:
@@ -160,3 +211,8 @@ class SharpnessOptimizer(Optimizer):
         self.step_count = int(state["step_count"])
 
 
+
+
+def _all_finite(grads: Sequence[Tensor | None]) -> bool:
+    present = [g for g in grads if g is not None]
+    return not present or bool(torch.stack([torch.isfinite(g).all() for g in present]).all())

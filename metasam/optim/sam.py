@@ -52,10 +52,15 @@ class SAM(SharpnessOptimizer):
             ``model``).
         model: the module whose BatchNorm running statistics the perturbed pass must not change;
             give it whenever the model has BatchNorm.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 autocast, whose ``scale(loss)`` the closure
+            backpropagates: each pass's gradient is unscaled before use, and a step whose g or g* overflows
+            is skipped as GradScaler skips one (``skipped_steps`` counts them); call ``scaler.update()``
+            after each ``step`` (not ``scaler.step``). Only with ``step(closure)``.
         **base_kwargs: arguments of ``base_optimizer`` (lr, momentum, weight_decay, ...).
 
     ``step(closure)`` runs the closure at θ and again at θ + ε and returns the loss at θ.
-    ``last_stats`` holds ``grad_norm`` ‖g‖ and ``perturbed_grad_norm`` ‖g*‖ of the last step.
+    ``last_stats`` holds ``grad_norm`` ‖g‖ and ``perturbed_grad_norm`` ‖g*‖ of the last step (empty after a
+    skipped one).
     """
 
     def __init__(
@@ -67,15 +72,20 @@ class SAM(SharpnessOptimizer):
         eta: float = ASAM_ETA,
         asam_scope: str = "all",
         model: nn.Module | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_nonnegative(rho, "rho")
-        super().__init__(params, base_optimizer, adaptive, eta, asam_scope, model, base_kwargs)
+        super().__init__(params, base_optimizer, adaptive, eta, asam_scope, model, grad_scaler, base_kwargs)
         self.rho = rho
 
-    @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> list[Tensor]:
         """Move to θ + ε using the gradients now in ``p.grad``; returns ε (one tensor per such p)."""
+        self._check_explicit_form()
+        return self._perturb(zero_grad)
+
+    @torch.no_grad()
+    def _perturb(self, zero_grad: bool) -> list[Tensor]:
         params, grads = self._params_and_grads()
         norm = global_norm(grads)
         self.last_stats = {"grad_norm": norm}
@@ -91,10 +101,14 @@ class SAM(SharpnessOptimizer):
         closure = self._require_closure(closure, "a closure")
         self.zero_grad()
         loss = closure()
-        self.first_step(zero_grad=True)
+        grads = [p.grad for p in self._param_list()]
+        if self._skip_on_overflow(grads):
+            return loss
+        self._unscale(grads)
+        self._perturb(zero_grad=True)
         with preserve_bn_stats(self.model):
             closure()
-        self.second_step()
+        self._descend(zero_grad=False)
         return loss
 
 
