@@ -144,3 +144,37 @@ def test_cuda_run_killed_resumes_close_to_an_uninterrupted_run_and_evaluates_on_
         assert _relative_distance(got["model"][name], want["model"][name]) <= 1e-3, name
     result = evaluate_run(run, episodes=5, progress=False)  # evaluation runs on the CPU
     assert 0.0 <= result["accuracy"] <= 1.0 and len(result["task_accuracies"]) == 5
+
+
+@cuda
+def test_cuda_sam_with_a_grad_scaler_equals_the_unscaled_run_and_trains_under_float16():
+    """SAM's grad_scaler= on a GPU: with float32 and a power-of-two scale, three steps of a Conv4 equal the run
+    without a scaler (unscaling by a power of two is exact; 1e-5 allows for CUDA's summation order); under
+    float16 autocast, three steps are taken (no overflow at a 2¹⁰ scale) to finite weights. The arithmetic is
+    checked against the float64 reference on the CPU (tests/test_optim_in_a_trainer.py)."""
+    from metasam import SAM
+
+    sx, sy, _, _ = _batch(torch.float32, "cuda")
+    x, y = sx.flatten(0, 1), sy.flatten()
+
+    def train(scale: bool, half: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = Conv4(ways=WAYS).cuda()
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, enabled=scale)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, model=model, grad_scaler=scaler)
+        for _ in range(3):
+            def closure():
+                with torch.autocast("cuda", dtype=torch.float16, enabled=half):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                scaler.scale(loss).backward()
+                return loss
+
+            opt.step(closure)
+            scaler.update()
+        assert opt.step_count == 3 and opt.skipped_steps == 0
+        return [p.detach() for p in model.parameters()]
+
+    plain, scaled = train(False, False), train(True, False)
+    diff = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(plain, scaled)))
+    assert diff <= 1e-5 * torch.sqrt(sum((a**2).sum() for a in plain))
+    assert all(torch.isfinite(p).all() for p in train(True, True))
