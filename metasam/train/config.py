@@ -31,7 +31,10 @@ DEFAULT_SPLITS = {
     "omniglot": ("background", None, "evaluation"),
     "miniimagenet": ("train", "val", "test"),
     "glyphs": ("train", "val", "test"),
+    "folder": ("train", "val", "test"),
 }
+FAMILY = {"glyphs": "omniglot", "folder": "miniimagenet"}
+"""The dataset whose standard settings (STANDARD, image size, filters) a dataset without its own takes."""
 RESUME_OVERRIDES = ("skip_nonfinite", "iterations", "task_threads")
 """Settings ``--resume`` may change: what happens on a failure, how long the run goes on (meta-batch i
 is the same for any number of iterations) and how a step's tasks are spread over threads (rounding only),
@@ -60,7 +63,9 @@ class MetaTrainConfig:
     inner rule's validation view (:mod:`metasam.data.val_views`; "support" is the seed paper's). A field with
     help text is also a flag of ``metasam train`` and ``metasam bench`` (:func:`option`)."""
 
-    dataset: str = option("glyphs", "glyphs is synthetic and offline (rendered from fonts)", choices=tuple(DEFAULT_SPLITS))
+    dataset: str = option("glyphs", "glyphs is synthetic and offline (rendered from fonts); folder is your own images, "
+                          "DATA_ROOT/<split>/<class>/<image> (RGB, 84², MiniImageNet's standard settings; docs/data.md)",
+                          choices=tuple(DEFAULT_SPLITS))
     data_root: str | None = option(None, "folder holding the dataset (default: $METASAM_DATA)")
     ways: int = option(5, "classes per task (N)")
     shots: int = option(1, "support images per class (K)")
@@ -132,7 +137,7 @@ class MetaTrainConfig:
         if self.val_view != "support" and PRESETS[self.algo].inner != "agnostic":
             raise ConfigError(f"--val-view {self.val_view} changes the agnostic inner rule's validation view, and {self.algo}'s "
                               f"inner rule is {PRESETS[self.algo].inner!r}; drop --val-view, or use agnostic-sam(-both)")
-        family = "omniglot" if self.dataset == "glyphs" else self.dataset
+        family = FAMILY.get(self.dataset, self.dataset)
         # the nearest standard setting: Omniglot's 20-way one above 5 ways, MiniImageNet's 5-way one
         lr, steps, test_steps, batch = STANDARD[(family, 20 if family == "omniglot" and self.ways > 5 else 5)]
         if family == "miniimagenet" and self.shots >= 5:
@@ -250,7 +255,7 @@ def _types_of(hint: Any) -> tuple[type, ...]:
     return (float, int) if hint is float else (hint,)
 
 
-CHANNELS = {"omniglot": 1, "glyphs": 1, "miniimagenet": 3}
+CHANNELS = {"omniglot": 1, "glyphs": 1, "miniimagenet": 3, "folder": 3}
 
 
 def check_meta_batch_memory(cfg: MetaTrainConfig, memory: int | None = None) -> None:

@@ -7,13 +7,15 @@ Split grammar (``--train-split`` / ``--val-split`` / ``--test-split``):
 - miniimagenet: ``train`` | ``val`` | ``test`` (Ravi & Larochelle).
 - glyphs (synthetic): ``train`` | ``val`` | ``test``, a seeded 70 / 10 / 20 % split of its characters, or a
   comma list of scripts.
+- folder (your own images): a folder under the data root, ``<root>/<split>/<class>/<image>`` (default ``train``,
+  ``val``, ``test``), read as RGB.
 Without a validation split a seeded tenth of the training classes (by source class, so all rotations
 of a character together) is held out, so checkpoints are never chosen on the test split.
 """
 
 from __future__ import annotations
 
-from metasam.data import FewShotDataset, Glyphs, MiniImageNet, Omniglot, character_split, check_disjoint
+from metasam.data import FewShotDataset, Glyphs, ImageFolderClasses, MiniImageNet, Omniglot, character_split, check_disjoint
 from metasam.data.omniglot import SUBSETS
 from metasam.data._roots import find_root
 from metasam.errors import ConfigError, DatasetError
@@ -59,7 +61,9 @@ def load_split(dataset: str, root: str | None, spec: str, image_size: int) -> Fe
         return MiniImageNet(root, split=spec, image_size=image_size)
     if dataset == "glyphs":
         return _glyphs(spec, image_size)
-    raise ConfigError(f"unknown dataset {dataset!r}; choose omniglot, miniimagenet or glyphs")
+    if dataset == "folder":
+        return ImageFolderClasses(find_root(root, spec, "folder")[0], image_size=image_size, mode="RGB")
+    raise ConfigError(f"unknown dataset {dataset!r}; choose omniglot, miniimagenet, glyphs or folder")
 
 
 def _load_role(role: str, dataset: str, root: str | None, spec: str, image_size: int) -> FewShotDataset:
