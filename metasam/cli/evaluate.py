@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a meta-training run on fixed test tasks",
                        description="Mean accuracy ± 95 % CI of a run's checkpoint on a fixed, seeded set of test tasks; "
                        "also written to RUN_DIR/eval_<checkpoint>_<episodes>_seed<seed>.json (suffixed _<rule>, "
-                       "_steps<K> or _split-<hash> where --test-rule, --test-inner-steps or --test-split differ from the run's).")
+                       "_steps<K> or _split-<hash> where --test-rule, --test-inner-steps or --test-split differ from the run's, "
+                       "and _nontransductive with --non-transductive).")
     p.add_argument("run_dir", help="the run folder")
     add(p, "--episodes", type=int, default=600, help="test tasks")
     add(p, "--seed", type=int, default=1234, help="seed of the test TaskSet (same seed: same tasks)")
@@ -25,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--test-rule", choices=("same", "gd"), default=None,
         help="how the tasks are adapted at test time: same (the run's inner rule) or gd (plain gradient descent, to "
              "tell what a sharpness-aware rule adds at test time from what it adds in training); default: the run's")
+    add(p, "--non-transductive", action="store_true",
+        help="predict each query image in a batch of its own with the support set (Nichol et al. 2018), so that no "
+             "prediction depends on the other queries through BatchNorm's batch statistics; one forward of the "
+             "support set and one image per query, slower. Default: the query set in one batch (transductive, "
+             "MAML's protocol, as in training and validation)")
     add(p, "--json", action="store_true",
         help="print the result (with each task's accuracy) as JSON on stdout, and the summary line on stderr")
     add(p, "--no-progress", action="store_true", help="no progress bar")
@@ -32,12 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run_dir, args.episodes, args.seed, args.checkpoint, args.test_split, args.test_inner_steps,
-                          progress=not args.no_progress, test_rule=args.test_rule)
+                          progress=not args.no_progress, test_rule=args.test_rule,
+                          transductive=not args.non_transductive)
     if not main_process():  # under torchrun, rank 0 reports for all processes
         return 0
     line = (f"{result['algo']}: {100 * result['accuracy']:.2f} % ± {100 * result['ci95']:.2f} "
             f"({result['episodes']} tasks of {result['test_split']}, {result['ways']}-way {result['shots']}-shot, "
-            f"{result['test_inner_steps']} inner steps, test rule {result['test_rule']})")
+            f"{result['test_inner_steps']} inner steps, test rule {result['test_rule']}"
+            f"{'' if result['transductive'] else ', queries one by one (non-transductive)'})")
     if args.json:
         print(f"metasam evaluate: {line}", file=sys.stderr)
         print(json.dumps(result, indent=2))

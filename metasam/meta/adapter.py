@@ -13,7 +13,7 @@ from metasam.data.episodes import TaskBatch
 from metasam.errors import ConfigError
 from metasam.meta.arguments import check_labels
 from metasam.meta.distributed import Reducer
-from metasam.meta.functional import InnerLoop, accuracy, adapt, forward
+from metasam.meta.functional import InnerLoop, accuracy, adapt, forward, forward_each
 from metasam.meta.rules import Rule, make_rule
 from metasam.stats import mean_ci95
 
@@ -85,22 +85,29 @@ class TaskAdapter:
         check_labels(batch, self._outputs)
         return batch
 
-    def task_accuracies(self, tasks, steps: int | None = None, progress: bool = False) -> list[float]:
+    def task_accuracies(self, tasks, steps: int | None = None, progress: bool = False,
+                        transductive: bool = True) -> list[float]:
         """Query accuracy of each task of ``tasks`` (an iterable of tasks or task batches) after
         adaptation with the test rule and steps, in order (for paired comparisons of methods).
+
+        ``transductive``: the query set is predicted in one batch (MAML's protocol: with batch statistics, each
+        prediction depends on the other queries); False predicts each query image in a batch of its own with
+        the support set (:func:`~metasam.meta.functional.forward_each`, Nichol et al. 2018).
 
         With a reducer, each process evaluates items i ≡ rank (mod W) and every process returns the
         gathered list, in the original order: the same numbers as one process."""
         if not self.accuracy:
             raise ConfigError("this learner reports no accuracy (a loss_fn of your own): use task_losses(), or "
                               "pass accuracy=True if argmax(output) == target is meaningful")
-        return self._per_task(tasks, steps, progress, lambda output, y: float(accuracy(output, y)))
+        return self._per_task(tasks, steps, progress, lambda output, y: float(accuracy(output, y)), transductive)
 
-    def task_losses(self, tasks, steps: int | None = None, progress: bool = False) -> list[float]:
+    def task_losses(self, tasks, steps: int | None = None, progress: bool = False,
+                    transductive: bool = True) -> list[float]:
         """The query loss (``loss_fn``) of each task after adaptation, as :meth:`task_accuracies`."""
-        return self._per_task(tasks, steps, progress, lambda output, y: float(self.loss_fn(output, y)))
+        return self._per_task(tasks, steps, progress, lambda output, y: float(self.loss_fn(output, y)), transductive)
 
-    def _per_task(self, tasks, steps: int | None, progress: bool, measure: Callable[[Tensor, Tensor], float]) -> list[float]:
+    def _per_task(self, tasks, steps: int | None, progress: bool, measure: Callable[[Tensor, Tensor], float],
+                  transductive: bool) -> list[float]:
         from tqdm.auto import tqdm
 
         if isinstance(tasks, TaskBatch):  # one batch of tasks, not an iterable of them
@@ -114,8 +121,8 @@ class TaskAdapter:
             if sy.dim() == 1:
                 sx, sy, qx, qy = sx.unsqueeze(0), sy.unsqueeze(0), qx.unsqueeze(0), qy.unsqueeze(0)
             with torch.no_grad():
-                per_item.append([measure(forward(self.model, adapt(self.model, theta, sx[t], sy[t], loop), qx[t]), qy[t])
-                                 for t in range(sx.shape[0])])
+                per_item.append([measure(self._query_logits(adapt(self.model, theta, sx[t], sy[t], loop), sx[t], qx[t],
+                                                            transductive), qy[t]) for t in range(sx.shape[0])])
         if self.reducer is not None:
             per_item = self.reducer.gather(per_item)
         values = [value for item in per_item for value in item]
@@ -123,8 +130,14 @@ class TaskAdapter:
             raise ConfigError("got no tasks to evaluate: pass at least one (a TaskSet, a task, or a task batch)")
         return values
 
-    def evaluate(self, tasks, steps: int | None = None, progress: bool = False) -> tuple[float, float]:
+    def _query_logits(self, phi: dict[str, Tensor], support_x: Tensor, query_x: Tensor, transductive: bool) -> Tensor:
+        if transductive:
+            return forward(self.model, phi, query_x)
+        return forward_each(self.model, phi, support_x, query_x)
+
+    def evaluate(self, tasks, steps: int | None = None, progress: bool = False,
+                 transductive: bool = True) -> tuple[float, float]:
         """Mean query accuracy over ``tasks`` after adaptation and its 95 % confidence half-width
         1.96·sd/√n (see :meth:`task_accuracies`); for a learner without accuracy, the mean query loss."""
         per_task = self.task_accuracies if self.accuracy else self.task_losses
-        return mean_ci95(per_task(tasks, steps, progress))
+        return mean_ci95(per_task(tasks, steps, progress, transductive))

@@ -90,6 +90,14 @@ def forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
     return functional_call(model, {**params, **buffers}, (x,))
 
 
+def forward_each(model: nn.Module, params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
+    """The logits of each query image x_i predicted in a batch of its own with the support set: row i is
+    model([support_x; x_i])[-1]. With batch statistics (BatchNorm), no query's prediction then depends on the
+    other queries: the non-transductive evaluation of Nichol et al. (2018), where :func:`forward` on the whole
+    query set is MAML's transductive one. One forward of |S| + 1 images per query."""
+    return torch.cat([forward(model, params, torch.cat([support_x, x[None]]))[-1:] for x in query_x])
+
+
 def adapt(
     model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor, inner: InnerLoop,
     grad_of: GradMaker | None = None, visit: Callable[[dict[str, Tensor], dict[str, Tensor]], None] | None = None,

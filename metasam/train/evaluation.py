@@ -60,11 +60,12 @@ def refusing_nonfinite_outputs(model: nn.Module, source: str | Path) -> Iterator
 
 def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, which: str = "best",
                  test_split: str | None = None, test_inner_steps: int | None = None, progress: bool = True,
-                 test_rule: str | None = None) -> dict[str, Any]:
+                 test_rule: str | None = None, transductive: bool = True) -> dict[str, Any]:
     """Mean accuracy ± 95 % CI of a run's ``which`` checkpoint on a fixed seeded TaskSet of the test split;
     also written to ``RUN_DIR/eval_<which>_<episodes>_seed<seed>.json``, a name that says which of the run's
-    test settings ``test_split``, ``test_inner_steps`` and ``test_rule`` override (:func:`eval_file_name`). Non-finite
-    weights or logits raise :class:`NonFiniteError`."""
+    test settings ``test_split``, ``test_inner_steps`` and ``test_rule`` override, and whether the queries were
+    predicted one by one (``transductive`` False, :meth:`~metasam.meta.MetaLearner.task_accuracies`;
+    :func:`eval_file_name`). Non-finite weights or logits raise :class:`NonFiniteError`."""
     run_dir = Path(run_dir)
     cfg = MetaTrainConfig.load(run_dir)
     split = test_split or cfg.test_split
@@ -85,25 +86,28 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
     tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
     with refusing_nonfinite_outputs(learner.model, path):
-        accuracies = learner.task_accuracies(tasks, steps=test_inner_steps, progress=progress and procs.is_main)
+        accuracies = learner.task_accuracies(tasks, steps=test_inner_steps, progress=progress and procs.is_main,
+                                             transductive=transductive)
     mean, ci = mean_ci95(accuracies)
     result = {"run": str(run_dir), "checkpoint": which, "algo": cfg.algo, "test_split": split, "episodes": episodes,
               "seed": seed, "ways": cfg.ways, "shots": cfg.shots, "test_inner_steps": test_inner_steps or cfg.test_inner_steps,
-              "test_rule": rule, "best_iteration": ckpt["best_iteration"], "accuracy": mean, "ci95": ci,
+              "test_rule": rule, "transductive": transductive, "best_iteration": ckpt["best_iteration"],
+              "accuracy": mean, "ci95": ci,
               "task_accuracies": accuracies}
     if procs.is_main:
-        name = eval_file_name(which, episodes, seed, cfg, rule, test_inner_steps, split)
+        name = eval_file_name(which, episodes, seed, cfg, rule, test_inner_steps, split, transductive)
         write_text_atomic(json.dumps(result, indent=2), run_dir / name)
     return result
 
 
 def eval_file_name(which: str, episodes: int, seed: int, cfg: MetaTrainConfig, test_rule: str | None = None,
-                   test_inner_steps: int | None = None, test_split: str | None = None) -> str:
+                   test_inner_steps: int | None = None, test_split: str | None = None, transductive: bool = True) -> str:
     """Where :func:`evaluate_run` writes its result in the run folder: ``eval_best_600_seed1234.json`` for the
     run's own test setting. Each override of it adds to the name, before ``.json``: ``_<test_rule>`` for
     another test rule, ``_steps<K>`` for another number of test inner steps, ``_split-<8 hex digits>`` (of the
-    split's SHA-256; the file records the split) for another test split. So evaluations of the same weights
-    under different settings never overwrite one another."""
+    split's SHA-256; the file records the split) for another test split, ``_nontransductive`` for queries
+    predicted one by one. So evaluations of the same weights under different settings never overwrite one
+    another."""
     name = f"eval_{which}_{episodes}_seed{seed}"
     if test_rule is not None and test_rule != cfg.test_rule:
         name += f"_{test_rule}"
@@ -111,4 +115,6 @@ def eval_file_name(which: str, episodes: int, seed: int, cfg: MetaTrainConfig, t
         name += f"_steps{test_inner_steps}"
     if test_split is not None and test_split != cfg.test_split:
         name += f"_split-{hashlib.sha256(test_split.encode()).hexdigest()[:8]}"
+    if not transductive:
+        name += "_nontransductive"
     return name + ".json"
