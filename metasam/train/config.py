@@ -86,8 +86,10 @@ class MetaTrainConfig:
     test_split: str | None = option(None, "split `metasam evaluate` uses (default: evaluation / test)")
     val_every: int = option(100, "iterations between validations (and checkpoints)")
     val_tasks: int = option(100, "tasks of the fixed validation set")
-    image_size: int | None = None
-    hidden: int | None = None
+    image_size: int | None = option(
+        None, "images resized to N×N (default: 28 for Omniglot and glyphs, 84 for MiniImageNet and folder)", metavar="N")
+    hidden: int | None = option(None, "Conv-4's filters per layer (default: 64 for Omniglot and glyphs, 32 for "
+                                "MiniImageNet and folder; ResNet-12's widths are fixed)", metavar="N")
     model: str = option("conv4", "resnet12 is meant for GPUs", choices=("conv4", "resnet12"))
     seed: int = option(0, "seeds the model, the tasks and the validation set")
     device: str = option("cpu", "cpu, cuda, cuda:N or mps")
@@ -153,7 +155,8 @@ class MetaTrainConfig:
         self.train_split = self.train_split or train
         self.val_split = self.val_split if self.val_split is not None else val
         self.test_split = self.test_split if self.test_split is not None else test
-        for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0), ("alignment_every", 0)):
+        for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0), ("alignment_every", 0),
+                          ("image_size", 16), ("hidden", 1)):
             check_int(name, getattr(self, name), low)
         check_task_threads(self.task_threads, "--task-threads")
         check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,

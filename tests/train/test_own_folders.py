@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from metasam.cli.main import main
@@ -49,3 +50,22 @@ def test_a_class_in_two_splits_and_a_missing_split_are_refused_before_anything_i
     err = capsys.readouterr().err
     assert f"--val-split val: ImageFolderClasses: folder {data / 'val'} does not exist" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_image_size_and_the_filters_are_flags_and_checked(tmp_path, capsys):
+    """--image-size and --hidden reach the data and the model (a smaller Conv-4 on 40×40 images of one's own
+    folders); a size four 2×2 poolings cannot take is refused in one line, before anything is written."""
+    data, run = make_folders(tmp_path / "data"), tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data-root", str(data), *TINY, "--image-size", "40", "--hidden", "8",
+                 "--out", str(run)]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["image_size"], cfg["hidden"]) == (40, 8)
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["model"]["kwargs"]["image_size"] == 40
+    weights = checkpoint["learner"]["model"]
+    assert weights["features.0.weight"].shape == (8, 3, 3, 3) and weights["head.weight"].shape == (3, 8 * 2 * 2)
+    capsys.readouterr()
+    assert main(["train", "--dataset", "folder", "--data-root", str(data), *TINY, "--image-size", "8",
+                 "--out", str(tmp_path / "small")]) == 2
+    assert capsys.readouterr().err.strip() == "metasam train: error: --image-size must be an int >= 16, got 8"
+    assert not (tmp_path / "small").exists()
