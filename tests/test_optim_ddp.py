@@ -26,6 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 import reference as ref
 from test_optim_reference import LR, MU, WD, Net, Reference, assert_close, batch, loss_with, make
 
+pytestmark = pytest.mark.slow  # a torchrun of two processes
+
 STEPS = 3
 SCENARIOS = {"sam": ("sam", (0.1,)), "agnostic-sam": ("agnostic", (0.1, 0.04)), "local-sam": ("sam", (0.1,))}
 

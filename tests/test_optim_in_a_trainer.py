@@ -12,7 +12,7 @@ from torch import nn
 
 import reference as ref
 
-from metasam import SAM, ConfigError
+from metasam import SAM, ConfigError, NonFiniteError
 from test_optim_reference import (CASES, Net, Reference, assert_close, assert_identical, batch, loss_with, make,
                                   state_of)
 
@@ -204,11 +204,82 @@ def test_an_overflow_skips_the_step_lowers_the_scale_and_changes_nothing(case, w
     assert opt.step_count == 2
 
 
+def test_the_validation_batches_given_at_construction_are_scaled_too():
+    """AgnosticSAM(val_batches=, val_loss=) with grad_scaler=: the optimizer's own validation closure
+    backpropagates the scaled loss, so g_V (unscaled) and m are the reference's while the scale doubles."""
+    kind, radii, adaptive, scope = CASES["agnostic-sam"]
+    model, scaler = Net(), scaler_of(1)
+    vals = [batch(20 + step, 6) for step in range(3)]
+    opt = make(model, kind, radii, adaptive, scope, grad_scaler=scaler, val_batches=vals,
+               val_loss=lambda b: nn.functional.cross_entropy(model(b[0]), b[1]))
+    reference = Reference([p.detach().clone() for p in model.parameters()], kind, radii, adaptive)
+    for step in range(3):
+        train = batch(10 + step, 12)
+        opt.step(scaled(model, *train, scaler))
+        scaler.update()
+        reference.step(train, vals[step], [True] * 5)
+        assert_close([p.detach() for p in model.parameters()], reference.theta, f"step {step + 1}")
+
+
+def test_clipping_scaled_gradients_at_the_scaled_norm_clips_as_without_a_scaler():
+    """With grad_scaler= the closure's gradients are scaled by s: clipping them at max_norm · s is the reference
+    step clipped at max_norm, to within the 1e-6 clip_grad_norm_ adds to the norm (1e-6 / s instead)."""
+    kind, radii, adaptive, scope = CASES["sam"]
+    model, scaler = Net(), scaler_of(1)
+    opt = make(model, kind, radii, adaptive, scope, grad_scaler=scaler)
+    reference = Reference([p.detach().clone() for p in model.parameters()], kind, radii, adaptive, clip=0.05)
+
+    def run(x, y):
+        def closure():
+            loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 0.05 * scaler.get_scale())
+            return loss
+
+        return closure
+
+    for step in range(3):
+        train = batch(10 + step, 12)
+        opt.step(run(*train))
+        scaler.update()
+        reference.step(train, None, [True] * 5)
+        diff = ref.norm([p.detach() - t for p, t in zip(model.parameters(), reference.theta)])
+        assert diff <= 1e-7 * ref.norm(reference.theta), f"step {step + 1}: {float(diff):.1e}"
+    assert float(opt.last_stats["perturbed_grad_norm"]) == pytest.approx(0.05, rel=1e-6)  # g* clipped, unscaled
+
+
 def test_a_grad_scaler_is_refused_where_it_cannot_work():
     model = Net()
     with pytest.raises(ConfigError, match="grad_scaler must be a torch.amp.GradScaler"):
         SAM(model.parameters(), torch.optim.SGD, lr=0.1, grad_scaler=2.0**16)
-    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, grad_scaler=scaler_of(1))
-    nn.functional.cross_entropy(model(batch(0, 4)[0]), batch(0, 4)[1]).backward()
+    scaler = scaler_of(1)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, grad_scaler=scaler)
+    x, y = batch(0, 4)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
     with pytest.raises(ConfigError, match="in the explicit form"):
         opt.first_step()
+    with pytest.raises(ConfigError, match="in the explicit form"):
+        opt.second_step()
+    with pytest.raises(ConfigError, match=r"call opt.step\(closure\) then scaler.update\(\), not scaler.step\(opt\)"):
+        scaler.step(opt)  # GradScaler's own protocol calls step() without a closure
+
+
+def test_a_disabled_grad_scaler_is_no_scaler_and_a_nan_stays_an_error():
+    """GradScaler(enabled=False), the usual enabled=use_amp: no overflow is recorded, so a NaN must not be
+    skipped in silence; the explicit form works as without a scaler."""
+    model = Net()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, grad_scaler=scaler)
+    x, y = batch(0, 4)
+
+    def poisoned():
+        loss = nn.functional.cross_entropy(model(x), y) * float("nan")
+        scaler.scale(loss).backward()
+        return loss
+
+    with pytest.raises(NonFiniteError, match="training"):
+        opt.step(poisoned)
+    assert opt.skipped_steps == 0
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)

@@ -91,10 +91,16 @@ def forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
 
 
 def forward_each(model: nn.Module, params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
-    """The logits of each query image x_i predicted in a batch of its own with the support set: row i is
-    model([support_x; x_i])[-1]. With batch statistics (BatchNorm), no query's prediction then depends on the
-    other queries: the non-transductive evaluation of Nichol et al. (2018), where :func:`forward` on the whole
-    query set is MAML's transductive one. One forward of |S| + 1 images per query."""
+    """The logits [Q, ...] of the query images (query_x [Q, ...], one task's), each predicted in a batch of its
+    own with the support set (support_x [N·K, ...]): row i is model([support_x; x_i])[-1]. With batch statistics
+    (BatchNorm), no query's prediction then depends on the other queries: the non-transductive evaluation of
+    Nichol et al. (2018), where :func:`forward` on the whole query set is MAML's transductive one. One forward of
+    N·K + 1 images per query."""
+    if query_x.shape[1:] != support_x.shape[1:]:
+        raise ConfigError(f"forward_each takes one task's support and query examples of one shape, got support "
+                          f"{tuple(support_x.shape)} and query {tuple(query_x.shape)}; for a task batch, call it per task")
+    if len(query_x) == 0:
+        return forward(model, params, query_x)
     return torch.cat([forward(model, params, torch.cat([support_x, x[None]]))[-1:] for x in query_x])
 
 

@@ -8,6 +8,9 @@ from torch import Tensor, nn
 
 from metasam.models.batchnorm import BatchNorm
 
+MIN_IMAGE_SIZE = 16
+"""The smallest input four 2×2 poolings leave a pixel of."""
+
 
 class Conv4(nn.Module):
     """4 × [conv 3×3 (``hidden`` filters, padding 1), norm, ReLU, max-pool 2×2] + flatten + linear head.
@@ -33,8 +36,8 @@ class Conv4(nn.Module):
         for _ in range(4):
             layers += [nn.Conv2d(channels, hidden, 3, padding=1), norm(hidden), nn.ReLU(), nn.MaxPool2d(2)]
             channels, size = hidden, size // 2
-        if size < 1:
-            raise ValueError(f"image_size {image_size} is too small for four 2×2 poolings (need >= 16)")
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size {image_size} is too small for four 2×2 poolings (need >= {MIN_IMAGE_SIZE})")
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Linear(hidden * size * size, ways)
         self.config = {"ways": ways, "in_channels": in_channels, "hidden": hidden, "image_size": image_size}

@@ -42,8 +42,9 @@ class AgnosticSAM(SharpnessOptimizer):
             loops): each step draws the next batch of the iterable ``val_batches`` (a DataLoader over the
             training set, say; iterated again when it ends) and runs ``val_loss(batch)``, which returns the
             loss of B_V (no backward). A ``val_closure`` given to :meth:`step` takes precedence.
-        grad_scaler: as for :class:`SAM`; both closures backpropagate ``scaler.scale(loss)``, g_V is unscaled
-            before it enters m, and an overflow in g_S, g_V or g* skips the step (m unchanged).
+        grad_scaler: as for :class:`SAM`; both closures backpropagate ``scaler.scale(loss)`` (the validation
+            loss of ``val_batches`` is scaled here), g_V is unscaled before it enters m, and an overflow in g_S,
+            g_V or g* skips the step (m unchanged).
         Other arguments as for :class:`SAM`.
 
     ``step(closure, val_closure)`` returns the training loss at θ. ``last_stats`` holds
@@ -107,7 +108,7 @@ class AgnosticSAM(SharpnessOptimizer):
 
         def closure() -> Tensor:
             loss = self.val_loss(batch)
-            loss.backward()
+            (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
             return loss
 
         return closure

@@ -63,7 +63,9 @@ class SharpnessOptimizer(Optimizer):
         self.asam_scope = asam_scope
         self._scaled_of = self._asam_scaled_of(model) if adaptive and asam_scope == "weights" else None
         self.model = model
-        self.grad_scaler = grad_scaler
+        # a disabled scaler (GradScaler(enabled=False), the usual enabled=use_amp) scales nothing and records no
+        # overflow: it is no scaler, and a NaN stays an error
+        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.step_count = 0
         self.skipped_steps = 0
         self.last_stats: dict[str, Tensor] = {}
@@ -176,10 +178,12 @@ class SharpnessOptimizer(Optimizer):
 
     def _require_closure(self, closure: Closure | None, name: str) -> Closure:
         if closure is None:
+            scaler = ("; with grad_scaler=, call opt.step(closure) then scaler.update(), not scaler.step(opt)"
+                      if self.grad_scaler is not None else "")
             raise ConfigError(
                 f"{type(self).__name__}.step() needs {name}: a function that runs the forward pass and "
                 "loss.backward() on its batch and returns the loss (the optimizer zeroes gradients and "
-                "calls it once per pass)"
+                f"calls it once per pass){scaler}"
             )
         return torch.enable_grad()(closure)
 
@@ -211,8 +215,8 @@ class SharpnessOptimizer(Optimizer):
         self.step_count = int(state["step_count"])
 
 
-
-
 def _all_finite(grads: Sequence[Tensor | None]) -> bool:
+    """Whether every element of every gradient given (None: no gradient) is finite; one check per tensor, as
+    GradScaler's own, rather than of the norm, which overflows before its elements do."""
     present = [g for g in grads if g is not None]
     return not present or bool(torch.stack([torch.isfinite(g).all() for g in present]).all())

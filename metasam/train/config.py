@@ -19,6 +19,7 @@ from metasam.meta import PRESETS
 from metasam.meta.arguments import check_hparams, check_task_threads
 from metasam.meta.presets import preset_rules
 from metasam.meta.rules import RULES, Rule, rule_from_spec, rule_spec
+from metasam.models.conv4 import MIN_IMAGE_SIZE
 from metasam.train.precision import TF32_HELP
 
 # the standard settings of docs/algorithms.md §3: (inner_lr, inner_steps, test_inner_steps, meta_batch)
@@ -150,13 +151,17 @@ class MetaTrainConfig:
         self.meta_batch = batch if self.meta_batch is None else self.meta_batch
         self.outer_val_tasks = self.meta_batch if self.outer_val_tasks is None else self.outer_val_tasks
         self.image_size = (84 if family == "miniimagenet" else 28) if self.image_size is None else self.image_size
-        self.hidden = (32 if family == "miniimagenet" else 64) if self.hidden is None else self.hidden
+        standard_hidden = 32 if family == "miniimagenet" else 64
+        if self.model == "resnet12" and self.hidden not in (None, standard_hidden):
+            raise ConfigError(f"--hidden sets Conv-4's filters and ResNet-12's widths are fixed (64-160-320-640); "
+                              f"drop --hidden {self.hidden}, or use --model conv4")
+        self.hidden = standard_hidden if self.hidden is None else self.hidden
         train, val, test = DEFAULT_SPLITS[self.dataset]
         self.train_split = self.train_split or train
         self.val_split = self.val_split if self.val_split is not None else val
         self.test_split = self.test_split if self.test_split is not None else test
         for name, low in (("meta_batch", 1), ("outer_val_tasks", 1), ("seed", 0), ("skip_nonfinite", 0), ("alignment_every", 0),
-                          ("image_size", 16), ("hidden", 1)):
+                          ("image_size", MIN_IMAGE_SIZE), ("hidden", 1)):
             check_int(name, getattr(self, name), low)
         check_task_threads(self.task_threads, "--task-threads")
         check_hparams(self.algo, self.inner_lr, self.inner_steps, self.test_inner_steps, self.outer_lr,

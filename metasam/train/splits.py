@@ -8,12 +8,14 @@ Split grammar (``--train-split`` / ``--val-split`` / ``--test-split``):
 - glyphs (synthetic): ``train`` | ``val`` | ``test``, a seeded 70 / 10 / 20 % split of its characters, or a
   comma list of scripts.
 - folder (your own images): a folder under the data root, ``<root>/<split>/<class>/<image>`` (default ``train``,
-  ``val``, ``test``), read as RGB.
+  ``val``, ``test``), or an absolute path, read as RGB.
 Without a validation split a seeded tenth of the training classes (by source class, so all rotations
 of a character together) is held out, so checkpoints are never chosen on the test split.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from metasam.data import FewShotDataset, Glyphs, ImageFolderClasses, MiniImageNet, Omniglot, character_split, check_disjoint
 from metasam.data.omniglot import SUBSETS
@@ -62,7 +64,8 @@ def load_split(dataset: str, root: str | None, spec: str, image_size: int) -> Fe
     if dataset == "glyphs":
         return _glyphs(spec, image_size)
     if dataset == "folder":
-        return ImageFolderClasses(find_root(root, spec, "folder")[0], image_size=image_size, mode="RGB")
+        folder = Path(spec).expanduser() if Path(spec).expanduser().is_absolute() else find_root(root, spec, "folder")[0]
+        return ImageFolderClasses(folder, image_size=image_size, mode="RGB")
     raise ConfigError(f"unknown dataset {dataset!r}; choose omniglot, miniimagenet, glyphs or folder")
 
 

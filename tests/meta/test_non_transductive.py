@@ -4,9 +4,11 @@ forward written here from the definition, and through ``task_accuracies`` and ``
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
+from metasam import ConfigError
 from metasam.cli.main import main
 from metasam.meta import MetaLearner
 from metasam.meta.functional import forward, forward_each
@@ -95,3 +97,12 @@ def test_evaluate_non_transductive_writes_its_own_file_and_says_so(tmp_path, cap
     one_by_one = json.loads((run / "eval_best_20_seed1234_nontransductive.json").read_text())
     assert default["transductive"] is True and one_by_one["transductive"] is False
     assert one_by_one["task_accuracies"] != default["task_accuracies"]
+
+
+def test_forward_each_takes_one_task_and_no_queries():
+    model = BNNet()
+    params = dict(model.named_parameters())
+    sx, _, qx, _ = task(2)
+    assert forward_each(model, params, sx, qx[:0]).shape == (0, 3)
+    with pytest.raises(ConfigError, match="for a task batch, call it per task"):
+        forward_each(model, params, sx[None], qx[None])

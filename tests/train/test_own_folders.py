@@ -69,3 +69,16 @@ def test_the_image_size_and_the_filters_are_flags_and_checked(tmp_path, capsys):
                  "--out", str(tmp_path / "small")]) == 2
     assert capsys.readouterr().err.strip() == "metasam train: error: --image-size must be an int >= 16, got 8"
     assert not (tmp_path / "small").exists()
+
+
+def test_a_split_may_be_an_absolute_path_and_resnet12_refuses_a_width(tmp_path, capsys):
+    data, run = make_folders(tmp_path / "data"), tmp_path / "run"
+    elsewhere = tmp_path / "elsewhere"
+    (data / "test").rename(elsewhere)
+    assert main(["train", "--dataset", "folder", "--data-root", str(data), *TINY, "--test-split", str(elsewhere),
+                 "--out", str(run)]) == 0
+    assert main(["evaluate", str(run), "--episodes", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--dataset", "folder", "--data-root", str(data), *TINY, "--model", "resnet12",
+                 "--hidden", "8", "--out", str(tmp_path / "resnet")]) == 2
+    assert "ResNet-12's widths are fixed" in capsys.readouterr().err

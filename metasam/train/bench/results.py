@@ -277,8 +277,9 @@ def diverged_row(plan: BenchPlan, out: Path, method: Method, stops: dict[int, di
                  shots: int) -> dict[str, Any]:
     """The row of a method (a control: a chosen point has no diverged run) one of whose runs diverged: where,
     and no test numbers (a mean over seeds needs every seed; none of its runs is tested here)."""
-    cfg = MetaTrainConfig.load(out / method.cells(ways, shots, plan.seeds)[0].folder)
-    return {**_row_head(plan, method, method.test_rule or cfg.test_rule, cfg.val_view, ways, shots),
+    cells = method.cells(ways, shots, plan.seeds)
+    cfg = MetaTrainConfig.load(out / cells[0].folder)
+    return {**_row_head(plan, method, cells, method.test_rule or cfg.test_rule, cfg.val_view),
             **dict.fromkeys(ROW_NUMBERS), "diverged": _stops(stops)}
 
 
@@ -322,15 +323,14 @@ def method_numbers(plan: BenchPlan, out: Path, method: Method, tested: list[dict
         "test_tasks": {k: tested[0][k] for k in SAME_TASKS},
         "task_accuracies": [r["task_accuracies"] for r in tested],
     }
-    return _finite({**_row_head(plan, method, tested[0]["test_rule"], cfg.val_view, ways, shots), **numbers,
+    return _finite({**_row_head(plan, method, cells, tested[0]["test_rule"], cfg.val_view), **numbers,
                     "diverged": {}})
 
 
-def _row_head(plan: BenchPlan, method: Method, test_rule: str, val_view: str, ways: int, shots: int) -> dict[str, Any]:
-    """What names a row, whether or not its runs have numbers."""
+def _row_head(plan: BenchPlan, method: Method, cells: list[Cell], test_rule: str, val_view: str) -> dict[str, Any]:
+    """What names a row (its runs: ``cells``), whether or not its runs have numbers."""
     return {"name": method.name, "control": method.control, "algo": method.algo, "point": dict(method.point),
-            "test_rule": test_rule, "val_view": val_view, "runs": [str(c.folder) for c in method.cells(ways, shots, plan.seeds)],
-            "seeds": plan.seeds}
+            "test_rule": test_rule, "val_view": val_view, "runs": [str(c.folder) for c in cells], "seeds": plan.seeds}
 
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:
