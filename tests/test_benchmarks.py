@@ -92,3 +92,18 @@ def test_benchmarks_refuse_to_replace_earlier_results_unless_asked(tmp_path, mon
         noisy_labels.main(["--results", str(tmp_path / "new.json"), "--out", str(page)])
     assert stop.value.code == 2 and "was not rendered from --results" in capsys.readouterr().err
     assert page.read_text() == "an earlier page" and results.read_text() == '{"accuracy": {"chosen": {}}}'
+
+
+def test_optimizer_overhead_benchmark_runs_and_refuses_to_time_steps_that_differ(tmp_path, monkeypatch):
+    """A smoke run writes the page with both ratios; a hand-written SAM that is not SAM (one pass) is refused."""
+    out = tmp_path / "o.md"
+    run = subprocess.run([sys.executable, "benchmarks/optimizer_overhead.py", "--rounds", "2", "--steps", "1", "--out",
+                          str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert len(re.findall(r"\| metasam (?:SAM|Agnostic-SAM) \| [\d.]+ \| [\d.]+ \[", out.read_text())) == 6
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    overhead = importlib.import_module("optimizer_overhead")
+    monkeypatch.setitem(overhead.METHODS, "SAM by hand", (overhead.sgd_step, overhead.METHODS["SAM by hand"][1]))
+    with pytest.raises(SystemExit, match="metasam SAM and SAM by hand differ by .* not the same step; nothing timed"):
+        overhead.check_same_steps(overhead.mlp, 8)
