@@ -52,6 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="test each run as soon as it finishes (best.pt on the fixed test TaskSet, by each test rule a control "
         "could need), so that the bench keeps its evidence when its checkpoints (*.pt) are deleted; the choice still "
         "reads validation accuracy only, and the table then lists every grid point's test accuracy too")
+    add(p, "--non-transductive", action="store_true",
+        help="test each query image in a batch of its own with the support set (metasam evaluate --non-transductive: "
+        "no prediction depends on the other queries through BatchNorm's batch statistics; slower), not the query set "
+        "in one batch; validation during training is unchanged")
     add(p, "--out", required=True, help="folder of the bench: its cells, bench.json (the plan) and the results")
     add(p, "--shard", metavar="I/N", help="train only the cells of index I modulo N (run I = 0 … N−1 as N processes, "
         "then --merge); no results are written")
@@ -114,7 +118,7 @@ def plan_of(args: argparse.Namespace) -> BenchPlan:
         settings=parse_settings(args.settings), algos=[a.strip() for a in args.algos.split(",") if a.strip()],
         seeds=parse_seeds(args.seeds), grids=args.grid or [], overrides=settings_given(args), rules=rule_flags_given(args),
         controls=args.controls, reference=args.reference, episodes=args.episodes, test_seed=args.test_seed,
-        test_on_finish=args.test_on_finish)
+        test_on_finish=args.test_on_finish, transductive=not args.non_transductive)
 
 
 def _print_status(args: argparse.Namespace) -> None:

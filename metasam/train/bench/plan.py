@@ -103,7 +103,9 @@ class Method:
 @dataclass
 class BenchPlan:
     """Everything a bench is run with. ``grids``: the --grid specs as given; ``overrides``: the run settings
-    given for every cell; ``rules``: the rule settings given, by level."""
+    given for every cell; ``rules``: the rule settings given, by level; ``transductive``: False tests each query
+    image with the support set alone (``metasam evaluate --non-transductive``); a bench.json written before it
+    existed was transductive."""
 
     settings: list[tuple[int, int]]
     algos: list[str]
@@ -116,6 +118,7 @@ class BenchPlan:
     episodes: int = 600
     test_seed: int = 1234
     test_on_finish: bool = False
+    transductive: bool = True
 
     TRAINING = ("settings", "algos", "seeds", "grids", "overrides", "rules")
     """The fields that decide what is trained; the others only what is tested and reported."""
@@ -241,4 +244,5 @@ class BenchPlan:
         words += (["--controls"] if self.controls else []) + ["--reference", self.reference,
                                                                "--episodes", str(self.episodes), "--test-seed", str(self.test_seed)]
         words += ["--test-on-finish"] if self.test_on_finish else []
+        words += [] if self.transductive else ["--non-transductive"]
         return shlex.join(words)

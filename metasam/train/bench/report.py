@@ -42,6 +42,10 @@ def render_markdown(results: dict[str, Any]) -> str:
              "accuracy, ± 1.96·sd/√n: it treats the tasks of one seed's model as independent draws, so it is narrower "
              f"than the spread between seeds warrants. *Δ vs {ref}* is paired: per seed, the mean over the same test "
              f"tasks of (method − {ref}), ± the t-interval over seeds. Accuracies in %.", ""]
+    if not results["plan"].get("transductive", True):
+        lines += ["**Non-transductive test.** Each query image was predicted in a batch of its own with the support set "
+                  "(BatchNorm's statistics of the support set and that image), not with the other queries; validation "
+                  "during training used the whole query set.", ""]
     controls = {m["control"] for s in results["settings"] for m in s["methods"] if m["control"]}
     if controls:
         lines += ["**Controls.** " + " ".join(f"*{c}*: {CONTROLS[c]}." for c in CONTROLS if c in controls), ""]

@@ -131,19 +131,21 @@ def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, p
                               "checkpoints were deleted before it was tested on it; merge with the --episodes and "
                               "--test-seed it was tested with, or delete the run folder and rerun the bench's command "
                               "to train it again")
-    return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress)
+    return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress,
+                        transductive=plan.transductive)
 
 
 def eval_path(plan: BenchPlan, run: Path, cfg: MetaTrainConfig, test_rule: str | None) -> Path:
     """Where the evaluation of the run's (``cfg``'s) best.pt on the bench's test TaskSet with ``test_rule`` is written."""
-    return run / eval_file_name("best", plan.episodes, plan.test_seed, cfg, test_rule)
+    return run / eval_file_name("best", plan.episodes, plan.test_seed, cfg, test_rule, transductive=plan.transductive)
 
 
 def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -> dict[str, Any] | None:
     """The evaluation of the run's best.pt on the bench's test TaskSet with ``test_rule`` that its folder holds,
     or None: where best.pt is there, the evaluation must be newer; where it was deleted, the evaluation stands
     for it if it is of the run's final best.pt (its ``best_iteration`` is train_summary.json's; evaluations
-    written before 2026-12-02 do not record it). A damaged one, or one of other test settings, is None."""
+    written before 2026-12-02 do not record it, nor, before 2026-12-03, ``transductive``: they were transductive).
+    A damaged one, or one of other test settings, is None."""
     run = out / cell.folder
     cfg = MetaTrainConfig.load(run)
     path, best = eval_path(plan, run, cfg, test_rule), run / "best.pt"
@@ -157,7 +159,8 @@ def stored_test(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None) -
     summary = summary_of(run)
     if not best.exists() and isinstance(result, dict) and "best_iteration" in result and summary is not None:
         setting["best_iteration"] = summary["best_iteration"]
-    if isinstance(result, dict) and all(result.get(k) == v for k, v in setting.items()):
+    if isinstance(result, dict) and result.get("transductive", True) == plan.transductive and all(
+            result.get(k) == v for k, v in setting.items()):
         return result  # (metasam evaluate --steps K before 2026-12-02 wrote other steps under this name: evaluated again)
     return None
 
