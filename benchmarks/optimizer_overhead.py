@@ -74,14 +74,7 @@ def hand_sam_step(model, base, train, val, state):
     with torch.no_grad():
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
         eps = [RHO * p.grad / (norm + 1e-12) for p in params]
-        for p, e in zip(params, eps):
-            p.add_(e)
-    base.zero_grad()
-    F.cross_entropy(model(train[0]), train[1]).backward()
-    with torch.no_grad():
-        for p, e in zip(params, eps):
-            p.sub_(e)
-    base.step()
+    descend_at(model, base, train, params, eps)
 
 
 def hand_agnostic_step(model, base, train, val, state):
@@ -97,6 +90,12 @@ def hand_agnostic_step(model, base, train, val, state):
         g_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
         m_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in m]))
         eps = [RHO1 * p.grad / (g_norm + 1e-12) - RHO2 * t / (m_norm + 1e-12) for p, t in zip(params, m)]
+    descend_at(model, base, train, params, eps)
+
+
+def descend_at(model, base, train, params, eps):
+    """The second half of every SAM-type step: the gradient at θ + ε, θ restored, the base step with it."""
+    with torch.no_grad():
         for p, e in zip(params, eps):
             p.add_(e)
     base.zero_grad()
