@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ["tests/meta/test_reference_gradients.py", "tests/test_optim_reference.py"]
+META_SGD = ("tests/meta/test_meta_sgd.py",)
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,29 @@ MUTANTS = [
            "batch = next(self._val_iterator) if self._val_iterator is not None else None", "batch = None",
            ("tests/test_optim.py",)),
     Mutant("adapt-selection-ignored", "metasam/meta/learner.py",
-           "None if adapt is None else tuple(adapted_names(model, self.names, adapt)),", "None,",
+           "adapted = None if adapt is None else tuple(adapted_names(model, self.names, adapt))", "adapted = None",
            ("tests/meta/test_library.py",)),
     Mutant("anil-first-order-sees-the-body-with-its-graph", "metasam/meta/functional.py",
            "fixed = {n: t.detach() for n, t in params.items()} if inner.first_order else dict(params)",
            "fixed = dict(params)", ("tests/meta/test_library.py",)),
+    Mutant("meta-sgd-step-size-ignored", "metasam/meta/functional.py",
+           "step_size = [params.get(learned_lr_key(n), inner.inner_lr) for n in names]",
+           "step_size = [inner.inner_lr for n in names]", META_SGD),
+    Mutant("meta-sgd-step-size-detached-in-first-order", "metasam/meta/functional.py",
+           "step_size = [params.get(learned_lr_key(n), inner.inner_lr) for n in names]",
+           "step_size = [fixed.get(learned_lr_key(n), inner.inner_lr) for n in names]", META_SGD),
+    Mutant("meta-sgd-step-size-not-an-outer-parameter", "metasam/meta/learner.py",
+           "optimizer_class(list(self.meta_params.values())", "optimizer_class(list(self.params.values())", META_SGD),
+    Mutant("meta-sgd-step-size-unused-at-test", "metasam/meta/adapter.py",
+           "phi = adapt(self.model, self._with_inner_lrs(params or self.params)",
+           "phi = adapt(self.model, dict(params or self.params)", META_SGD),
+    Mutant("meta-sgd-step-size-not-saved", "metasam/meta/learner_state.py",
+           '"inner_lrs": {n: a.detach().clone() for n, a in learner.inner_lrs.items()} if learner.inner_lrs else None,',
+           '"inner_lrs": None,', META_SGD),
+    Mutant("meta-sgd-step-size-not-loaded", "metasam/meta/learner_state.py",
+           "learner.inner_lrs[n].copy_(a)", "learner.inner_lrs[n].copy_(learner.inner_lrs[n])", META_SGD),
+    Mutant("meta-sgd-landscape-without-step-sizes", "metasam/analysis/meta_loss.py",
+           "lrs = {learned_lr_key(n): a.detach() for n, a in learner.inner_lrs.items()}", "lrs = {}", META_SGD),
 ]
 
 

@@ -93,8 +93,9 @@ def rule_direction(level, loss_fn, val_loss_fn, at, m, create_graph):
 def adapt(theta, sx, sy, inner, steps, alpha, first_order, val_view=None, adapted=None):
     """φ_K: φ_0 = θ, φ_k = φ_{k−1} − α d_k over the tensors ``adapted`` (indices; default all), the others
     staying θ. First order: d_k is computed at a detached φ_{k−1} (and detached other tensors) without a graph,
-    so dφ_K/dθ = I."""
+    so dφ_K/dθ = I. ``alpha``: a number, or (Meta-SGD) one tensor per adapted tensor, multiplied elementwise."""
     idx = list(range(len(theta))) if adapted is None else list(adapted)
+    alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha] * len(idx)
     fixed = [t.detach() for t in theta] if first_order else list(theta)
 
     def full(base, sub):
@@ -111,7 +112,7 @@ def adapt(theta, sx, sy, inner, steps, alpha, first_order, val_view=None, adapte
     for _ in range(steps):
         at = [p.detach() for p in phi] if first_order else phi
         d, m = rule_direction(inner, lambda w: ce(full(fixed, w), sx, sy), val_loss, at, m, create_graph=not first_order)
-        phi = [p - alpha * di for p, di in zip(phi, d)]
+        phi = [p - a * di for p, a, di in zip(phi, alphas, d)]
     return full(theta, phi)
 
 

@@ -11,7 +11,7 @@ from torch.func import grad
 from metasam.analysis.hessian import LossFn
 from metasam.errors import ConfigError
 from metasam.meta import MetaLearner
-from metasam.meta.functional import forward, task_loss
+from metasam.meta.functional import forward, learned_lr_key, task_loss
 
 
 def meta_loss_fn(learner: MetaLearner, tasks: Iterable, loss: str = "query") -> LossFn:
@@ -21,7 +21,8 @@ def meta_loss_fn(learner: MetaLearner, tasks: Iterable, loss: str = "query") -> 
     meta-training inner rule and steps, differentiated through the adaptation (the meta-objective). The
     adaptation is second order for every learner: a first-order learner (fomaml) trains on an approximation of
     this function's gradient, but the function is the same, and its Hessian needs dφ_K/dθ in full;
-    loss="support": the plain support loss (1/n) Σ_τ L_s^τ(θ) at θ itself.
+    loss="support": the plain support loss (1/n) Σ_τ L_s^τ(θ) at θ itself. A learner's learned inner step
+    sizes (``learn_inner_lr``) are constants here: the landscape and the Hessian are θ's.
     """
     if loss not in ("query", "support"):
         raise ConfigError(f"loss must be 'query' or 'support', got {loss!r}")
@@ -35,9 +36,10 @@ def meta_loss_fn(learner: MetaLearner, tasks: Iterable, loss: str = "query") -> 
     if not episodes:
         raise ConfigError("meta_loss_fn got no tasks")
     inner = replace(learner.inner, first_order=False)
+    lrs = {learned_lr_key(n): a.detach() for n, a in learner.inner_lrs.items()}
 
     def loss_fn(params: dict[str, Tensor]) -> Tensor:
-        theta = {n: params[n] for n in learner.names}
+        theta = {**{n: params[n] for n in learner.names}, **lrs}  # a function of θ alone: α is held fixed
         total = 0.0
         for sx, sy, qx, qy in episodes:
             if loss == "support":

@@ -13,19 +13,21 @@ from metasam.data.episodes import TaskBatch
 from metasam.errors import ConfigError
 from metasam.meta.arguments import check_labels
 from metasam.meta.distributed import Reducer
-from metasam.meta.functional import InnerLoop, accuracy, adapt, forward, forward_each
+from metasam.meta.functional import InnerLoop, accuracy, adapt, forward, forward_each, learned_lr_key
 from metasam.meta.rules import Rule, make_rule
 from metasam.stats import mean_ci95
 
 
 class TaskAdapter:
     """A model's trainable parameters θ, the inner loop that adapts them to a task (``inner``: rule, α, K,
-    first order, loss) and the meta-test settings (``test_rule`` "same" or "gd", ``test_inner_steps``).
-    :class:`~metasam.meta.MetaLearner` sets these attributes in its constructor and adds the outer loop."""
+    first order, loss; ``inner_lrs``: Meta-SGD's learned α per parameter, {} for the scalar α) and the meta-test
+    settings (``test_rule`` "same" or "gd", ``test_inner_steps``). :class:`~metasam.meta.MetaLearner` sets these
+    attributes in its constructor and adds the outer loop."""
 
     model: nn.Module
     params: dict[str, Tensor]
     names: list[str]
+    inner_lrs: dict[str, Tensor]
     inner: InnerLoop
     inner_rule: Rule
     test_rule: str
@@ -35,7 +37,7 @@ class TaskAdapter:
     _outputs: int | None
 
     # -- the settings, by the names of the paper ----------------------------------------------------
-    inner_lr = property(lambda self: self.inner.inner_lr, doc="α, the inner step size.")
+    inner_lr = property(lambda self: self.inner.inner_lr, doc="α, the inner step size (learn_inner_lr: its start).")
     inner_steps = property(lambda self: self.inner.steps, doc="K, the inner steps at meta-training.")
     first_order = property(lambda self: self.inner.first_order, doc="Whether the inner gradients are constants of θ.")
     loss_fn = property(lambda self: self.inner.loss_fn, doc="(output, target) → loss of a task's batch.")
@@ -48,7 +50,12 @@ class TaskAdapter:
                        first_order=self.first_order if first_order is None else first_order)
 
     def _theta(self) -> dict[str, Tensor]:
-        return {n: self.params[n].detach() for n in self.names}
+        """θ and the learned step sizes (keyed by :func:`~metasam.meta.functional.learned_lr_key`), detached."""
+        return {n: t.detach() for n, t in self._with_inner_lrs(self.params).items()}
+
+    def _with_inner_lrs(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The entries of ``params`` that are θ's, with the learned step sizes that :func:`adapt` reads."""
+        return {**{n: params[n] for n in self.names}, **{learned_lr_key(n): a for n, a in self.inner_lrs.items()}}
 
     def _task_mean(self, sums: list[Tensor], tasks: int) -> list[Tensor]:
         """(1/T) Σ_τ x_τ from sums over this process's ``tasks`` tasks: T = ``tasks`` for one process; with
@@ -63,10 +70,10 @@ class TaskAdapter:
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None, params: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Fast weights φ_K for one task (support_x [N·K, ...]); usable with ``functional_call`` or
-        :meth:`predict`. Uses the test-time rule and step count; differentiable w.r.t. θ unless the
-        learner is first order."""
-        theta = {n: (params or self.params)[n] for n in self.names}
-        return adapt(self.model, theta, support_x, support_y, self.test_loop(steps))
+        :meth:`predict`. Uses the test-time rule and step count (and the learned step sizes, if any);
+        differentiable w.r.t. θ unless the learner is first order."""
+        phi = adapt(self.model, self._with_inner_lrs(params or self.params), support_x, support_y, self.test_loop(steps))
+        return {n: phi[n] for n in self.names}
 
     def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """Logits of ``x`` under fast weights ``params``, the model in its current mode (BatchNorm: the

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from metasam.data.episodes import TaskBatch
 from metasam.errors import ConfigError, NonFiniteError
+from metasam.meta.functional import LEARNED_LR, is_learned_lr
 from metasam.meta.presets import PRESETS, preset_rules
 from metasam.meta.rules import Rule
 
@@ -170,6 +171,17 @@ def adapted_names(model: nn.Module, names: Sequence[str], adapt: AdaptSelection 
     if not chosen:
         raise ConfigError("adapt= selects no parameter: the inner loop would adapt nothing; select at least one")
     return chosen
+
+
+def learned_inner_lrs(params: dict[str, Tensor], adapted: Sequence[str] | None, inner_lr: float) -> dict[str, nn.Parameter]:
+    """Meta-SGD's step sizes: one tensor α of each adapted parameter's shape (all of ``params`` for None), filled
+    with ``inner_lr``. Refuses a model whose own parameter names could be taken for them."""
+    clash = [n for n in params if is_learned_lr(n)]
+    if clash:
+        raise ConfigError(f"the model's parameter {clash[0]!r} is named like a learned step size ({LEARNED_LR}...); "
+                          "rename it to use learn_inner_lr=True")
+    return {n: nn.Parameter(torch.full_like(p.detach(), inner_lr)) for n, p in params.items()
+            if adapted is None or n in adapted}
 
 
 def nonfinite_step_error(iteration: int, query_loss: Tensor, direction: dict[str, Tensor], tame: dict[str, Any]) -> NonFiniteError:

@@ -4,6 +4,7 @@ Parameters are a dict (name → tensor, as ``model.named_parameters()`` gives th
 through ``torch.func.functional_call``, so nothing here writes the model. With φ_0 = θ (docs/algorithms.md §3):
 
     φ_k = φ_{k−1} − α · d_k,  d_k from the inner rule on the support loss L_s   (:func:`adapt`)
+    φ_k = φ_{k−1} − α ⊙ d_k,  α learned per entry beside θ (Meta-SGD)            (:func:`learned_lr_key`)
     L_q^τ(φ_K^τ(θ))                                                              (:func:`task_loss`)
     ∇_θ L_meta = (1/T) Σ_τ ∇_θ L_q^τ(φ_K^τ(θ))          (:func:`meta_gradient_loop`, :func:`meta_gradient_vmap`)
 
@@ -37,6 +38,23 @@ ValView = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 GradMaker = Callable[[Callable[[Sequence[Tensor]], Tensor]], GradFn]
 """Turns a loss function of parameter values into its gradient function."""
 Params = Mapping[str, Tensor]
+LEARNED_LR = "inner_lr:"
+"""The prefix of a learned step size's key in a parameter dict (see :func:`learned_lr_key`)."""
+
+
+def learned_lr_key(name: str) -> str:
+    """The key of parameter ``name``'s learned inner step size in a parameter dict: Meta-SGD (Li et al. 2017).
+
+    Where ``params[learned_lr_key(name)]`` exists (a tensor of the parameter's shape), :func:`adapt` steps
+    that parameter by φ ← φ − α ⊙ d with it, elementwise, instead of the scalar ``InnerLoop.inner_lr``; it is
+    then a meta-parameter like θ, and every meta-gradient here differentiates it too (for K = 1,
+    ∂L_q(φ_1)/∂α = −∇L_q(φ_1) ⊙ d_1). :func:`forward` leaves these keys out of the model's call."""
+    return LEARNED_LR + name
+
+
+def is_learned_lr(key: str) -> bool:
+    """Whether ``key`` of a parameter dict is a learned step size (:func:`learned_lr_key`), not the model's."""
+    return key.startswith(LEARNED_LR)
 
 
 @dataclass(frozen=True)
@@ -84,10 +102,12 @@ def autograd_grad(create_graph: bool) -> GradMaker:
 
 
 def forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
-    """model(x) with the parameters ``params``. The model's buffers are passed as copies, so a layer that
-    writes its buffers (running statistics) never changes the model."""
+    """model(x) with the parameters ``params`` (learned step sizes, :func:`learned_lr_key`, are not the model's
+    and are left out). The model's buffers are passed as copies, so a layer that writes its buffers (running
+    statistics) never changes the model."""
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    return functional_call(model, {**params, **buffers}, (x,))
+    weights = {n: t for n, t in params.items() if not is_learned_lr(n)}
+    return functional_call(model, {**weights, **buffers}, (x,))
 
 
 def forward_each(model: nn.Module, params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
@@ -113,10 +133,13 @@ def adapt(
     ``grad_of`` turns a loss function into its gradient function: :func:`autograd_grad` (the default,
     keeping the graph unless first order) or ``torch.func.grad`` (composes with vmap and jvp).
     ``visit(φ_{k−1}, φ_k)`` is called after each step. Differentiable in θ unless first order (the
-    parameters that do not adapt enter the support loss detached then)."""
+    parameters that do not adapt enter the support loss detached then). A parameter with a learned step size
+    in ``params`` (:func:`learned_lr_key`) steps by it, elementwise; it is never detached, so that first order
+    still learns it."""
     grad_of = grad_of or autograd_grad(create_graph=not inner.first_order)
-    names = [n for n in params if inner.adapted is None or n in inner.adapted]
+    names = [n for n in params if not is_learned_lr(n) and (inner.adapted is None or n in inner.adapted)]
     fixed = {n: t.detach() for n, t in params.items()} if inner.first_order else dict(params)
+    step_size = [params.get(learned_lr_key(n), inner.inner_lr) for n in names]
 
     def support_loss(x: Tensor, y: Tensor) -> Callable[[Sequence[Tensor]], Tensor]:
         return lambda values: inner.loss_fn(forward(model, {**fixed, **dict(zip(names, values))}, x), y)
@@ -129,7 +152,7 @@ def adapt(
     for _ in range(inner.steps):
         base = [p.detach() for p in phi] if inner.first_order else phi
         d, state, _ = inner.rule.direction(grad_s, base, state, grad_v)
-        previous, phi = phi, [p - inner.inner_lr * g for p, g in zip(phi, d)]
+        previous, phi = phi, [p - lr * g for p, lr, g in zip(phi, step_size, d)]
         if visit is not None:
             visit({**fixed, **dict(zip(names, previous))}, {**fixed, **dict(zip(names, phi))})
     return {**params, **dict(zip(names, phi))}
@@ -157,14 +180,14 @@ def task_alignment(
     support against query gradient before and after each inner step (the fast weights of the first-order loop)."""
     support_x, support_y, query_x, query_y = task
     grad_of = autograd_grad(create_graph=False)
-    names = list(params)
+    names = [n for n in params if not is_learned_lr(n)]
     grad_s, grad_q = (grad_of(lambda v, x=x, y=y: inner.loss_fn(forward(model, dict(zip(names, v)), x), y))
                       for x, y in ((support_x, support_y), (query_x, query_y)))
     before: list[Tensor] = []
     after: list[Tensor] = []
 
     def visit(previous: dict[str, Tensor], phi: dict[str, Tensor]) -> None:
-        for at, cosines in ((list(previous.values()), before), (list(phi.values()), after)):
+        for at, cosines in (([previous[n] for n in names], before), ([phi[n] for n in names], after)):
             cosines.append(cosine_similarity(grad_s(at), grad_q(at)))
 
     with torch.no_grad():

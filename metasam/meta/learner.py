@@ -36,6 +36,7 @@ from metasam.meta.arguments import (
     check_hparams,
     check_initialized,
     check_running_stats,
+    learned_inner_lrs,
     nonfinite_step_error,
     outer_optimizer_class,
     refuse_custom_spec,
@@ -45,6 +46,7 @@ from metasam.meta.arguments import (
 from metasam.meta.distributed import Reducer
 from metasam.meta.functional import (
     InnerLoop,
+    learned_lr_key,
     LossFn,
     MetaGradient,
     ValView,
@@ -70,6 +72,10 @@ class MetaLearner(TaskAdapter):
         algo: maml, fomaml, sharp-maml-low, sharp-maml-up, sharp-maml-both, agnostic-sam,
             agnostic-sam-up, agnostic-sam-both.
         inner_lr: α. inner_steps: K at meta-training; test_inner_steps: K at meta-test (default K).
+        learn_inner_lr: Meta-SGD (Li et al. 2017): α becomes a tensor per adapted parameter, of its shape,
+            starting at ``inner_lr`` everywhere and meta-learned beside θ by the outer optimizer and outer rule
+            (an outer SAM radius then perturbs θ and α together); the inner step is φ ← φ − α ⊙ d at training
+            and at test. ``learner.inner_lrs`` holds them, keyed by the parameter's name.
         first_order: detach inner gradients (default: the preset's; True only for fomaml).
         outer_lr: the outer optimizer's learning rate.
         outer_optimizer: a ``torch.optim`` class or its name (default Adam); ``outer_kwargs`` its other
@@ -114,6 +120,7 @@ class MetaLearner(TaskAdapter):
         algo: str = "maml",
         inner_lr: float = 0.4,
         inner_steps: int = 1,
+        learn_inner_lr: bool = False,
         test_inner_steps: int | None = None,
         first_order: bool | None = None,
         outer_lr: float = 1e-3,
@@ -156,6 +163,10 @@ class MetaLearner(TaskAdapter):
         self.model = model
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.names = list(self.params)
+        adapted = None if adapt is None else tuple(adapted_names(model, self.names, adapt))
+        self.inner_lrs = learned_inner_lrs(self.params, adapted, inner_lr) if learn_inner_lr else {}
+        self.meta_params = {**self.params, **{learned_lr_key(n): a for n, a in self.inner_lrs.items()}}
+        self.meta_names = list(self.meta_params)
         self.algo = algo
         self.accuracy = loss_fn is None if accuracy is None else accuracy
         self.inner_rule = preset_inner if inner_rule is None else rule_from_spec(inner_rule, "inner")
@@ -164,11 +175,10 @@ class MetaLearner(TaskAdapter):
         self.test_inner_steps = test_inner_steps or inner_steps
         self.inner = InnerLoop(
             inner_lr, inner_steps, self.inner_rule, PRESETS[algo].first_order if first_order is None else first_order,
-            loss_fn or nn.functional.cross_entropy, None if adapt is None else tuple(adapted_names(model, self.names, adapt)),
-            val_view,
+            loss_fn or nn.functional.cross_entropy, adapted, val_view,
         )
         self.reducer = reducer
-        self.outer_optimizer = optimizer_class(list(self.params.values()), lr=outer_lr, **(outer_kwargs or {}))
+        self.outer_optimizer = optimizer_class(list(self.meta_params.values()), lr=outer_lr, **(outer_kwargs or {}))
         self.outer_scheduler = None if outer_scheduler is None else outer_scheduler(self.outer_optimizer)
         self.outer_momentum: list[Tensor] | None = None
         self.iteration = 0
@@ -190,7 +200,7 @@ class MetaLearner(TaskAdapter):
             return self._run_tasks(params, batch, "mean")
         total = self._run_tasks(params, batch, "sum")
         *grads, loss, acc = self._task_mean([*total.grads.values(), total.loss, total.accuracy], batch.support_x.shape[0])
-        return MetaGradient(dict(zip(self.names, grads)), loss, acc)
+        return MetaGradient(dict(zip(self.meta_names, grads)), loss, acc)
 
     def _run_tasks(self, params: dict[str, Tensor], batch: TaskBatch, reduction: str) -> MetaGradient:
         """This process's tasks on the vmap path, the plain loop, or ``min(task_threads, tasks)`` task threads.
@@ -227,7 +237,7 @@ class MetaLearner(TaskAdapter):
         metrics: dict[str, Tensor] = {}
 
         def meta_grad(values: Sequence[Tensor], of: TaskBatch = batch) -> list[Tensor]:
-            result = self._meta_gradient(dict(zip(self.names, values)), of)
+            result = self._meta_gradient(dict(zip(self.meta_names, values)), of)
             if of is batch:  # the first call is at θ
                 metrics.setdefault("query_loss", result.loss)
                 if self.accuracy:
@@ -247,7 +257,8 @@ class MetaLearner(TaskAdapter):
         return direction, state, {**metrics, **{f"outer_{k}": v for k, v in stats.items()}}
 
     def meta_gradient(self, batch: Sequence[Tensor], val_batch: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
-        """The direction the outer rule feeds to the outer optimizer, keyed like ``named_parameters``.
+        """The direction the outer rule feeds to the outer optimizer, keyed like ``named_parameters`` (and the
+        learned step sizes of ``learn_inner_lr`` by :func:`~metasam.meta.functional.learned_lr_key`).
 
         For the plain outer rule this is ∇L_meta(θ). No step is taken; the outer rule's momentum
         (agnostic outer) is not advanced either. ``val_batch``, a validation meta-batch, is required (else
@@ -256,7 +267,7 @@ class MetaLearner(TaskAdapter):
         same on every process.
         """
         direction, _, _ = self._outer_direction(self._checked(as_task_batch(batch)), val_batch)
-        return {n: g.detach() for n, g in zip(self.names, direction)}
+        return {n: g.detach() for n, g in zip(self.meta_names, direction)}
 
     def meta_step(
         self, batch: Sequence[Tensor], val_batch: Sequence[Tensor] | None = None, pre_adaptation: bool = False,
@@ -287,8 +298,8 @@ class MetaLearner(TaskAdapter):
         if not (torch.isfinite(norm) and torch.isfinite(metrics["query_loss"])):
             raise self._nonfinite_error(metrics["query_loss"], direction)
         before = self._pre_adaptation(batch) if pre_adaptation else {}
-        for n, g in zip(self.names, direction):
-            self.params[n].grad = g.detach()
+        for n, g in zip(self.meta_names, direction):
+            self.meta_params[n].grad = g.detach()
         self.outer_optimizer.step()
         self.outer_optimizer.zero_grad(set_to_none=True)
         if self.outer_scheduler is not None:
@@ -308,7 +319,7 @@ class MetaLearner(TaskAdapter):
         tame = {"inner_lr": self.inner_lr, **{f"{level}_{rule.ascent}": getattr(rule, rule.ascent) for level, rule in
                 (("inner", self.inner_rule), ("outer", self.outer_rule)) if rule.ascent is not None},
                 "outer_lr": self.outer_optimizer.param_groups[0]["lr"]}
-        return nonfinite_step_error(self.iteration + 1, query_loss, dict(zip(self.names, direction)), tame)
+        return nonfinite_step_error(self.iteration + 1, query_loss, dict(zip(self.meta_names, direction)), tame)
 
     def _pre_adaptation(self, batch: TaskBatch) -> dict[str, float]:
         theta = self._theta()

@@ -1,5 +1,5 @@
-"""How a :class:`~metasam.meta.MetaLearner` is saved and restored: its state dict (weights, outer optimizer and
-scheduler, outer momentum, iteration) and its rebuilding from a checkpoint ``metasam train`` wrote
+"""How a :class:`~metasam.meta.MetaLearner` is saved and restored: its state dict (weights, learned inner step
+sizes, outer optimizer and scheduler, outer momentum, iteration) and its rebuilding from a checkpoint ``metasam train`` wrote
 (``{"model": {"name", "kwargs"}, "hparams": constructor arguments, "learner": state dict}``)."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def constructor_record(learner: MetaLearner, **given: Any) -> dict[str, Any]:
     hold named by :func:`~metasam.meta.arguments.custom_spec`, so that loading asks for them."""
     optimizer = given.pop("outer_optimizer")
     record = {
-        "algo": learner.algo, "inner_lr": learner.inner_lr, "inner_steps": learner.inner_steps, "test_rule": learner.test_rule,
+        "algo": learner.algo, "inner_lr": learner.inner_lr, "learn_inner_lr": bool(learner.inner_lrs),
+        "inner_steps": learner.inner_steps, "test_rule": learner.test_rule,
         "test_inner_steps": given.pop("test_inner_steps"), "first_order": given.pop("first_order"),
         "outer_lr": given.pop("outer_lr"), "outer_kwargs": dict(given.pop("outer_kwargs") or {}),
         "outer_optimizer": optimizer.__name__ if getattr(torch.optim, optimizer.__name__, None) is optimizer else custom_spec(optimizer),
@@ -41,9 +42,11 @@ def constructor_record(learner: MetaLearner, **given: Any) -> dict[str, Any]:
 
 
 def state_dict(learner: MetaLearner) -> dict[str, Any]:
-    """Weights, outer optimizer (and scheduler), the agnostic outer momentum and the iteration."""
+    """Weights, learned inner step sizes (None without), outer optimizer (and scheduler), the agnostic outer
+    momentum and the iteration."""
     return {
         "model": learner.model.state_dict(),
+        "inner_lrs": {n: a.detach().clone() for n, a in learner.inner_lrs.items()} if learner.inner_lrs else None,
         "outer_optimizer": learner.outer_optimizer.state_dict(),
         "outer_scheduler": None if learner.outer_scheduler is None else learner.outer_scheduler.state_dict(),
         "outer_momentum": learner.outer_momentum,
@@ -85,6 +88,16 @@ def load_state_dict(learner: MetaLearner, state: dict[str, Any], source: str | P
     mismatch = state_dict_mismatch(state["model"], learner.model.state_dict())
     if mismatch:
         raise CheckpointError(f"{source} was written for another model: {mismatch}")
+    inner_lrs = state.get("inner_lrs")  # absent from checkpoints written before learn_inner_lr existed
+    saved, wanted = sorted(inner_lrs or {}), sorted(learner.inner_lrs)
+    if saved != wanted:
+        raise CheckpointError(
+            f"{source} holds learned inner step sizes for {_parameters(saved)} and this learner learns them for "
+            f"{_parameters(wanted)}: pass the same learn_inner_lr= (and adapt=) as the run that wrote it")
+    misshapen = [n for n in saved if tuple(inner_lrs[n].shape) != tuple(learner.inner_lrs[n].shape)]
+    if misshapen:
+        raise CheckpointError(f"{source}: the learned inner step size of {misshapen[0]} has shape "
+                              f"{tuple(inner_lrs[misshapen[0]].shape)}, not its parameter's; the file is damaged")
     scheduler = state.get("outer_scheduler")
     if (scheduler is None) != (learner.outer_scheduler is None):
         raise CheckpointError(
@@ -93,7 +106,7 @@ def load_state_dict(learner: MetaLearner, state: dict[str, Any], source: str | P
             "as the run that wrote it"
         )
     momentum = state["outer_momentum"]
-    if momentum is not None and [tuple(m.shape) for m in momentum] != [tuple(learner.params[n].shape) for n in learner.names]:
+    if momentum is not None and [tuple(m.shape) for m in momentum] != [tuple(learner.meta_params[n].shape) for n in learner.meta_names]:
         raise CheckpointError(f"{source}: its outer momentum does not match this model's parameters; load it into "
                               "the architecture that wrote it")
     try:
@@ -104,7 +117,14 @@ def load_state_dict(learner: MetaLearner, state: dict[str, Any], source: str | P
             "outer optimizer or model?"
         ) from exc
     learner.model.load_state_dict(state["model"])
+    with torch.no_grad():
+        for n, a in (inner_lrs or {}).items():
+            learner.inner_lrs[n].copy_(a)
     if scheduler is not None:
         learner.outer_scheduler.load_state_dict(scheduler)
     learner.outer_momentum = momentum
     learner.iteration = int(state["iteration"])
+
+
+def _parameters(names: list[str]) -> str:
+    return "none of its parameters" if not names else f"{len(names)} parameters ({names[0]}{', ...' if len(names) > 1 else ''})"

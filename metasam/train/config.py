@@ -75,6 +75,9 @@ class MetaTrainConfig:
     iterations: int = option(1000, "outer steps (the papers train 60,000); with train --resume: continue the run to N")
     meta_batch: int | None = option(None, f"tasks per outer step ({STANDARD_HELP})")
     inner_lr: float | None = option(None, f"α, the inner step size ({STANDARD_HELP})")
+    learn_inner_lr: bool = option(
+        False, "Meta-SGD (Li et al. 2017): learn α per parameter entry, starting at --inner-lr, beside θ, and adapt "
+        "with it at training and test (docs/meta.md)")
     inner_steps: int | None = option(None, f"inner steps while training ({STANDARD_HELP})")
     test_inner_steps: int | None = option(None, f"inner steps at validation and test ({STANDARD_HELP})")
     first_order: bool | None = option(

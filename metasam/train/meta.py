@@ -65,7 +65,8 @@ def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
     torch.manual_seed(cfg.seed)
     model = MODELS[name](**model_kwargs).to(cfg.device)
     learner = MetaLearner(
-        model, cfg.algo, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, test_inner_steps=cfg.test_inner_steps,
+        model, cfg.algo, inner_lr=cfg.inner_lr, learn_inner_lr=cfg.learn_inner_lr, inner_steps=cfg.inner_steps,
+        test_inner_steps=cfg.test_inner_steps,
         first_order=cfg.first_order, outer_lr=cfg.outer_lr, test_rule=cfg.test_rule, path=cfg.path,
         task_threads=cfg.task_threads,
         inner_rule=cfg.inner_rule, outer_rule=cfg.outer_rule, val_view=cfg.validation_view(),

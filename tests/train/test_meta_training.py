@@ -20,12 +20,14 @@ TINY = dict(dataset="glyphs", ways=3, shots=1, queries=2, meta_batch=2, hidden=8
 
 
 def weights(learner):
-    return {k: v.clone() for k, v in learner.model.state_dict().items()}
+    """The model's state and the learned inner step sizes (learn_inner_lr), if any."""
+    return {**{k: v.clone() for k, v in learner.model.state_dict().items()},
+            **{f"inner_lr of {k}": v.detach().clone() for k, v in learner.inner_lrs.items()}}
 
 
-@pytest.mark.parametrize("algo", ["maml", "agnostic-sam-both"])
-def test_interrupted_and_resumed_run_reaches_the_weights_of_an_uninterrupted_one(tmp_path, algo):
-    cfg = MetaTrainConfig(algo=algo, iterations=5, **TINY)
+@pytest.mark.parametrize("algo, extra", [("maml", {}), ("agnostic-sam-both", {}), ("sharp-maml-low", {"learn_inner_lr": True})])
+def test_interrupted_and_resumed_run_reaches_the_weights_of_an_uninterrupted_one(tmp_path, algo, extra):
+    cfg = MetaTrainConfig(algo=algo, iterations=5, **TINY, **extra)
     full = MetaTrainer(cfg, tmp_path / "full")
     full.start()
     full.train(progress=False)
@@ -48,6 +50,8 @@ def test_interrupted_and_resumed_run_reaches_the_weights_of_an_uninterrupted_one
     resumed.resume()
     assert resumed.learner.iteration == 3
     resumed.train(progress=False)
+    assert len(weights(full.learner)) == len(weights(resumed.learner)) == len(full.learner.model.state_dict()) + (
+        len(full.learner.names) if extra else 0)
     for (name, a), b in zip(weights(full.learner).items(), weights(resumed.learner).values()):
         assert torch.equal(a, b), name
     lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
