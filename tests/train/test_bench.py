@@ -487,7 +487,7 @@ def test_without_checkpoints_a_run_that_was_not_tested_is_one_line_and_nothing_i
     assert evaluation["best_iteration"] == json.loads((chosen.parent / "train_summary.json").read_text())["best_iteration"] == 2
     merge = ["bench", "--out", str(out), "--merge", "--no-progress"]
     damaged = (f"{chosen.parent} has no best.pt, and its test evaluation {chosen.name} is damaged, or of other test "
-               "settings or an earlier best.pt")
+               "settings (--test-rule, --non-transductive or not) or an earlier best.pt")
     chosen.write_text(json.dumps({**evaluation, "best_iteration": 1}))  # written by metasam evaluate during training
     assert main(merge) == 2 and damaged in capsys.readouterr().err
     chosen.write_text('{"accuracy": 0.5, "task_acc')  # torn

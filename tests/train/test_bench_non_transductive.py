@@ -7,8 +7,9 @@ import json
 import pytest
 
 from metasam.cli.main import main
+from metasam.errors import CheckpointError
 from metasam.train.bench.plan import BenchPlan, Cell
-from metasam.train.bench.results import stored_test
+from metasam.train.bench.results import stored_test, test_result
 
 pytestmark = pytest.mark.slow
 
@@ -43,3 +44,8 @@ def test_an_evaluation_stored_before_the_flag_existed_counts_as_transductive(tmp
     assert stored_test(plan, out, cell, None) is None  # its own file, _nontransductive, is not there
     path.rename(path.with_name("eval_best_12_seed1234_nontransductive.json"))
     assert stored_test(plan, out, cell, None) is None  # nor does a transductive one under that name stand for it
+    (out / cell.folder / "best.pt").unlink()  # a run kept without its checkpoints cannot be tested anew
+    for _ in range(2):  # with the transductive file under the non-transductive name, and with none
+        with pytest.raises(CheckpointError, match="--non-transductive or not"):
+            test_result(plan, out, cell, None, progress=False)
+        path.with_name("eval_best_12_seed1234_nontransductive.json").unlink(missing_ok=True)

@@ -125,12 +125,12 @@ def test_result(plan: BenchPlan, out: Path, cell: Cell, test_rule: str | None, p
         path = eval_path(plan, run, MetaTrainConfig.load(run), test_rule)
         if path.exists():
             raise CheckpointError(f"{run} has no best.pt, and its test evaluation {path.name} is damaged, or of other "
-                                  "test settings or an earlier best.pt; restore the file from a copy, or delete the run "
+                                  "test settings (--test-rule, --non-transductive or not) or an earlier best.pt; restore the file from a copy, or delete the run "
                                   "folder and rerun the bench's command to train it again")
         raise CheckpointError(f"{run} has neither best.pt nor a test evaluation on this TaskSet ({path.name}): its "
-                              "checkpoints were deleted before it was tested on it; merge with the --episodes and "
-                              "--test-seed it was tested with, or delete the run folder and rerun the bench's command "
-                              "to train it again")
+                              "checkpoints were deleted before it was tested on it; merge with the test settings it was "
+                              "tested with (--episodes, --test-seed, --non-transductive or not), or delete the run "
+                              "folder and rerun the bench's command to train it again")
     return evaluate_run(run, plan.episodes, plan.test_seed, "best", test_rule=test_rule, progress=progress,
                         transductive=plan.transductive)
 
