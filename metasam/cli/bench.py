@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from metasam.cli.flags import add, add_run_flags, rule_flags_given, settings_given
+from metasam.cli.flags import NON_TRANSDUCTIVE_HELP, add, add_run_flags, rule_flags_given, settings_given
 from metasam.errors import ConfigError
 from metasam.meta import PRESETS
 from metasam.train.bench import BenchPlan, load_plan, merge, parse_seeds, parse_settings, parse_shard, run_bench, run_worker
@@ -53,9 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "could need), so that the bench keeps its evidence when its checkpoints (*.pt) are deleted; the choice still "
         "reads validation accuracy only, and the table then lists every grid point's test accuracy too")
     add(p, "--non-transductive", action="store_true",
-        help="test each query image in a batch of its own with the support set (metasam evaluate --non-transductive: "
-        "no prediction depends on the other queries through BatchNorm's batch statistics; slower), not the query set "
-        "in one batch; validation during training is unchanged")
+        help=f"at test, {NON_TRANSDUCTIVE_HELP}; validation during training, and so the choice of best.pt, is unchanged")
     add(p, "--out", required=True, help="folder of the bench: its cells, bench.json (the plan) and the results")
     add(p, "--shard", metavar="I/N", help="train only the cells of index I modulo N (run I = 0 … N−1 as N processes, "
         "then --merge); no results are written")

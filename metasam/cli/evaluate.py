@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from metasam.cli.flags import add
+from metasam.cli.flags import NON_TRANSDUCTIVE_HELP, add
 from metasam.train.distributed import main_process
 from metasam.train.evaluation import evaluate_run
 
@@ -26,11 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--test-rule", choices=("same", "gd"), default=None,
         help="how the tasks are adapted at test time: same (the run's inner rule) or gd (plain gradient descent, to "
              "tell what a sharpness-aware rule adds at test time from what it adds in training); default: the run's")
-    add(p, "--non-transductive", action="store_true",
-        help="predict each query image in a batch of its own with the support set (Nichol et al. 2018), so that no "
-             "prediction depends on the other queries through BatchNorm's batch statistics; one forward of the "
-             "support set and one image per query, slower. Default: the query set in one batch (transductive, "
-             "MAML's protocol, as in training and validation)")
+    add(p, "--non-transductive", action="store_true", help=NON_TRANSDUCTIVE_HELP)
     add(p, "--json", action="store_true",
         help="print the result (with each task's accuracy) as JSON on stdout, and the summary line on stderr")
     add(p, "--no-progress", action="store_true", help="no progress bar")

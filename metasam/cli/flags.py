@@ -23,6 +23,11 @@ def add(parser: argparse.ArgumentParser, *names: str, help: str, **kwargs: Any) 
 
 
 LEVELS = ("inner", "outer")
+NON_TRANSDUCTIVE_HELP = (
+    "predict each query image in a batch of its own with the support set (Nichol et al. 2018), so that no prediction "
+    "depends on the other queries through BatchNorm's batch statistics; one forward of the support set and one image "
+    "per query, slower. Default: the query set in one batch (transductive, MAML's protocol, as in training and "
+    "validation)")
 
 
 def rule_settings() -> dict[str, Field]:
