@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ["tests/meta/test_reference_gradients.py", "tests/test_optim_reference.py"]
 META_SGD = ("tests/meta/test_meta_sgd.py",)
+META_SGD_RUN = ("tests/train/test_meta_training.py::test_a_meta_sgd_run_keeps_its_learned_step_sizes_through_load_evaluate_and_bench",)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ MUTANTS = [
            "step_size = [params.get(learned_lr_key(n), inner.inner_lr) for n in names]",
            "step_size = [fixed.get(learned_lr_key(n), inner.inner_lr) for n in names]", META_SGD),
     Mutant("meta-sgd-step-size-not-an-outer-parameter", "metasam/meta/learner.py",
-           "optimizer_class(list(self.meta_params.values())", "optimizer_class(list(self.params.values())", META_SGD),
+           'groups.append({"params": list(self.inner_lrs.values()), "weight_decay": 0.0})', "pass", META_SGD),
     Mutant("meta-sgd-step-size-unused-at-test", "metasam/meta/adapter.py",
            "phi = adapt(self.model, self._with_inner_lrs(params or self.params)",
            "phi = adapt(self.model, dict(params or self.params)", META_SGD),
@@ -108,6 +109,17 @@ MUTANTS = [
            '"inner_lrs": None,', META_SGD),
     Mutant("meta-sgd-step-size-not-loaded", "metasam/meta/learner_state.py",
            "learner.inner_lrs[n].copy_(a)", "learner.inner_lrs[n].copy_(learner.inner_lrs[n])", META_SGD),
+    Mutant("meta-sgd-not-recorded-for-load", "metasam/meta/learner_state.py",
+           '"learn_inner_lr": bool(learner.inner_lrs),', '"learn_inner_lr": False,', META_SGD_RUN),
+    Mutant("meta-sgd-step-sizes-not-checked-for-nan", "metasam/train/evaluation.py",
+           "check_finite_weights(learner_weights(learner), path)", "check_finite_weights(learner.model.state_dict(), path)",
+           META_SGD_RUN),
+    Mutant("meta-sgd-step-sizes-decayed", "metasam/meta/learner.py",
+           'groups.append({"params": list(self.inner_lrs.values()), "weight_decay": 0.0})',
+           'groups.append({"params": list(self.inner_lrs.values())})', META_SGD),
+    Mutant("meta-sgd-callers-step-sizes-ignored", "metasam/meta/adapter.py",
+           "params.get(learned_lr_key(n), a) for n, a in self.inner_lrs.items()", "a for n, a in self.inner_lrs.items()",
+           META_SGD),
     Mutant("meta-sgd-landscape-without-step-sizes", "metasam/analysis/meta_loss.py",
            "lrs = {learned_lr_key(n): a.detach() for n, a in learner.inner_lrs.items()}", "lrs = {}", META_SGD),
 ]

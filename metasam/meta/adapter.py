@@ -54,8 +54,10 @@ class TaskAdapter:
         return {n: t.detach() for n, t in self._with_inner_lrs(self.params).items()}
 
     def _with_inner_lrs(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The entries of ``params`` that are θ's, with the learned step sizes that :func:`adapt` reads."""
-        return {**{n: params[n] for n in self.names}, **{learned_lr_key(n): a for n, a in self.inner_lrs.items()}}
+        """The entries of ``params`` that are θ's, with the learned step sizes that :func:`adapt` reads: those of
+        ``params`` where it holds them (keyed by :func:`~metasam.meta.functional.learned_lr_key`), else the learner's."""
+        return {**{n: params[n] for n in self.names},
+                **{learned_lr_key(n): params.get(learned_lr_key(n), a) for n, a in self.inner_lrs.items()}}
 
     def _task_mean(self, sums: list[Tensor], tasks: int) -> list[Tensor]:
         """(1/T) Σ_τ x_τ from sums over this process's ``tasks`` tasks: T = ``tasks`` for one process; with
@@ -69,9 +71,10 @@ class TaskAdapter:
     def adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None, params: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
-        """Fast weights φ_K for one task (support_x [N·K, ...]); usable with ``functional_call`` or
-        :meth:`predict`. Uses the test-time rule and step count (and the learned step sizes, if any);
-        differentiable w.r.t. θ unless the learner is first order."""
+        """Fast weights φ_K for one task (support_x [N·K, ...]) from θ = ``params`` (default: the learner's);
+        usable with ``functional_call`` or :meth:`predict`. Uses the test-time rule and step count, and the
+        learned step sizes, if any (those of ``params`` where it holds them under ``learned_lr_key(name)``);
+        differentiable w.r.t. θ (and α) unless the learner is first order."""
         phi = adapt(self.model, self._with_inner_lrs(params or self.params), support_x, support_y, self.test_loop(steps))
         return {n: phi[n] for n in self.names}
 

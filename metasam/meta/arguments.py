@@ -173,15 +173,17 @@ def adapted_names(model: nn.Module, names: Sequence[str], adapt: AdaptSelection 
     return chosen
 
 
-def learned_inner_lrs(params: dict[str, Tensor], adapted: Sequence[str] | None, inner_lr: float) -> dict[str, nn.Parameter]:
-    """Meta-SGD's step sizes: one tensor α of each adapted parameter's shape (all of ``params`` for None), filled
-    with ``inner_lr``. Refuses a model whose own parameter names could be taken for them."""
+def learned_inner_lrs(params: dict[str, Tensor], adapted: Sequence[str] | None, inner_lr: float,
+                      learn: bool) -> dict[str, nn.Parameter]:
+    """Meta-SGD's step sizes (``learn``): one tensor α of each adapted parameter's shape (all of ``params`` for
+    None), filled with ``inner_lr``; {} without. Refuses a model whose own parameter names could be taken for
+    them (``forward`` leaves such keys out of the model's call), with or without ``learn``."""
     clash = [n for n in params if is_learned_lr(n)]
     if clash:
-        raise ConfigError(f"the model's parameter {clash[0]!r} is named like a learned step size ({LEARNED_LR}...); "
-                          "rename it to use learn_inner_lr=True")
+        raise ConfigError(f"the model's parameter {clash[0]!r} is named like a learned inner step size "
+                          f"({LEARNED_LR}...), which metasam keeps out of the model's call: rename it")
     return {n: nn.Parameter(torch.full_like(p.detach(), inner_lr)) for n, p in params.items()
-            if adapted is None or n in adapted}
+            if learn and (adapted is None or n in adapted)}
 
 
 def nonfinite_step_error(iteration: int, query_loss: Tensor, direction: dict[str, Tensor], tame: dict[str, Any]) -> NonFiniteError:
@@ -190,13 +192,20 @@ def nonfinite_step_error(iteration: int, query_loss: Tensor, direction: dict[str
     if not torch.isfinite(query_loss):
         tensor, bad = "query loss", query_loss
     else:
-        tensor, bad = next((f"meta-gradient of {n}", g) for n, g in direction.items() if not torch.isfinite(g).all())
+        tensor, bad = next((f"meta-gradient of {_meta_parameter(n)}", g) for n, g in direction.items()
+                           if not torch.isfinite(g).all())
     return NonFiniteError(
-        f"iteration {iteration}: the {tensor} is {'NaN' if torch.isnan(bad).any() else 'Inf'}; θ, the outer optimizer and "
+        f"iteration {iteration}: the {tensor} is {'NaN' if torch.isnan(bad).any() else 'Inf'}; θ (and any learned "
+        "inner step sizes), the outer optimizer and "
         f"its momentum keep their values of iteration {iteration - 1}. Try a smaller "
         f"{', '.join(f'{k} (now {v})' for k, v in tame.items())}",
         iteration=iteration, tensor=tensor,
     )
+
+
+def _meta_parameter(key: str) -> str:
+    """A meta-parameter's name in words: θ's own name, or "the learned step size of <name>"."""
+    return f"the learned step size of {key.removeprefix(LEARNED_LR)}" if is_learned_lr(key) else key
 
 
 def custom_spec(value: Any) -> dict[str, str]:

@@ -72,10 +72,6 @@ class MetaLearner(TaskAdapter):
         algo: maml, fomaml, sharp-maml-low, sharp-maml-up, sharp-maml-both, agnostic-sam,
             agnostic-sam-up, agnostic-sam-both.
         inner_lr: α. inner_steps: K at meta-training; test_inner_steps: K at meta-test (default K).
-        learn_inner_lr: Meta-SGD (Li et al. 2017): α becomes a tensor per adapted parameter, of its shape,
-            starting at ``inner_lr`` everywhere and meta-learned beside θ by the outer optimizer and outer rule
-            (an outer SAM radius then perturbs θ and α together); the inner step is φ ← φ − α ⊙ d at training
-            and at test. ``learner.inner_lrs`` holds them, keyed by the parameter's name.
         first_order: detach inner gradients (default: the preset's; True only for fomaml).
         outer_lr: the outer optimizer's learning rate.
         outer_optimizer: a ``torch.optim`` class or its name (default Adam); ``outer_kwargs`` its other
@@ -108,6 +104,11 @@ class MetaLearner(TaskAdapter):
         reducer: shares meta-batches and evaluation tasks between processes (data parallel, see
             :mod:`metasam.meta.distributed`): each process passes its own tasks and gets
             ∇L_meta = Σ_r Σ_{τ∈S_r} ∇L_q^τ / Σ_r |S_r| of the whole meta-batch. None: one process.
+        learn_inner_lr: Meta-SGD (Li et al. 2017): α becomes a tensor per adapted parameter, of its shape,
+            starting at ``inner_lr`` everywhere and meta-learned beside θ by the outer optimizer (in a parameter
+            group of its own without weight decay) and the outer rule (an outer SAM radius perturbs θ and α
+            together); the inner step is φ ← φ − α ⊙ d at training and at test. ``learner.inner_lrs`` holds them,
+            keyed by the parameter's name, made on the model's device and dtype: move the model first.
         **rule_params: a shorthand for the preset's rules with other settings, each prefixed by its level:
             ``inner_rho1=0.1`` is ``inner_rule=AgnosticRule(rho1=0.1)`` for agnostic-sam (the settings are
             the fields of :class:`~metasam.meta.rules.SAMRule` and :class:`~metasam.meta.rules.AgnosticRule`),
@@ -120,7 +121,6 @@ class MetaLearner(TaskAdapter):
         algo: str = "maml",
         inner_lr: float = 0.4,
         inner_steps: int = 1,
-        learn_inner_lr: bool = False,
         test_inner_steps: int | None = None,
         first_order: bool | None = None,
         outer_lr: float = 1e-3,
@@ -138,6 +138,7 @@ class MetaLearner(TaskAdapter):
         path: str = "auto",
         task_threads: int | str = "auto",
         reducer: Reducer | None = None,
+        learn_inner_lr: bool = False,
         **rule_params: Any,
     ) -> None:
         preset_inner, preset_outer = check_hparams(
@@ -164,7 +165,7 @@ class MetaLearner(TaskAdapter):
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.names = list(self.params)
         adapted = None if adapt is None else tuple(adapted_names(model, self.names, adapt))
-        self.inner_lrs = learned_inner_lrs(self.params, adapted, inner_lr) if learn_inner_lr else {}
+        self.inner_lrs = learned_inner_lrs(self.params, adapted, inner_lr, learn_inner_lr)
         self.meta_params = {**self.params, **{learned_lr_key(n): a for n, a in self.inner_lrs.items()}}
         self.meta_names = list(self.meta_params)
         self.algo = algo
@@ -178,7 +179,10 @@ class MetaLearner(TaskAdapter):
             loss_fn or nn.functional.cross_entropy, adapted, val_view,
         )
         self.reducer = reducer
-        self.outer_optimizer = optimizer_class(list(self.meta_params.values()), lr=outer_lr, **(outer_kwargs or {}))
+        groups = [{"params": list(self.params.values())}]
+        if self.inner_lrs:  # a step size decayed towards 0 would be a regulariser nobody asked for
+            groups.append({"params": list(self.inner_lrs.values()), "weight_decay": 0.0})
+        self.outer_optimizer = optimizer_class(groups, lr=outer_lr, **(outer_kwargs or {}))
         self.outer_scheduler = None if outer_scheduler is None else outer_scheduler(self.outer_optimizer)
         self.outer_momentum: list[Tensor] | None = None
         self.iteration = 0
@@ -284,7 +288,10 @@ class MetaLearner(TaskAdapter):
         ``outer_cos_before`` / ``outer_cos_after`` (:meth:`outer_alignment` at θ and at the new θ, on
         ``batch`` and ``val_batch``, which it then needs whatever the outer rule) and ``inner_cos_before``
         / ``inner_cos_after`` (:meth:`inner_alignment`). It costs four more meta-gradients and the inner
-        diagnostic's passes: a diagnostic to take every few steps, not at every one."""
+        diagnostic's passes: a diagnostic to take every few steps, not at every one.
+
+        With ``learn_inner_lr``, the meta-parameters are θ and α: the norms and the outer cosines are taken over
+        both, as the outer optimizer and the outer rule see them."""
         batch = self._checked(as_task_batch(batch))
         aligned = {}
         if alignment:

@@ -18,7 +18,7 @@ from metasam.data.label_noise import symmetric_label_noise
 from metasam.errors import CheckpointError, ConfigError, NonFiniteError
 from metasam.meta import MetaLearner
 from metasam.train.config import MetaTrainConfig
-from metasam.train.evaluation import check_finite_weights
+from metasam.train.evaluation import check_finite_weights, learner_weights
 from metasam.train.splits import load_splits as load_meta_splits
 from metasam.train.supervised import SupervisedConfig, load_splits, make_model
 
@@ -26,7 +26,7 @@ from metasam.train.supervised import SupervisedConfig, load_splits, make_model
 def _meta_loss(run_dir: Path, tasks: int, loss: str):
     cfg = MetaTrainConfig.load(run_dir)
     learner = MetaLearner.load(run_dir, which="best")
-    check_finite_weights(learner.model.state_dict(), run_dir / "best.pt")
+    check_finite_weights(learner_weights(learner), run_dir / "best.pt")
     _, val_ds, _ = load_meta_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, None, cfg.image_size)
     val = TaskSet.load(run_dir / "val_tasks.json", val_ds)
     chosen = [val[i] for i in range(min(tasks, len(val)))]

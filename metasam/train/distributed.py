@@ -24,7 +24,7 @@ from functools import cached_property
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from metasam.errors import ConfigError
 from metasam.meta.distributed import ProcessGroupReducer
@@ -55,12 +55,13 @@ class Processes:
         """This process's tasks of a meta-batch: the reducer's share, those i with i ≡ rank (mod W)."""
         return tasks if self.reducer is None else self.reducer.share(tasks)
 
-    def broadcast_weights(self, model: nn.Module) -> None:
-        """Copy rank 0's parameters and buffers into every process's ``model`` (in place)."""
+    def broadcast_weights(self, model: nn.Module, *more: Tensor) -> None:
+        """Copy rank 0's parameters and buffers of ``model``, and the tensors ``more`` (a learner's learned inner
+        step sizes), into every process's (in place)."""
         if self.world_size == 1:
             return
         with torch.no_grad():
-            for tensor in model.state_dict().values():
+            for tensor in (*model.state_dict().values(), *more):
                 dist.broadcast(tensor, src=0)
 
     def agree_on_signal(self, signum: int | None) -> int | None:

@@ -28,8 +28,14 @@ from metasam.train.run_checkpoint import load_run_checkpoint
 from metasam.train.splits import load_splits
 
 
+def learner_weights(learner: MetaLearner) -> dict[str, torch.Tensor]:
+    """The model's state dict and the learned inner step sizes (named "learned step size of <name>"), if any."""
+    return {**learner.model.state_dict(), **{f"learned step size of {n}": a.detach() for n, a in learner.inner_lrs.items()}}
+
+
 def check_finite_weights(tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
-    """Raise :class:`NonFiniteError` naming the tensors of ``tensors`` (a state dict) that hold NaN or Inf."""
+    """Raise :class:`NonFiniteError` naming the tensors of ``tensors`` (a state dict, or :func:`learner_weights`)
+    that hold NaN or Inf."""
     bad = [f"{name} ({'NaN' if t.isnan().any() else 'Inf'})" for name, t in tensors.items()
            if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -37,7 +43,7 @@ def check_finite_weights(tensors: Mapping[str, torch.Tensor], source: str | Path
         raise NonFiniteError(
             f"{source} holds non-finite weights: {shown}. The run diverged or the file was edited; use another "
             "checkpoint of the run (--checkpoint last) or train again with a smaller --inner-lr / --outer-lr",
-            tensor=bad[0].split(" ")[0])
+            tensor=bad[0].rsplit(" (", 1)[0])
 
 
 @contextmanager
@@ -82,7 +88,7 @@ def evaluate_run(run_dir: str | Path, episodes: int = 600, seed: int = 1234, whi
     rule = test_rule or cfg.test_rule
     ckpt = load_run_checkpoint(path, cfg)
     learner = MetaLearner.from_checkpoint(ckpt, path, reducer=procs.reducer, val_view=cfg.validation_view(), test_rule=rule)
-    check_finite_weights(learner.model.state_dict(), path)
+    check_finite_weights(learner_weights(learner), path)
     _, _, test_ds = load_splits(cfg.dataset, cfg.data_root, cfg.train_split, cfg.val_split, split, cfg.image_size)
     tasks = TaskSet.sample(test_ds, episodes, cfg.ways, cfg.shots, cfg.queries, seed=seed)
     with refusing_nonfinite_outputs(learner.model, path):

@@ -247,7 +247,7 @@ class MetaTrainer:
             stop["agreed"] = self.procs.agree_on_signal(stop["signal"])
             return stop["agreed"] is not None
 
-        self.procs.broadcast_weights(learner.model)
+        self.procs.broadcast_weights(learner.model, *learner.inner_lrs.values())
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=cfg.iterations, initial=learner.iteration, disable=not progress or not self.procs.is_main,
                    unit="it", desc=cfg.algo)

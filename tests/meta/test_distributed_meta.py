@@ -21,13 +21,14 @@ from metasam import ConfigError
 from metasam.meta import MetaLearner, TaskBatch
 
 T, WAYS, SHOTS, QUERIES, DIM = 5, 3, 2, 3, 4
-CASES = {  # name: (algo, path, rule hyperparameters); the outer rules are where reductions can go wrong
+AGNOSTIC_BOTH = {"inner_rho1": 0.08, "inner_rho2": 0.03, "inner_beta": 0.7, "outer_rho1": 0.3, "outer_rho2": 0.1,
+                 "outer_beta": 0.7}
+CASES = {  # name: (algo, path, learner settings); the outer rules are where reductions can go wrong
     "maml": ("maml", "loop", {}),
     "maml-vmap": ("maml", "vmap", {}),
     "sharp-maml-up": ("sharp-maml-up", "loop", {"outer_rho": 0.3}),
-    "agnostic-sam-both": ("agnostic-sam-both", "loop", {
-        "inner_rho1": 0.08, "inner_rho2": 0.03, "inner_beta": 0.7, "outer_rho1": 0.3, "outer_rho2": 0.1, "outer_beta": 0.7,
-    }),
+    "agnostic-sam-both": ("agnostic-sam-both", "loop", AGNOSTIC_BOTH),
+    "agnostic-sam-both-meta-sgd": ("agnostic-sam-both", "loop", {**AGNOSTIC_BOTH, "learn_inner_lr": True}),  # α reduced too
 }
 STEPS = 3
 
@@ -71,7 +72,7 @@ def run_case(case: str, reducer=None) -> dict:
     learner.reducer = None  # the same weights, evaluated by this process alone
     return {
         "tasks": mine, "grad": grad, "metrics": metrics, "accs": accs, "accs_alone": learner.task_accuracies(eval_items()),
-        "weights": {n: p.detach().clone() for n, p in learner.params.items()}, "momentum": learner.outer_momentum,
+        "weights": {n: p.detach().clone() for n, p in learner.meta_params.items()}, "momentum": learner.outer_momentum,
         "adam": [{k: v.clone() for k, v in state.items()} for state in learner.outer_optimizer.state.values()],
     }
 

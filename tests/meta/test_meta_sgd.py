@@ -11,8 +11,9 @@ from torch import nn
 
 import reference as ref
 from metasam.analysis.meta_loss import meta_loss_fn
-from metasam.errors import CheckpointError
+from metasam.errors import CheckpointError, ConfigError
 from metasam.meta import MetaLearner
+from metasam.meta.arguments import nonfinite_step_error
 from metasam.meta.functional import learned_lr_key
 from test_reference_gradients import ALPHA, BETA, PATHS, STEPS, assert_close, mlp, rule_params, tasks
 
@@ -37,16 +38,18 @@ def meta_sgd(inner, first_order, path, outer=ref.Level("plain"), lr=1e-3, **kwar
     return learner
 
 
-def reference(learner, inner, first_order, batch, outer=ref.Level("plain"), adapted=None):
-    """The outer rule's direction over [θ..., α...] from the equations: L_meta(θ, α) differentiated in both."""
+def reference(learner, inner, first_order, batch, outer=ref.Level("plain"), adapted=None, val_batch=None):
+    """The outer rule's direction over [θ..., α...] from the equations: L_meta(θ, α) differentiated in both
+    (the agnostic outer rule's validation meta-loss on ``val_batch``, its momentum starting afresh)."""
     theta = [p.detach() for p in learner.model.parameters()]
     alphas = [a.detach() for a in learner.inner_lrs.values()]
 
-    def loss(w):
-        return ref.meta_loss(w[:len(theta)], batch, inner, STEPS, w[len(theta):], first_order, adapted=adapted)
+    def loss_on(tasks):
+        return lambda w: ref.meta_loss(w[:len(theta)], tasks, inner, STEPS, w[len(theta):], first_order, adapted=adapted)
 
     level = ref.Level() if outer.kind == "plain" else outer
-    d, _ = ref.rule_direction(level, loss, None, [*theta, *alphas], None, create_graph=False)
+    val_loss = None if val_batch is None else loss_on(val_batch)
+    d, _ = ref.rule_direction(level, loss_on(batch), val_loss, [*theta, *alphas], None, create_graph=False)
     return [x.detach() for x in d]
 
 
@@ -63,13 +66,16 @@ def test_meta_gradient_in_theta_and_alpha_equals_the_reference(inner, first_orde
     assert all(float(g.abs().max()) > 0 for g in expected[len(learner.names):])  # α really is learned
 
 
+OUTER = {"sam": ref.Level("sam", rho=0.06), "agnostic": ref.Level("agnostic", rho1=0.07, rho2=0.03, beta=BETA)}
+
+
 @pytest.mark.parametrize("path", list(PATHS))
-def test_an_outer_sam_radius_perturbs_theta_and_alpha_under_one_norm(path):
-    outer = ref.Level("sam", rho=0.06)
-    learner = meta_sgd(INNER["sam"], False, path, outer=outer)
-    batch = tasks(2)
-    assert_close(list(learner.meta_gradient(batch).values()), reference(learner, INNER["sam"], False, batch, outer),
-                 "outer sam over θ and α")
+@pytest.mark.parametrize("outer", list(OUTER))
+def test_an_outer_radius_perturbs_theta_and_alpha_under_one_norm(outer, path):
+    learner = meta_sgd(INNER["sam"], False, path, outer=OUTER[outer])
+    batch, val = tasks(2), (tasks(8) if outer == "agnostic" else None)
+    assert_close(list(learner.meta_gradient(batch, val).values()),
+                 reference(learner, INNER["sam"], False, batch, OUTER[outer], val_batch=val), f"outer {outer} over θ and α")
 
 
 def test_only_the_adapted_parameters_get_a_step_size():
@@ -90,17 +96,22 @@ def test_a_meta_step_moves_alpha_by_its_meta_gradient():
     assert_close(list(learner.inner_lrs.values()), [a - lr * g for a, g in zip(before, step)], "α after one SGD step")
 
 
-def test_adaptation_at_test_uses_the_learned_step_sizes():
-    learner = meta_sgd(INNER["gd"], False, "loop")
+@pytest.mark.parametrize("test_rule", ["same", "gd"])
+def test_adaptation_at_test_uses_the_learned_step_sizes_with_either_test_rule(test_rule):
+    learner = meta_sgd(INNER["agnostic"], False, "loop", test_rule=test_rule, test_inner_steps=STEPS + 2)
     sx, sy, qx, qy = (t[0] for t in tasks(5))
     theta = [p.detach() for p in learner.model.parameters()]
     alphas = [a.detach() for a in learner.inner_lrs.values()]
-    expected = ref.adapt(theta, sx, sy, INNER["gd"], STEPS, alphas, first_order=True)
+    rule = INNER["agnostic"] if test_rule == "same" else INNER["gd"]
+    expected = ref.adapt(theta, sx, sy, rule, STEPS + 2, alphas, first_order=True)
     got = learner.adapt(sx, sy)
     assert list(got) == learner.names
     assert_close(list(got.values()), expected, "fast weights")
     [loss] = learner.task_losses([(sx, sy, qx, qy)])  # the evaluation path, apart from adapt()
     assert loss == pytest.approx(float(ref.ce(expected, qx, qy)), rel=1e-12)
+    given = {**learner.params, **{learned_lr_key(n): 2 * a for n, a in zip(learner.names, alphas)}}  # the caller's α
+    expected = ref.adapt(theta, sx, sy, rule, STEPS + 2, [2 * a for a in alphas], first_order=True)
+    assert_close(list(learner.adapt(sx, sy, params=given).values()), expected, "fast weights with the caller's α")
 
 
 def test_state_dict_round_trip_and_refusals_name_the_setting():
@@ -121,11 +132,27 @@ def test_state_dict_round_trip_and_refusals_name_the_setting():
     plain.load_state_dict(old)
 
 
-def test_a_model_parameter_named_like_a_step_size_is_refused():
+def test_weight_decay_of_the_outer_optimizer_leaves_alpha_alone():
+    batch = tasks(9)
+    decayed, plain = (meta_sgd(INNER["gd"], False, "loop", outer_kwargs={"weight_decay": wd}) for wd in (0.5, 0.0))
+    decayed.meta_step(batch)
+    plain.meta_step(batch)
+    assert all(torch.equal(decayed.inner_lrs[n], plain.inner_lrs[n]) for n in plain.names)
+    assert not torch.equal(decayed.params["0.weight"], plain.params["0.weight"])  # θ's decay is on
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_a_model_parameter_named_like_a_step_size_is_refused(learn):
     model = nn.Linear(2, 2)
     model.register_parameter(learned_lr_key("x"), nn.Parameter(torch.zeros(2)))
-    with pytest.raises(Exception, match="rename it"):
-        MetaLearner(model, "maml", learn_inner_lr=True)
+    with pytest.raises(ConfigError, match="rename it"):
+        MetaLearner(model, "maml", learn_inner_lr=learn)
+
+
+def test_a_non_finite_meta_gradient_of_a_step_size_is_named_as_one():
+    direction = {"2.bias": torch.zeros(3), learned_lr_key("2.bias"): torch.tensor([0.0, float("nan"), 0.0])}
+    error = nonfinite_step_error(4, torch.tensor(1.0), direction, {"inner_lr": 0.3})
+    assert "meta-gradient of the learned step size of 2.bias is NaN" in str(error)
 
 
 def test_the_meta_loss_of_the_landscape_holds_the_learned_step_sizes_fixed():
@@ -134,4 +161,4 @@ def test_the_meta_loss_of_the_landscape_holds_the_learned_step_sizes_fixed():
     theta = {n: p.detach() for n, p in learner.params.items()}
     alphas = [a.detach() for a in learner.inner_lrs.values()]
     expected = ref.meta_loss(list(theta.values()), batch, INNER["gd"], STEPS, alphas, first_order=False)
-    assert float(meta_loss_fn(learner, [batch])(theta)) == pytest.approx(float(expected), rel=1e-12)
+    assert float(meta_loss_fn(learner, [batch])(theta).detach()) == pytest.approx(float(expected.detach()), rel=1e-12)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from metasam import CheckpointError, ConfigError
+from metasam.atomic_write import save_atomic
+from metasam.checkpoint import DIGEST_KEY, load_checkpoint
 from metasam.cli.main import main
 from metasam.meta import AgnosticRule, MetaLearner, SAMRule
 from metasam.models import Conv4
@@ -137,6 +139,31 @@ def test_cli_train_then_evaluate_and_refuse_to_overwrite(tmp_path, capsys):
     assert eval_file_name("best", 5, 1234, cfg, cfg.test_rule, cfg.test_inner_steps, cfg.test_split) == "eval_best_5_seed1234.json"
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_a_meta_sgd_run_keeps_its_learned_step_sizes_through_load_evaluate_and_bench(tmp_path, capsys):
+    tiny = ["--dataset", "glyphs", "--queries", "2", "--meta-batch", "2", "--iterations", "2",
+            "--val-every", "1", "--val-tasks", "3", "--inner-lr", "0.3", "--learn-inner-lr", "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", *tiny, "--ways", "3", "--out", str(run)]) == 0
+    saved = torch.load(run / "last.pt", weights_only=True)["learner"]["inner_lrs"]
+    learner = MetaLearner.load(run, which="last")
+    assert list(learner.inner_lrs) == learner.names
+    for n, a in learner.inner_lrs.items():
+        assert torch.equal(a, saved[n]), n
+    moved = [n for n, a in learner.inner_lrs.items() if not torch.equal(a, torch.full_like(a, 0.3))]
+    assert "head.weight" in moved  # learned (a convolution's bias before BatchNorm gets no gradient at all)
+    assert main(["evaluate", str(run), "--episodes", "4", "--no-progress"]) == 0
+    checkpoint = load_checkpoint(run / "best.pt")  # a NaN step size behind a valid content hash
+    checkpoint["learner"]["inner_lrs"]["head.bias"][0] = float("nan")
+    save_atomic({k: v for k, v in checkpoint.items() if k != DIGEST_KEY}, run / "best.pt", digest=True)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--episodes", "4", "--no-progress"]) == 2
+    assert "non-finite weights: learned step size of head.bias (NaN)" in capsys.readouterr().err
+    bench = tmp_path / "bench"
+    assert main(["bench", *tiny, "--settings", "3w1s", "--algos", "maml", "--episodes", "4", "--out", str(bench)]) == 0
+    assert "**Learned inner step sizes (Meta-SGD, `--learn-inner-lr`).**" in (bench / "results.md").read_text()
+    assert "--learn-inner-lr" in json.loads((bench / "results.json").read_text())["command"]
 
 
 def test_config_errors_are_specific():

@@ -46,6 +46,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["**Non-transductive test.** Each query image was predicted in a batch of its own with the support set "
                   "(BatchNorm's statistics of the support set and that image), not with the other queries; validation "
                   "during training used the whole query set.", ""]
+    if results["plan"]["overrides"].get("learn_inner_lr"):
+        lines += ["**Learned inner step sizes (Meta-SGD, `--learn-inner-lr`).** Every run learned α per parameter "
+                  "entry beside θ, from the --inner-lr it started at; each method's name gives its inner and outer "
+                  "rules only.", ""]
     controls = {m["control"] for s in results["settings"] for m in s["methods"] if m["control"]}
     if controls:
         lines += ["**Controls.** " + " ".join(f"*{c}*: {CONTROLS[c]}." for c in CONTROLS if c in controls), ""]
