@@ -31,7 +31,8 @@ def _row(table: str, name: str) -> list[str]:
 
 def test_throughput_benchmark_checks_both_paths_and_reports(tmp_path):
     out = tmp_path / "throughput.md"
-    run = subprocess.run([sys.executable, "benchmarks/throughput.py", *TINY, "--compare-paths", "--out", str(out)],
+    run = subprocess.run([sys.executable, "benchmarks/throughput.py", *TINY, "--compare-paths", "--learn-inner-lr",
+                          "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -41,6 +42,7 @@ def test_throughput_benchmark_checks_both_paths_and_reports(tmp_path):
         median, low, high = map(float, re.fullmatch(r"([\d.]+) \(([\d.]+) – ([\d.]+)\)", cells[1]).groups())
         assert 0 < low <= median <= high  # tasks/s: the median of the repeats, with the slowest and the fastest
         assert float(cells[7]) <= 1e-3, f"{name}: meta-gradient {cells[7]} from the float64 truth"
+    assert float(_row(table, "metasam maml (loop), learned inner step sizes (Meta-SGD)")[1].split()[0]) > 0
     baseline = _row(table, "torch.autograd loop (hand-written)")
     assert float(baseline[7]) <= 1e-3
     query = re.search(r"Query passes alone .*?metasam's Conv4 ([\d.]+) GFLOP/s .*?the textbook Conv4 ([\d.]+) GFLOP/s", table)
