@@ -291,7 +291,8 @@ class MetaLearner(TaskAdapter):
         diagnostic's passes: a diagnostic to take every few steps, not at every one.
 
         With ``learn_inner_lr``, the meta-parameters are θ and α: the norms and the outer cosines are taken over
-        both, as the outer optimizer and the outer rule see them."""
+        both, as the outer optimizer and the outer rule see them, and ``inner_lr_mean`` / ``inner_lr_min`` /
+        ``inner_lr_max`` give the learned step sizes over all their entries after the step."""
         batch = self._checked(as_task_batch(batch))
         aligned = {}
         if alignment:
@@ -316,6 +317,9 @@ class MetaLearner(TaskAdapter):
         out = {k: float(v) for k, v in metrics.items()}
         out.update(before)
         out["meta_grad_norm"] = float(norm)
+        if self.inner_lrs:  # where the learned step sizes went, after this step
+            every = torch.cat([a.detach().flatten() for a in self.inner_lrs.values()])
+            out.update(inner_lr_mean=float(every.mean()), inner_lr_min=float(every.min()), inner_lr_max=float(every.max()))
         if alignment:
             out.update(aligned, outer_cos_after=self.outer_alignment(batch, val_batch))
         return out

@@ -92,8 +92,12 @@ def test_a_meta_step_moves_alpha_by_its_meta_gradient():
     before = [a.detach().clone() for a in learner.inner_lrs.values()]
     batch = tasks(4)
     step = reference(learner, INNER["agnostic"], False, batch)[len(learner.names):]
-    learner.meta_step(batch)
-    assert_close(list(learner.inner_lrs.values()), [a - lr * g for a, g in zip(before, step)], "α after one SGD step")
+    metrics = learner.meta_step(batch)
+    after = [a - lr * g for a, g in zip(before, step)]
+    assert_close(list(learner.inner_lrs.values()), after, "α after one SGD step")
+    every = torch.cat([a.flatten() for a in after])
+    assert metrics["inner_lr_mean"] == pytest.approx(float(every.mean()), rel=1e-12)
+    assert (metrics["inner_lr_min"], metrics["inner_lr_max"]) == pytest.approx((float(every.min()), float(every.max())))
 
 
 @pytest.mark.parametrize("test_rule", ["same", "gd"])

@@ -153,6 +153,8 @@ def test_a_meta_sgd_run_keeps_its_learned_step_sizes_through_load_evaluate_and_b
         assert torch.equal(a, saved[n]), n
     moved = [n for n, a in learner.inner_lrs.items() if not torch.equal(a, torch.full_like(a, 0.3))]
     assert "head.weight" in moved  # learned (a convolution's bias before BatchNorm gets no gradient at all)
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"query_loss"' in x]
+    assert all(s["inner_lr_min"] <= s["inner_lr_mean"] <= s["inner_lr_max"] for s in steps) and len(steps) == 2
     assert main(["evaluate", str(run), "--episodes", "4", "--no-progress"]) == 0
     checkpoint = load_checkpoint(run / "best.pt")  # a NaN step size behind a valid content hash
     checkpoint["learner"]["inner_lrs"]["head.bias"][0] = float("nan")
