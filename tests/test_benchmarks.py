@@ -109,3 +109,14 @@ def test_optimizer_overhead_benchmark_runs_and_refuses_to_time_steps_that_differ
     monkeypatch.setitem(overhead.METHODS, "SAM by hand", (overhead.sgd_step, overhead.METHODS["SAM by hand"][1]))
     with pytest.raises(SystemExit, match="metasam SAM and SAM by hand differ by .* not the same step; nothing timed"):
         overhead.check_same_steps(overhead.mlp, 8)
+
+
+def test_data_cache_benchmark_times_both_loads_and_the_hash_check(tmp_path):
+    run = subprocess.run([sys.executable, "benchmarks/data_cache.py", "--omniglot", str(tmp_path / "absent"), "--repeats", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    glyphs = re.search(r"^Glyphs\(\) +([\d.]+)s +([\d.]+)s +(\d+)x", run.stdout, flags=re.M)
+    assert glyphs and float(glyphs.group(1)) > float(glyphs.group(2)) > 0, run.stdout
+    assert re.search(r"^Omniglot\(small1\+small2\) +skipped: ", run.stdout, flags=re.M), run.stdout
+    assert re.search(r"content hash checked on every cached load: [\d.]+ s per GB", run.stdout), run.stdout

@@ -3,12 +3,13 @@
 A CPU meta-training step allocates and frees the same large activation buffers for every task (a
 Conv4's first block on 75 query images holds 15 MB per tensor). glibc serves blocks that size with
 ``mmap`` and unmaps them on free, or trims the heap top, so the next task gets fresh pages from the
-kernel and pays a page fault per page to have each zeroed again: 4,000–8,600 faults and 11–28 ms of
-system time per 5-way 1-shot task here (docs/performance.md). :func:`retain_freed_memory` sets
+kernel and pays a page fault per page to have each zeroed again. :func:`retain_freed_memory` sets
 ``M_MMAP_MAX = 0`` and a 2 GiB ``M_TRIM_THRESHOLD``: blocks come from the heap and freed ones stay
-there for reuse, and training ran 1.14× faster at 5-way and 1.31× at 20-way 1-shot. The price is
-memory: the process keeps its peak heap until it exits, and the heap fragments; the peak RSS of two
-outer steps rose by 13 % at 5-way and by 10 % at 20-way (413 → 456 MB).
+there for reuse. In two runs of ``metasam train`` at 5-way 1-shot (docs/results/allocator.md) the page
+faults per task fell from 3,411 to 1,114 and from 11,004 to 902, the system time per task from 11.1 to 4.6
+and from 28.1 to 3.5 ms, and training ran 1.12× and 1.22× faster (medians of three rounds). The price is
+memory: the process keeps its peak heap until it exits, and the heap fragments (the peak memory of each
+implementation with it: docs/results/throughput-retain.md).
 
 ``metasam`` commands call it at start-up (``METASAM_RETAIN_FREED_MEMORY=0`` opts out); library users
 who want it call it once, early, themselves. It is a process-wide allocator setting: it changes no
