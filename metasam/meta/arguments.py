@@ -195,8 +195,7 @@ def nonfinite_step_error(iteration: int, query_loss: Tensor, direction: dict[str
         tensor, bad = next((f"meta-gradient of {_meta_parameter(n)}", g) for n, g in direction.items()
                            if not torch.isfinite(g).all())
     return NonFiniteError(
-        f"iteration {iteration}: the {tensor} is {'NaN' if torch.isnan(bad).any() else 'Inf'}; θ (and any learned "
-        "inner step sizes), the outer optimizer and "
+        f"iteration {iteration}: the {tensor} is {'NaN' if torch.isnan(bad).any() else 'Inf'}; θ, the outer optimizer and "
         f"its momentum keep their values of iteration {iteration - 1}. Try a smaller "
         f"{', '.join(f'{k} (now {v})' for k, v in tame.items())}",
         iteration=iteration, tensor=tensor,

@@ -9,7 +9,8 @@ import pytest
 from metasam.cli.main import main
 from metasam.errors import CheckpointError
 from metasam.train.bench.plan import BenchPlan, Cell
-from metasam.train.bench.results import stored_test, test_result
+from metasam.train.bench import results as bench_results
+from metasam.train.bench.results import stored_test
 
 pytestmark = pytest.mark.slow
 
@@ -47,5 +48,5 @@ def test_an_evaluation_stored_before_the_flag_existed_counts_as_transductive(tmp
     (out / cell.folder / "best.pt").unlink()  # a run kept without its checkpoints cannot be tested anew
     for _ in range(2):  # with the transductive file under the non-transductive name, and with none
         with pytest.raises(CheckpointError, match="--non-transductive or not"):
-            test_result(plan, out, cell, None, progress=False)
+            bench_results.test_result(plan, out, cell, None, progress=False)  # (imported so, pytest would collect it)
         path.with_name("eval_best_12_seed1234_nontransductive.json").unlink(missing_ok=True)
