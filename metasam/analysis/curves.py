@@ -14,7 +14,7 @@ ALIGNMENT_LEVELS = {  # panel title: the (before, after) keys a run logs per ali
     "outer cos(g_S, g_V): meta-batch vs validation meta-batch": ("outer_cos_before", "outer_cos_after"),
     "inner cos(g_S, g_V): support vs query": ("inner_cos_before", "inner_cos_after"),
 }
-CURVE_KEYS = ("train_loss", "query_loss", "query_acc", "val_acc", "test_acc")
+CURVE_KEYS = ("train_loss", "query_loss", "query_acc", "val_acc", "test_acc", "inner_lr_mean")  # the last: Meta-SGD runs
 STEP_KEYS = ("step", "iteration", "epoch")
 
 

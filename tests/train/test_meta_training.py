@@ -11,6 +11,7 @@ import torch
 from metasam import CheckpointError, ConfigError
 from metasam.atomic_write import save_atomic
 from metasam.checkpoint import DIGEST_KEY, load_checkpoint
+from metasam.analysis.curves import CURVE_KEYS
 from metasam.cli.main import main
 from metasam.meta import AgnosticRule, MetaLearner, SAMRule
 from metasam.models import Conv4
@@ -155,6 +156,8 @@ def test_a_meta_sgd_run_keeps_its_learned_step_sizes_through_load_evaluate_and_b
     assert "head.weight" in moved  # learned (a convolution's bias before BatchNorm gets no gradient at all)
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"query_loss"' in x]
     assert all(s["inner_lr_min"] <= s["inner_lr_mean"] <= s["inner_lr_max"] for s in steps) and len(steps) == 2
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves.png")]) == 0  # a panel of α's mean among them
+    assert "inner_lr_mean" in CURVE_KEYS
     assert main(["evaluate", str(run), "--episodes", "4", "--no-progress"]) == 0
     checkpoint = load_checkpoint(run / "best.pt")  # a NaN step size behind a valid content hash
     checkpoint["learner"]["inner_lrs"]["head.bias"][0] = float("nan")
