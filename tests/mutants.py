@@ -120,6 +120,9 @@ MUTANTS = [
     Mutant("meta-sgd-callers-step-sizes-ignored", "metasam/meta/adapter.py",
            "params.get(learned_lr_key(n), a) for n, a in self.inner_lrs.items()", "a for n, a in self.inner_lrs.items()",
            META_SGD),
+    Mutant("train-adapt-head-ignored", "metasam/train/meta.py",
+           'adapt=model.head if cfg.adapt == "head" else None,', "adapt=None,",
+           ("tests/train/test_meta_training.py::test_adapt_head_is_anil_the_body_is_meta_learned_but_never_adapted",)),
     Mutant("meta-sgd-landscape-without-step-sizes", "metasam/analysis/meta_loss.py",
            "lrs = {learned_lr_key(n): a.detach() for n, a in learner.inner_lrs.items()}", "lrs = {}", META_SGD),
 ]

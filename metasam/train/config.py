@@ -78,6 +78,9 @@ class MetaTrainConfig:
     learn_inner_lr: bool = option(
         False, "Meta-SGD (Li et al. 2017): learn α per parameter entry, starting at --inner-lr, beside θ, and adapt "
         "with it at training and test (docs/meta.md)")
+    adapt: str = option(
+        "all", "the parameters the inner loop adapts: all (MAML), or head, the last linear layer alone (ANIL, Raghu "
+        "et al. 2020: the body is meta-learned through the query loss but not adapted)", choices=("all", "head"))
     inner_steps: int | None = option(None, f"inner steps while training ({STANDARD_HELP})")
     test_inner_steps: int | None = option(None, f"inner steps at validation and test ({STANDARD_HELP})")
     first_order: bool | None = option(

@@ -55,7 +55,8 @@ without warning (SIGKILL, a machine lost) loses at most about this much work, wh
 
 def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
     """Conv4 (``hidden`` filters, ``image_size`` input; as :class:`~metasam.models.CPUConv4` on a CPU outside
-    the vmap path, the same function computed faster there) or ResNet-12, seeded, wrapped in a MetaLearner."""
+    the vmap path, the same function computed faster there) or ResNet-12, seeded, wrapped in a MetaLearner that
+    adapts all its parameters, or its ``head`` alone (``cfg.adapt``, ANIL)."""
     if cfg.model == "conv4":
         cpu_blocks = torch.device(cfg.device).type == "cpu" and cfg.path != "vmap"
         name = "CPUConv4" if cpu_blocks else "Conv4"
@@ -66,7 +67,7 @@ def build_learner(cfg: MetaTrainConfig, channels: int) -> MetaLearner:
     model = MODELS[name](**model_kwargs).to(cfg.device)
     learner = MetaLearner(
         model, cfg.algo, inner_lr=cfg.inner_lr, learn_inner_lr=cfg.learn_inner_lr, inner_steps=cfg.inner_steps,
-        test_inner_steps=cfg.test_inner_steps,
+        test_inner_steps=cfg.test_inner_steps, adapt=model.head if cfg.adapt == "head" else None,
         first_order=cfg.first_order, outer_lr=cfg.outer_lr, test_rule=cfg.test_rule, path=cfg.path,
         task_threads=cfg.task_threads,
         inner_rule=cfg.inner_rule, outer_rule=cfg.outer_rule, val_view=cfg.validation_view(),

@@ -171,6 +171,25 @@ def test_a_meta_sgd_run_keeps_its_learned_step_sizes_through_load_evaluate_and_b
     assert "--learn-inner-lr" in json.loads((bench / "results.json").read_text())["command"]
 
 
+@pytest.mark.parametrize("path", ["loop", "vmap"])  # CPUConv4 and Conv4
+def test_adapt_head_is_anil_the_body_is_meta_learned_but_never_adapted(tmp_path, path):
+    cfg = MetaTrainConfig(iterations=2, adapt="head", path=path, **TINY)
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    trainer.start()
+    learner = trainer.learner
+    assert learner.inner.adapted == ("head.weight", "head.bias")
+    before = weights(learner)
+    sx, sy, _, _ = trainer.sampler.batch(range(1))
+    phi = learner.adapt(sx[0], sy[0])
+    assert all(torch.equal(phi[n], learner.params[n]) for n in learner.names if not n.startswith("head."))
+    assert not torch.equal(phi["head.weight"], learner.params["head.weight"])
+    trainer.train(progress=False)
+    after = weights(learner)
+    assert not torch.equal(before["features.0.weight"], after["features.0.weight"])  # the body learns through the query loss
+    assert MetaLearner.load(tmp_path / "run").inner.adapted == ("head.weight", "head.bias")
+    assert MetaTrainConfig.load(tmp_path / "run").adapt == "head"
+
+
 def test_config_errors_are_specific():
     with pytest.raises(ConfigError, match="--algo"):
         MetaTrainConfig(algo="reptile")
