@@ -166,8 +166,10 @@ def test_a_meta_sgd_run_keeps_its_learned_step_sizes_through_load_evaluate_and_b
     assert main(["evaluate", str(run), "--episodes", "4", "--no-progress"]) == 2
     assert "non-finite weights: learned step size of head.bias (NaN)" in capsys.readouterr().err
     bench = tmp_path / "bench"
-    assert main(["bench", *tiny, "--settings", "3w1s", "--algos", "maml", "--episodes", "4", "--out", str(bench)]) == 0
+    assert main(["bench", *tiny, "--adapt", "head", "--settings", "3w1s", "--algos", "maml", "--episodes", "4",
+                 "--out", str(bench)]) == 0
     assert "**Learned inner step sizes (Meta-SGD, `--learn-inner-lr`).**" in (bench / "results.md").read_text()
+    assert "**ANIL (`--adapt head`).**" in (bench / "results.md").read_text()
     assert "--learn-inner-lr" in json.loads((bench / "results.json").read_text())["command"]
 
 

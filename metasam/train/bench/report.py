@@ -50,6 +50,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["**Learned inner step sizes (Meta-SGD, `--learn-inner-lr`).** Every run learned α per parameter "
                   "entry beside θ, from the --inner-lr it started at; each method's name gives its inner and outer "
                   "rules only.", ""]
+    if results["plan"]["overrides"].get("adapt", "all") != "all":
+        lines += ["**ANIL (`--adapt head`).** Every run adapted the last linear layer alone in its inner loop; the body "
+                  "was meta-learned but never adapted. Each method's name gives its inner and outer rules only.", ""]
     controls = {m["control"] for s in results["settings"] for m in s["methods"] if m["control"]}
     if controls:
         lines += ["**Controls.** " + " ".join(f"*{c}*: {CONTROLS[c]}." for c in CONTROLS if c in controls), ""]
