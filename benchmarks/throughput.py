@@ -41,7 +41,8 @@ process (before the first setting and after each one), for whole steps and for t
 loop, the loop where it takes vmap), checked against the float64 truth and timed like the rest: how
 the path is chosen per device. ``--task-threads N`` adds metasam's maml with ``task_threads=N`` on both
 models; ``--learn-inner-lr`` adds metasam's maml with learned inner step sizes (Meta-SGD, ``learn_inner_lr=True``:
-one more tensor per parameter in the inner step and the meta-gradient); ``--one-thread`` times the hand-written loop on the textbook Conv4 with one intra-op thread: its rate
+one more tensor per parameter in the inner step and the meta-gradient), ``--anil`` metasam's maml adapting the
+head alone (``adapt=model.head``, ``metasam train --adapt head``); ``--one-thread`` times the hand-written loop on the textbook Conv4 with one intra-op thread: its rate
 times the threads is what that loop would give side by side on every core, the yardstick for task threads.
 
     PYTHONPATH=. python benchmarks/throughput.py                  # writes docs/results/throughput.md
@@ -262,10 +263,11 @@ def metasam_conv4(ways: int, device: str, path: str) -> nn.Module:
 
 
 def build(key: str, ways: int, device: str, path: str, steps: int = 1) -> Impl:
-    """A fresh implementation ``key`` ("metasam:<preset>[:val4][:loop|:vmap][:textbook][:threadsN][:lrs]", a BASELINES
+    """A fresh implementation ``key`` ("metasam:<preset>[:val4][:loop|:vmap][:textbook][:threadsN][:lrs][:anil]", a BASELINES
     key, ATTRIBUTION or ONE_THREAD) with the seeded Conv4's weights and ``steps`` inner steps; a path token overrides
     ``path``; ``textbook`` runs metasam on the baselines' textbook Conv4 (a model of the user's own, as a library
-    user brings it); ``threadsN`` passes ``task_threads=N`` to the MetaLearner; ``lrs`` passes ``learn_inner_lr=True``."""
+    user brings it); ``threadsN`` passes ``task_threads=N`` to the MetaLearner; ``lrs`` passes ``learn_inner_lr=True``; ``anil``
+    passes ``adapt=`` the model's head."""
     if key.startswith("metasam:"):
         path = next((o for o in key.split(":") if o in ("loop", "vmap")), path)
     torch.manual_seed(0)
@@ -277,9 +279,12 @@ def build(key: str, ways: int, device: str, path: str, steps: int = 1) -> Impl:
         threads = next((int(o[len("threads"):]) for o in options if o.startswith("threads")), None)
         impl = Metasam(textbook if "textbook" in options else model, algo, INNER_LR[ways], steps, path,
                        val_fraction=0.25 if "val4" in options else 1.0, **({"task_threads": threads} if threads else {}),
-                       **({"learn_inner_lr": True} if "lrs" in options else {}))
+                       **({"learn_inner_lr": True} if "lrs" in options else {}),
+                       **({"adapt": model.head} if "anil" in options else {}))
         if "lrs" in options:
             impl.name += ", learned inner step sizes (Meta-SGD)"
+        if "anil" in options:
+            impl.name += ", the head alone adapts (ANIL)"
         if "textbook" in options:
             impl.name += (" on the textbook Conv4 (a model of your own, MetaLearner's defaults)" if threads is None else
                           f" on the textbook Conv4 (a model of your own), task_threads={threads}")
@@ -500,6 +505,9 @@ def run_setting(args, ways: int, tasks: int, steps: int, presets: list[str], bas
     if args.learn_inner_lr:  # timed only: its meta-gradient is checked by tests/meta/test_meta_sgd.py
         keys.insert(keys.index("metasam:maml") + 1, "metasam:maml:lrs")
         impls["metasam:maml:lrs"] = build("metasam:maml:lrs", ways, args.device, args.path, steps)
+    if args.anil:  # timed only: ANIL's meta-gradient is checked by tests/meta/test_library.py
+        keys.insert(keys.index("metasam:maml") + 1, "metasam:maml:anil")
+        impls["metasam:maml:anil"] = build("metasam:maml:anil", ways, args.device, args.path, steps)
     if args.one_thread:
         keys.append(ONE_THREAD)
         impls[ONE_THREAD] = build(ONE_THREAD, ways, args.device, args.path, steps)
@@ -651,6 +659,8 @@ def main() -> None:
                              "rate: that loop side by side on every core, the yardstick for task threads)")
     parser.add_argument("--learn-inner-lr", action="store_true",
                         help="add metasam's maml with learned inner step sizes (Meta-SGD), timed beside plain maml")
+    parser.add_argument("--anil", action="store_true",
+                        help="add metasam's maml adapting the head alone (ANIL), timed beside plain maml")
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--presets", default=",".join(PRESETS),
                         help="metasam presets timed at the first setting (the overhead table); later settings time maml")

@@ -31,7 +31,7 @@ def _row(table: str, name: str) -> list[str]:
 
 def test_throughput_benchmark_checks_both_paths_and_reports(tmp_path):
     out = tmp_path / "throughput.md"
-    run = subprocess.run([sys.executable, "benchmarks/throughput.py", *TINY, "--compare-paths", "--learn-inner-lr",
+    run = subprocess.run([sys.executable, "benchmarks/throughput.py", *TINY, "--compare-paths", "--learn-inner-lr", "--anil",
                           "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
@@ -42,7 +42,8 @@ def test_throughput_benchmark_checks_both_paths_and_reports(tmp_path):
         median, low, high = map(float, re.fullmatch(r"([\d.]+) \(([\d.]+) – ([\d.]+)\)", cells[1]).groups())
         assert 0 < low <= median <= high  # tasks/s: the median of the repeats, with the slowest and the fastest
         assert float(cells[7]) <= 1e-3, f"{name}: meta-gradient {cells[7]} from the float64 truth"
-    assert float(_row(table, "metasam maml (loop), learned inner step sizes (Meta-SGD)")[1].split()[0]) > 0
+    for name in ("metasam maml (loop), learned inner step sizes (Meta-SGD)", "metasam maml (loop), the head alone adapts (ANIL)"):
+        assert float(_row(table, name)[1].split()[0]) > 0
     baseline = _row(table, "torch.autograd loop (hand-written)")
     assert float(baseline[7]) <= 1e-3
     query = re.search(r"Query passes alone .*?metasam's Conv4 ([\d.]+) GFLOP/s .*?the textbook Conv4 ([\d.]+) GFLOP/s", table)
