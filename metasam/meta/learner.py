@@ -46,7 +46,6 @@ from metasam.meta.arguments import (
 from metasam.meta.distributed import Reducer
 from metasam.meta.functional import (
     InnerLoop,
-    learned_lr_key,
     LossFn,
     MetaGradient,
     ValView,
@@ -166,7 +165,7 @@ class MetaLearner(TaskAdapter):
         self.names = list(self.params)
         adapted = None if adapt is None else tuple(adapted_names(model, self.names, adapt))
         self.inner_lrs = learned_inner_lrs(self.params, adapted, inner_lr, learn_inner_lr)
-        self.meta_params = {**self.params, **{learned_lr_key(n): a for n, a in self.inner_lrs.items()}}
+        self.meta_params = self._with_inner_lrs(self.params)  # θ, then α keyed by learned_lr_key: what the outer loop steps
         self.meta_names = list(self.meta_params)
         self.algo = algo
         self.accuracy = loss_fn is None if accuracy is None else accuracy
